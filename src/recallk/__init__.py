@@ -1,12 +1,27 @@
 """recallk: deep metric learning by directly optimising recall@k.
 
-Implements "Recall@k Surrogate Loss with Large Batches and Similarity Mixup" (Patel, Tolias, Matas, CVPR 2022).
+Implements "Recall@k Surrogate Loss with Large Batches and Similarity Mixup" (Patel, Tolias, Matas, CVPR 2022):
+``RecallAtKLoss`` (RS@k), ``SimilarityMixup`` (SiMix) and ``retrieval_metrics``. The public names are imported
+lazily so that ``recallk --help`` answers without loading torch.
 """
 
-from recallk.evaluation.metrics import retrieval_metrics
-from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.losses.simix import SimilarityMixup
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["RecallAtKLoss", "SimilarityMixup", "retrieval_metrics", "__version__"]
+_PUBLIC = {
+    "RecallAtKLoss": "recallk.losses.recall_at_k",
+    "SimilarityMixup": "recallk.losses.simix",
+    "retrieval_metrics": "recallk.evaluation.metrics",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'recallk' has no attribute {name!r}")

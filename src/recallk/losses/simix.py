@@ -1,0 +1,104 @@
+"""SiMix: similarity mixup (Patel et al., CVPR 2022, Sec. 3.4).
+
+For a same-class pair (a, b) and alpha ~ U(0, 1), the virtual embedding is ``e_m = alpha e_a + (1 - alpha) e_b``
+(not re-normalised). It never has to be materialised: with the mixing matrix ``M`` ((N + V) x N; the identity on
+top, then one row per pair holding alpha at column a and 1 - alpha at column b), the similarities of the
+extended batch are ``S_ext = M S M^T``, because dot products are bilinear. Only scalar similarities are touched,
+so SiMix costs O((N + V)^2) no matter the embedding size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def same_class_pairs(labels: torch.Tensor) -> torch.Tensor:
+    """Every unordered same-class pair ``(a, b)`` with ``a < b`` (V x 2, long).
+
+    Pairs are grouped by class in increasing label order; within a class they follow batch order.
+    """
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pieces = []
+    for size in torch.unique(counts).tolist():
+        if size < 2:
+            continue
+        group_starts = starts[counts == size]
+        tri = torch.triu_indices(size, size, offset=1, device=labels.device)  # 2 x size*(size-1)/2
+        positions = group_starts[:, None, None] + tri[None]  # G x 2 x P
+        pieces.append((positions, group_starts))
+    if not pieces:
+        return torch.empty(0, 2, dtype=torch.long, device=labels.device)
+    positions = torch.cat([p.permute(0, 2, 1).reshape(-1, 2) for p, _ in pieces])
+    group_of = torch.cat([s.repeat_interleave(p.shape[2]) for p, s in pieces])
+    positions = positions[torch.argsort(group_of, stable=True)]
+    return order[positions]
+
+
+class SimilarityMixup:
+    """Adds virtual same-class items to a batch through its similarity matrix.
+
+    Args:
+        pairs_per_class: ``None`` mixes every same-class pair (as in the paper); an int draws that many
+            random pairs per class (fewer when a class has fewer pairs).
+    """
+
+    def __init__(self, pairs_per_class: int | None = None) -> None:
+        if pairs_per_class is not None and (isinstance(pairs_per_class, bool) or pairs_per_class < 1):
+            raise ValueError(f"pairs_per_class must be None (all pairs) or a positive int, got {pairs_per_class!r}")
+        self.pairs_per_class = pairs_per_class
+
+    def __repr__(self) -> str:
+        return f"SimilarityMixup(pairs_per_class={self.pairs_per_class})"
+
+    def sample_pairs(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Same-class pairs to mix (V x 2): all of them, or ``pairs_per_class`` random ones per class."""
+        pairs = same_class_pairs(labels)
+        if self.pairs_per_class is None or len(pairs) == 0:
+            return pairs
+        shuffled = pairs[torch.randperm(len(pairs), generator=generator, device="cpu").to(pairs.device)]
+        cls = labels[shuffled[:, 0]]
+        order = torch.argsort(cls, stable=True)
+        shuffled, cls = shuffled[order], cls[order]
+        _, counts = torch.unique_consecutive(cls, return_counts=True)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        rank_in_class = torch.arange(len(cls), device=cls.device) - starts
+        return shuffled[rank_in_class < self.pairs_per_class]
+
+    def mix(
+        self,
+        sim: torch.Tensor,
+        labels: torch.Tensor,
+        pairs: torch.Tensor | None = None,
+        alphas: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend a square similarity matrix with one virtual item per pair.
+
+        Args:
+            sim: N x N similarities, row i and column i are item i.
+            labels: N integer labels.
+            pairs: V x 2 same-class index pairs (a, b); default ``sample_pairs(labels)``.
+            alphas: V weights on ``a``; default U(0, 1) draws from ``generator``.
+
+        Returns:
+            ``(sim_ext, labels_ext)``: (N + V) x (N + V) similarities ``M S M^T`` (original items first, then the
+            virtual ones in pair order) and their N + V labels (a virtual item takes its pair's class).
+        """
+        if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+            raise ValueError(f"SiMix needs a square N x N similarity matrix, got shape {tuple(sim.shape)}")
+        if pairs is None:
+            pairs = self.sample_pairs(labels, generator)
+        pairs = torch.as_tensor(pairs, dtype=torch.long, device=sim.device).reshape(-1, 2)
+        if len(pairs) and bool((labels[pairs[:, 0]] != labels[pairs[:, 1]]).any()):
+            raise ValueError("SiMix pairs must join items of the same class; some given pairs do not")
+        if alphas is None:
+            alphas = torch.rand(len(pairs), generator=generator, device="cpu")
+        alphas = torch.as_tensor(alphas, device=sim.device, dtype=sim.dtype).reshape(-1)
+        if len(alphas) != len(pairs):
+            raise ValueError(f"got {len(alphas)} alphas for {len(pairs)} pairs; give one alpha per pair")
+        a, b, w = pairs[:, 0], pairs[:, 1], alphas
+        rows = torch.cat([sim, w[:, None] * sim[a] + (1 - w[:, None]) * sim[b]])  # (N + V) x N
+        cols = w[None, :] * rows[:, a] + (1 - w[None, :]) * rows[:, b]  # (N + V) x V
+        return torch.cat([rows, cols], dim=1), torch.cat([labels, labels[a]])

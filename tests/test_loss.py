@@ -1,0 +1,269 @@
+"""RS@k and SiMix against brute-force loops, gradcheck, parity with the authors' convention, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loss_reference import clamped_sigmoid, rsk_loop
+from recallk import RecallAtKLoss, SimilarityMixup
+from recallk.losses import same_class_pairs
+
+
+def unit(n: int, d: int = 6, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1)
+
+
+def value_and_grad(fn, emb: torch.Tensor) -> tuple[float, torch.Tensor]:
+    emb = emb.detach().clone().requires_grad_()
+    out = fn(emb)
+    out.backward()
+    return out.item(), emb.grad
+
+
+def reference(emb: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
+    return rsk_loop(emb @ emb.T, labels.tolist(), **kw)
+
+
+# Unequal class sizes in shuffled order, a singleton class (query without positives) included.
+LABELS = torch.tensor([3, 0, 1, 3, 0, 2, 1, 3, 0, 5, 3, 1, 0, 3, 2, 7])
+
+
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+@pytest.mark.parametrize("tau_rank", [0.01, 0.2])
+def test_loss_and_gradient_match_loops(rank_includes_query: bool, tau_rank: float) -> None:
+    emb = unit(len(LABELS), seed=1)
+    loss = RecallAtKLoss(tau_rank=tau_rank, rank_includes_query=rank_includes_query, chunk_elements=37)
+    ours, grad = value_and_grad(lambda e: loss(e, LABELS), emb)
+    ref, ref_grad = value_and_grad(
+        lambda e: reference(e, LABELS, tau_rank=tau_rank, rank_includes_query=rank_includes_query), emb
+    )
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_label_order_does_not_matter() -> None:
+    emb = unit(len(LABELS), seed=2)
+    perm = torch.randperm(len(LABELS), generator=torch.Generator().manual_seed(0))
+    loss = RecallAtKLoss()
+    assert loss(emb, LABELS).item() == pytest.approx(loss(emb[perm], LABELS[perm]).item(), abs=1e-12)
+
+
+def test_parity_with_authors_convention_equal_groups() -> None:
+    """rank_includes_query=True reproduces the authors' per-query code (contiguous groups, clamped sigmoid)."""
+    labels = torch.arange(6).repeat_interleave(4)
+    emb = unit(len(labels), seed=3)
+    ours = RecallAtKLoss(rank_includes_query=True)(emb, labels).item()
+    theirs = rsk_loop(emb @ emb.T, labels.tolist(), rank_includes_query=True, sigmoid=clamped_sigmoid).item()
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    paper = RecallAtKLoss()(emb, labels).item()
+    assert abs(paper - ours) > 1e-4, "the two conventions must differ"
+
+
+def test_gradcheck_embeddings_and_similarity() -> None:
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
+    emb = unit(len(labels), d=4, seed=4).requires_grad_()
+    loss = RecallAtKLoss(k=(1, 2, 4), tau_rank=0.1, chunk_elements=10)
+    assert torch.autograd.gradcheck(lambda e: loss(e, labels), (emb,))
+    sim = (emb @ emb.T).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: loss.from_similarity(s, labels), (sim,))
+
+
+def test_reference_rows_with_query_index() -> None:
+    """A subset of the batch as queries against the whole batch (one GPU's rows of a global batch)."""
+    emb = unit(len(LABELS), seed=5)
+    rows = torch.tensor([0, 2, 3, 7, 9, 15])  # includes the singleton class 5 and 7
+    loss = RecallAtKLoss()
+    ours, grad = value_and_grad(lambda e: loss(e[rows], LABELS[rows], e, LABELS, query_index=rows), emb)
+    ref, ref_grad = value_and_grad(
+        lambda e: rsk_loop(e[rows] @ e.T, LABELS[rows].tolist(), LABELS.tolist(), self_index=rows.tolist()), emb
+    )
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    full = loss(emb, LABELS).item()
+    every = loss(emb, LABELS, emb, LABELS, query_index=torch.arange(len(LABELS))).item()
+    assert every == pytest.approx(full, abs=1e-12)
+
+
+def test_separate_reference_set_without_query_index() -> None:
+    queries, refs = unit(5, seed=6), unit(9, seed=7)
+    q_labels, r_labels = torch.tensor([0, 1, 2, 0, 9]), torch.tensor([0, 0, 1, 2, 2, 1, 0, 3, 3])
+    ours = RecallAtKLoss()(queries, q_labels, refs, r_labels).item()
+    ref = rsk_loop(queries @ refs.T, q_labels.tolist(), r_labels.tolist(), self_index=[-1] * 5).item()
+    assert ours == pytest.approx(ref, abs=1e-12)
+
+
+def test_k_is_clipped_to_database_size() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    emb = unit(5, seed=8)
+    assert RecallAtKLoss(k=(1, 16))(emb, labels).item() == pytest.approx(
+        RecallAtKLoss(k=(1, 4))(emb, labels).item(), abs=1e-12
+    )
+    assert RecallAtKLoss(k=(16,), rank_includes_query=True)(emb, labels).item() == pytest.approx(
+        RecallAtKLoss(k=(5,), rank_includes_query=True)(emb, labels).item(), abs=1e-12
+    )
+
+
+def test_per_k_temperatures_match_loop() -> None:
+    emb = unit(len(LABELS), seed=9)
+    ours = RecallAtKLoss(k=(1, 4), tau_k=(0.5, 2.0))(emb, LABELS).item()
+    # mean over k of single-k losses with the matching temperature
+    one = RecallAtKLoss(k=(1,), tau_k=0.5)(emb, LABELS).item()
+    four = RecallAtKLoss(k=(4,), tau_k=2.0)(emb, LABELS).item()
+    assert ours == pytest.approx((one + four) / 2, abs=1e-12)
+
+
+def test_chunking_does_not_change_results() -> None:
+    emb = unit(64, d=8, seed=10, dtype=torch.float32)
+    labels = torch.randint(0, 12, (64,), generator=torch.Generator().manual_seed(1))
+    results = [value_and_grad(lambda e: RecallAtKLoss(chunk_elements=c)(e, labels), emb) for c in (1, 300, 1 << 22)]
+    for value, grad in results[1:]:
+        assert value == pytest.approx(results[0][0], abs=1e-6)
+        torch.testing.assert_close(grad, results[0][1])
+
+
+def test_perfect_and_reversed_embeddings() -> None:
+    """Well separated classes give a loss near 0; the loss is a number in [0, 1]."""
+    labels = torch.arange(4).repeat_interleave(3)
+    centers = torch.eye(4, dtype=torch.float64)
+    emb = F.normalize(centers[labels] + 0.01 * unit(12, d=4, seed=11), dim=1)
+    # every positive ranks within the top 2 < k = 4, so a sharp tau_k gives recall 1
+    assert RecallAtKLoss(k=(4,), tau_k=0.05)(emb, labels).item() < 1e-6
+    worst = F.normalize(centers[(labels + torch.arange(12)) % 4] + 0.01 * unit(12, d=4, seed=11), dim=1)
+    assert RecallAtKLoss(k=(1,), tau_k=0.05)(worst, labels).item() > 0.99
+    random = RecallAtKLoss()(unit(12, seed=12), labels).item()
+    assert RecallAtKLoss()(emb, labels).item() < random < 1.0
+
+
+def test_large_batch_runs_on_cpu() -> None:
+    n = 4000
+    emb = F.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(0)), dim=1).requires_grad_()
+    labels = torch.arange(n // 4).repeat_interleave(4)
+    loss = RecallAtKLoss()(emb, labels)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+def test_autocast_inputs_are_computed_in_float32() -> None:
+    emb32 = unit(len(LABELS), d=16, seed=13, dtype=torch.float32)
+    expected = RecallAtKLoss()(emb32, LABELS)
+    emb16 = emb32.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = RecallAtKLoss()(emb16, LABELS)
+    out.backward()
+    assert out.dtype == torch.bfloat16
+    assert emb16.grad.dtype == torch.bfloat16
+    assert out.float().item() == pytest.approx(expected.item(), abs=2e-2)
+
+
+# ---------------------------------------------------------------- SiMix
+
+
+def test_same_class_pairs_enumerates_every_pair_once() -> None:
+    pairs = same_class_pairs(LABELS)
+    expected = {(a, b) for a in range(len(LABELS)) for b in range(a + 1, len(LABELS)) if LABELS[a] == LABELS[b]}
+    assert {tuple(p) for p in pairs.tolist()} == expected
+    assert len(pairs) == len(expected)
+
+
+def test_pairs_per_class_limits_each_class() -> None:
+    mix = SimilarityMixup(pairs_per_class=2)
+    pairs = mix.sample_pairs(LABELS, torch.Generator().manual_seed(0))
+    assert bool((LABELS[pairs[:, 0]] == LABELS[pairs[:, 1]]).all())
+    counts = torch.bincount(LABELS[pairs[:, 0]], minlength=8)
+    full = torch.bincount(LABELS[same_class_pairs(LABELS)[:, 0]], minlength=8)
+    assert torch.equal(counts, torch.minimum(full, torch.tensor(2)))
+
+
+def test_simix_equals_materialised_mixed_embeddings() -> None:
+    emb = unit(len(LABELS), seed=14)
+    pairs = same_class_pairs(LABELS)
+    alphas = torch.rand(len(pairs), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sim_ext, labels_ext = SimilarityMixup().mix(emb @ emb.T, LABELS, pairs=pairs, alphas=alphas)
+    mixed = alphas[:, None] * emb[pairs[:, 0]] + (1 - alphas[:, None]) * emb[pairs[:, 1]]
+    materialised = torch.cat([emb, mixed])
+    torch.testing.assert_close(sim_ext, materialised @ materialised.T)
+    assert torch.equal(labels_ext, torch.cat([LABELS, LABELS[pairs[:, 0]]]))
+
+
+def test_loss_with_simix_equals_loss_on_mixed_embeddings() -> None:
+    """Virtual items are queries and database items of their class; gradients flow back to the originals."""
+    emb = unit(len(LABELS), seed=15)
+    torch.manual_seed(123)
+    ours, grad = value_and_grad(lambda e: RecallAtKLoss(mixup=SimilarityMixup())(e, LABELS), emb)
+    torch.manual_seed(123)
+    pairs = same_class_pairs(LABELS)
+    alphas = torch.rand(len(pairs)).double()
+
+    def materialised_loss(e: torch.Tensor) -> torch.Tensor:
+        mixed = alphas[:, None] * e[pairs[:, 0]] + (1 - alphas[:, None]) * e[pairs[:, 1]]
+        full = torch.cat([e, mixed])
+        return rsk_loop(full @ full.T, torch.cat([LABELS, LABELS[pairs[:, 0]]]).tolist())
+
+    ref, ref_grad = value_and_grad(materialised_loss, emb)
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_simix_rejects_cross_class_pairs_and_wrong_alphas() -> None:
+    sim = unit(4, seed=16) @ unit(4, seed=16).T
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="same class"):
+        SimilarityMixup().mix(sim, labels, pairs=torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match="one alpha per pair"):
+        SimilarityMixup().mix(sim, labels, pairs=torch.tensor([[0, 1]]), alphas=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="pairs_per_class"):
+        SimilarityMixup(pairs_per_class=0)
+    with pytest.raises(ValueError, match="without ref_emb"):
+        RecallAtKLoss(mixup=SimilarityMixup())(unit(4), labels, unit(4), labels)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda e, y: (torch.where(torch.arange(8)[:, None] < 2, float("nan"), e), y), "NaN or Inf in 2 of 8 rows"),
+        (lambda e, y: (e.clone().index_fill_(0, torch.tensor([5]), float("inf")), y), "NaN or Inf in 1 of 8 rows"),
+        (lambda e, y: (e[:, 0], y), r"shape \(N, D\)"),
+        (lambda e, y: (e, y[:5]), "5 entries but there are 8 embeddings"),
+        (lambda e, y: (e, y.float()), "integer tensor"),
+        (lambda e, y: (e, y[:, None]), "1-D integer tensor"),
+        (lambda e, y: (e, y.tolist()), "torch.Tensor"),
+        (lambda e, y: (e, torch.arange(8)), "no query in the batch has a positive"),
+        (lambda e, y: (e, y, e[:, :3], y), "dims"),
+        (lambda e, y: (e, y, e), "without ref_labels"),
+        (lambda e, y: (e, y, e, y, torch.arange(8) + 3), "query_index"),
+        (lambda e, y: (e, y, None, y), "only make sense together with ref_emb"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(make_args, message: str) -> None:
+    emb = unit(8, seed=17, dtype=torch.float32)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with pytest.raises(ValueError, match=message):
+        RecallAtKLoss()(*make_args(emb, labels))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tau_rank": 0.0}, "tau_rank must be a positive number"),
+        ({"tau_rank": -1}, "tau_rank must be a positive number"),
+        ({"tau_k": 0}, "tau_k must be a positive number"),
+        ({"tau_k": (1.0, 2.0)}, "tau_k has 2 values for 5 values of k"),
+        ({"k": ()}, "k is empty"),
+        ({"k": (1, 0)}, "positive integers"),
+        ({"mixup": "yes"}, "SimilarityMixup"),
+    ],
+)
+def test_bad_settings_are_clear_value_errors(kwargs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RecallAtKLoss(**kwargs)
+
+
+def test_from_similarity_rejects_non_square() -> None:
+    with pytest.raises(ValueError, match="square"):
+        RecallAtKLoss().from_similarity(torch.zeros(3, 4), torch.tensor([0, 0, 1]))
