@@ -1,0 +1,357 @@
+"""The ``recallk`` command line: ``train``, ``evaluate``, ``embed``, ``demo`` and ``bench``.
+
+Each subcommand imports its implementation only when it runs, so ``recallk --help`` answers at once.
+
+Exit status: 0 on success; 2 for problems the user can fix (a bad argument, config, path or data set:
+:class:`~recallk.errors.RecallkUsageError`, ``ValueError``, ``FileNotFoundError`` and other missing-path errors),
+printed as one line ``recallk: error: ...`` without a traceback; 1 for any other failure (one line, plus the
+traceback with ``--debug``); 130 when interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
+
+from recallk import __version__
+from recallk.errors import RecallkUsageError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Exceptions whose message tells the user what to fix: printed as one line, exit status 2.
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    RecallkUsageError,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+MAIN_EPILOG = """\
+examples:
+  recallk demo                                     # small end-to-end run on Omniglot
+  recallk train configs/omniglot.yaml              # train with a recipe
+  recallk train configs/sop_resnet50.yaml --data-dir /data optim.lr=1e-5
+  recallk evaluate runs/omniglot                   # recall@k table of a finished run
+  recallk embed runs/omniglot --split test --out test.npz
+
+'recallk COMMAND --help' shows each command's options.
+"""
+
+TRAIN_EPILOG = """\
+overrides:
+  Any config key can be set after CONFIG as dotted.key=value; values are read as YAML
+  (numbers, true/false, null, [lists]). Command-line options win over overrides.
+
+examples:
+  recallk train configs/omniglot.yaml
+  recallk train configs/sop_resnet50.yaml --data-dir /data/sop optim.lr=1e-5 data.batch_size=2000
+  recallk train configs/cub_resnet50.yaml model.pretrained=false train.max_steps=5 --device cpu
+  recallk train configs/omniglot.yaml --run-dir runs/omni
+  recallk train --resume runs/omni train.epochs=20                  # continue (and extend) that run
+  recallk train configs/omniglot.yaml loss.simix=true --dry-run    # print the resolved config only
+"""
+
+EVALUATE_EPILOG = """\
+examples:
+  recallk evaluate runs/omniglot                   # every test split of the run's config
+  recallk evaluate runs/sop/last.pt --split test --data-dir /data
+  recallk evaluate runs/omniglot --out results/omniglot.json
+
+The table is printed and saved as JSON (plus a .txt copy), by default in the run directory.
+"""
+
+EMBED_EPILOG = """\
+examples:
+  recallk embed runs/omniglot --split test --out omniglot_test.npz
+  recallk embed runs/sop/last.pt --data sop --data-dir /data --split test --out sop_test.npz
+
+The file holds the embeddings (N x D, unit norm), the integer labels and the item ids.
+"""
+
+DEMO_EPILOG = """\
+examples:
+  recallk demo                                     # data from $RECALLK_DATA or the user cache
+  recallk demo --data-dir ../shared/data --run-dir runs/demo
+"""
+
+BENCH_EPILOG = """\
+examples:
+  recallk bench                                    # run the benchmarks, results under runs/bench
+  recallk bench --out runs/bench-gpu --device cuda
+"""
+
+
+class _FeatureUnavailable(RuntimeError):
+    """A subcommand's implementation module is not part of this installation."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line: ``recallk: error: <what>; see '<prog> --help'``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"recallk: error: {message}; see '{self.prog} --help'\n")
+
+
+def _add_subcommand(
+    subparsers: argparse._SubParsersAction, name: str, summary: str, epilog: str, handler: Callable[..., int]
+) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logging")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``recallk`` argument parser."""
+    parser = _ArgumentParser(
+        prog="recallk",
+        description="Deep metric learning by directly optimising recall@k (RS@k loss, large batches, SiMix).",
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"recallk {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+
+    train = _add_subcommand(subparsers, "train", "train a model from a YAML config", TRAIN_EPILOG, _cmd_train)
+    train.add_argument("config", metavar="CONFIG", nargs="?",
+                       help="YAML config file, e.g. configs/omniglot.yaml (default with --resume: the run's config)")
+    train.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides, e.g. optim.lr=1e-5"
+    )
+    train.add_argument("--data-dir", metavar="DIR", help="data root (sets data.data_dir)")
+    train.add_argument("--run-dir", metavar="DIR", help="output directory of this run (sets output.run_dir)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    train.add_argument("--device", choices=DEVICES, help="where to train (sets train.device)")
+    train.add_argument("--dry-run", action="store_true", help="validate the config, print it as YAML and exit")
+
+    evaluate = _add_subcommand(
+        subparsers, "evaluate", "compute retrieval metrics of a trained model", EVALUATE_EPILOG, _cmd_evaluate
+    )
+    evaluate.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a checkpoint file")
+    evaluate.add_argument("--split", help="split to evaluate (default: the config's data.split_test)")
+    evaluate.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
+    evaluate.add_argument("--out", metavar="FILE", help="metrics JSON file (default: evaluation.json in the run)")
+
+    embed = _add_subcommand(subparsers, "embed", "export embeddings of a data split", EMBED_EPILOG, _cmd_embed)
+    embed.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file or run directory")
+    embed.add_argument("--data", metavar="DATASET", help="dataset name (default: the one the model was trained on)")
+    embed.add_argument("--split", default="test", help="split to embed (default: test)")
+    embed.add_argument("--out", metavar="FILE", required=True, help="output .npz file")
+    embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
+    embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
+    embed.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+
+    demo = _add_subcommand(
+        subparsers, "demo", "train and evaluate a small model on Omniglot in minutes", DEMO_EPILOG, _cmd_demo
+    )
+    demo.add_argument("--data-dir", metavar="DIR", help="data root holding omniglot/ (default: $RECALLK_DATA)")
+    demo.add_argument("--run-dir", metavar="DIR", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
+
+    bench = _add_subcommand(subparsers, "bench", "run the benchmarks", BENCH_EPILOG, _cmd_bench)
+    bench.add_argument("--out", metavar="DIR", default="runs/bench", help="results directory (default: runs/bench)")
+    bench.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def _implementation(module: str, feature: str) -> ModuleType:
+    """Import the module implementing ``feature``; a clear error if it is not part of this installation."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and (module == err.name or module.startswith(err.name + ".")):
+            raise _FeatureUnavailable(
+                f"{feature} is not available in this installation (module {module} is missing); "
+                "reinstall recallk from a complete checkout"
+            ) from err
+        raise
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from recallk.config import config_to_dict, load_config
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not Path(config_path).exists():
+        config_path, overrides = None, [config_path, *overrides]  # `train --resume DIR key=value`
+    run_dir = args.run_dir
+    if args.resume is not None:
+        resume_dir = Path(args.resume)
+        if not resume_dir.is_dir():
+            raise RecallkUsageError(
+                f"--resume {args.resume} is not a run directory; pass the directory of the run to continue "
+                "(the one holding checkpoints/last.pt)"
+            )
+        if run_dir is not None and Path(run_dir) != resume_dir:
+            raise RecallkUsageError(
+                f"--run-dir {run_dir} and --resume {args.resume} name different directories; drop --run-dir"
+            )
+        run_dir = str(resume_dir)
+        config_path = config_path or resume_dir / "config.yaml"
+    elif config_path is None:
+        raise RecallkUsageError(
+            "recallk train needs CONFIG (a YAML file, e.g. configs/omniglot.yaml) or --resume RUN_DIR; "
+            "see 'recallk train --help'"
+        )
+    options = {"data.data_dir": args.data_dir, "output.run_dir": run_dir, "train.device": args.device}
+    cfg = load_config(config_path, overrides, {k: v for k, v in options.items() if v is not None})
+    if args.dry_run:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return EXIT_OK
+    trainer = _implementation("recallk.training.trainer", "training")
+    try:
+        trainer.train(cfg, resume=args.resume is not None)
+    except trainer.TrainingInterrupted as err:
+        print(f"recallk: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"run directory or checkpoint '{path}' does not exist; pass a run directory created by 'recallk train'"
+        )
+    evaluation = _implementation("recallk.evaluation.evaluate", "evaluation")
+    results = evaluation.evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
+    table = format_metrics_table(results)
+    print(table)
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".txt").write_text(table + "\n", encoding="utf-8")
+    print(f"saved {out} and {out.with_suffix('.txt')}")
+    return EXIT_OK
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise RecallkUsageError(f"--batch-size must be >= 1, got {args.batch_size}; pass e.g. --batch-size 256")
+    evaluation = _implementation("recallk.evaluation.evaluate", "embedding export")
+    out = evaluation.export_embeddings(
+        Path(args.checkpoint),
+        Path(args.out),
+        split=args.split,
+        dataset=args.data,
+        data_dir=args.data_dir,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(f"saved embeddings to {out}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    demo = _implementation("recallk.demo", "the demo")
+    demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device)
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench = _implementation("recallk.bench", "benchmarking")
+    bench.run_benchmarks(out_dir=args.out, device=args.device)
+    return EXIT_OK
+
+
+def format_metrics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Metrics of each split as a text table: one row per metric, one column per split.
+
+    Floats are shown with 4 decimals, integers (counts) as they are.
+    """
+    splits = list(results)
+    metrics: list[str] = []
+    for split in splits:
+        metrics.extend(m for m in results[split] if m not in metrics)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "-" if value is None else str(value)
+
+    rows = [["metric", *splits]] + [[m, *(cell(results[s].get(m)) for s in splits)] for m in metrics]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths)))
+        for row in rows
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse, letting ``train`` take ``key=value`` overrides after options too."""
+    args, extras = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":
+        args.overrides += [e for e in extras if "=" in e and not e.startswith("-")]
+        extras = [e for e in extras if not ("=" in e and not e.startswith("-"))]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
+    parser = build_parser()
+    args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    debug = args.debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
+    )
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("recallk: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the command line turns every failure into one line
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, USAGE_ERRORS):
+            hint = "" if debug or isinstance(err, RecallkUsageError) else " (rerun with --debug for the traceback)"
+            print(f"recallk: error: {_one_line(err)}{hint}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(err, _FeatureUnavailable):
+            print(f"recallk: error: {_one_line(err)}", file=sys.stderr)
+        else:
+            hint = "" if debug else "; rerun with --debug for the traceback"
+            print(f"recallk: error: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_FAILURE

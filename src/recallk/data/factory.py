@@ -1,0 +1,44 @@
+"""``build_dataset``: one entry point for every reader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recallk.data.benchmarks import build_cars, build_cub, build_inat2018, build_inshop, build_sop, build_vehicleid
+from recallk.data.generic import build_csv, build_folder
+from recallk.data.image_dataset import ImageDataset
+from recallk.data.omniglot import build_omniglot
+from recallk.data.paths import resolve_data_dir
+
+READERS: dict[str, Callable[..., ImageDataset]] = {
+    "omniglot": build_omniglot,
+    "sop": build_sop,
+    "cub": build_cub,
+    "cars": build_cars,
+    "inat2018": build_inat2018,
+    "vehicleid": build_vehicleid,
+    "inshop": build_inshop,
+    "folder": build_folder,
+    "csv": build_csv,
+}
+
+
+def build_dataset(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    transform: Callable[..., Any] | None = None,
+    skip_bad_images: bool = False,
+    **kwargs: Any,
+) -> ImageDataset:
+    """Read data set ``name``'s ``split`` from ``root`` (``None``: :func:`~recallk.data.paths.resolve_data_dir`).
+
+    ``kwargs`` go to the reader: Omniglot takes ``val_classes``, ``seed``, ``download``, ``base_url``,
+    ``checksums``; ``csv`` takes ``csv_file``. Splits per data set are in each reader's docstring.
+    """
+    reader = READERS.get(name)
+    if reader is None:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
+    return reader(resolve_data_dir(root), split, transform=transform, skip_bad_images=skip_bad_images, **kwargs)

@@ -1,0 +1,134 @@
+"""The one dataset class every reader returns: a list of image names in a store, with integer class labels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from recallk.data.stores import ImageStore
+
+logger = logging.getLogger(__name__)
+
+# Exceptions Pillow raises on unreadable, truncated or malformed image files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class BadImageError(OSError):
+    """An image file exists but cannot be decoded."""
+
+
+def encode_labels(keys: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
+    """Map class keys to contiguous labels ``0..C-1`` in sorted key order.
+
+    Returns ``(labels, classes)``: ``labels`` is an int64 array of shape ``(len(keys),)`` and ``classes[label]``
+    is the key of that label.
+    """
+    classes = sorted(set(keys))
+    index = {key: i for i, key in enumerate(classes)}
+    return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys)), classes
+
+
+class ImageDataset(Dataset):
+    """Labelled images for metric learning; ``dataset[i]`` is ``(transform(image), label)``.
+
+    Attributes:
+        labels: int64 array ``(N,)`` of class indices in ``0..num_classes-1``.
+        item_ids: ``N`` image names relative to the store (relative paths or zip member names), for exports.
+        class_names: ``num_classes`` strings, ``class_names[label]``.
+        store: where the images are read from (:class:`~recallk.data.stores.DirectoryStore` or ``ZipStore``).
+
+    Every listed image must exist (checked at construction; a missing one is a ``FileNotFoundError``). With
+    ``skip_bad_images=True`` each image is also checked with Pillow's ``verify()`` at construction and those that
+    fail are dropped and counted in a warning log line; ``verify()`` reads headers and chunk checksums without
+    decoding pixels, so a truncated JPEG may still pass and then fail in ``__getitem__``. Without the flag an
+    undecodable image raises :class:`BadImageError` naming the file when it is loaded. Dropping images never
+    renumbers classes, so splits that share a label space (In-Shop query/gallery) stay aligned.
+    """
+
+    def __init__(
+        self,
+        store: ImageStore,
+        names: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        transform: Callable[[Image.Image], Any] | None = None,
+        image_mode: str = "RGB",
+        invert: bool = False,
+        skip_bad_images: bool = False,
+        missing_hint: str = "check that the data set is fully extracted",
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(names) != len(labels):
+            raise ValueError(f"got {len(names)} image names but {len(labels)} labels; they must match one to one")
+        if len(names) == 0:
+            raise ValueError(f"no images listed under {store.describe('')}: the split is empty")
+        self.store = store
+        self.transform = transform
+        self.image_mode = image_mode
+        self.invert = invert
+        self.class_names = [str(c) for c in class_names]
+        self._check_exist(names, missing_hint)
+        keep = self._verify(names) if skip_bad_images else np.ones(len(names), dtype=bool)
+        if not keep.any():
+            raise BadImageError(f"none of the {len(names)} listed images under {store.describe('')} can be decoded")
+        self.item_ids: list[str] = [n for n, k in zip(names, keep) if k]
+        self.labels: np.ndarray = labels[keep]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.load_image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+    def load_image(self, index: int) -> Image.Image:
+        """The untransformed image ``index`` in ``image_mode`` (inverted when ``invert``)."""
+        name = self.item_ids[index]
+        try:
+            with self.store.open(name) as f:
+                image = Image.open(f)
+                image.load()
+        except FileNotFoundError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise BadImageError(
+                f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file, or build "
+                "the dataset with skip_bad_images=True to drop undecodable images"
+            ) from exc
+        image = image.convert(self.image_mode)
+        return ImageOps.invert(image) if self.invert else image
+
+    def _check_exist(self, names: Sequence[str], hint: str) -> None:
+        missing = [n for n in names if not self.store.exists(n)]
+        if missing:
+            shown = ", ".join(self.store.describe(n) for n in missing[:3])
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(names)} listed images are missing, e.g. {shown}; {hint}"
+            )
+
+    def _verify(self, names: Sequence[str]) -> np.ndarray:
+        keep = np.ones(len(names), dtype=bool)
+        for i, name in enumerate(names):
+            try:
+                with self.store.open(name) as f:
+                    Image.open(f).verify()
+            except _DECODE_ERRORS:
+                keep[i] = False
+        bad = [n for n, k in zip(names, keep) if not k]
+        if bad:
+            logger.warning(
+                "skipped %d of %d images that failed to decode, e.g. %s",
+                len(bad), len(names), ", ".join(self.store.describe(n) for n in bad[:3]),
+            )
+        return keep

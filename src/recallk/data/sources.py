@@ -1,0 +1,183 @@
+"""Batches for training and evaluation, from image files (DataLoader) or from decoded arrays in memory.
+
+Training randomness is tied to the position in the schedule, not to a generator's history: the augmentation of
+batch b of epoch e uses seeds derived from ``(seed, e, b)``. A run resumed in the middle of an epoch therefore
+sees exactly the images an uninterrupted run would have seen, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from recallk.data.batch_transforms import RandomAffineBatch
+from recallk.data.factory import build_dataset
+from recallk.data.image_dataset import ImageDataset
+from recallk.data.omniglot import load_omniglot_arrays
+from recallk.data.paths import resolve_data_dir
+from recallk.data.transforms import build_transforms
+
+if TYPE_CHECKING:
+    from recallk.config import DataConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """A 63-bit seed for batch ``batch`` of ``epoch``, independent of everything that ran before it."""
+    return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class _SeededBatches(Sampler[list[tuple[int, int]]]):
+    """Wraps a batch sampler so each index travels with the seed of its random transform."""
+
+    def __init__(self, batches: Any, seed: int, epoch: int, first_batch: int) -> None:
+        self.batches, self.seed, self.epoch, self.first_batch = batches, seed, epoch, first_batch
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.first_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b, indices in enumerate(self.batches, start=self.first_batch):
+            base = batch_seed(self.seed, self.epoch, b)
+            yield [(i, base + j) for j, i in enumerate(indices)]
+
+
+class _SeededItems(Dataset):
+    """``dataset[(index, seed)]`` applies the dataset's random transform under ``torch.manual_seed(seed)``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class DatasetSource:
+    """A split read from image files through an :class:`~recallk.data.image_dataset.ImageDataset`."""
+
+    def __init__(self, dataset: ImageDataset, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.labels = torch.as_tensor(dataset.labels)
+        self.item_ids: list[str] = list(dataset.item_ids)
+        self.num_classes = dataset.num_classes
+
+    def train_batches(
+        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0
+    ) -> Iterator[Batch]:
+        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), each image with its own seed."""
+        loader = DataLoader(
+            _SeededItems(self.dataset),
+            batch_sampler=_SeededBatches(sampler, seed, epoch, first_batch),
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for images, labels in loader:
+            yield images, labels
+
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The whole split in order, in batches of ``batch_size`` transformed images."""
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        for images, _ in loader:
+            yield images
+
+    def display_image(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 (H, W) or (H, W, 3) for plots."""
+        image: Image.Image = self.dataset.load_image(index)
+        image.thumbnail((128, 128))
+        return np.asarray(image)
+
+
+class ArraySource:
+    """A split decoded into memory: uint8 images (N, C, S, S) scaled to [0, 1], augmented per batch."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        item_ids: Sequence[str] | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    ) -> None:
+        if images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"need images (N, C, H, W) and N labels, got {tuple(images.shape)} and {len(labels)}")
+        self.images = images
+        self.labels = labels.long()
+        self.item_ids = list(item_ids) if item_ids is not None else [str(i) for i in range(len(images))]
+        self.num_classes = int(self.labels.max()) + 1
+        self.augment = augment
+
+    @classmethod
+    def omniglot(
+        cls, images: torch.Tensor, labels: torch.Tensor, item_ids: Sequence[str] | None, train: bool
+    ) -> ArraySource:
+        """Omniglot arrays with the demo's augmentation (random affine) when ``train``."""
+        augment = RandomAffineBatch(degrees=10, translate=0.1, scale=(0.9, 1.1), shear=10) if train else None
+        return cls(images, labels, item_ids, augment)
+
+    def _floats(self, index: torch.Tensor | slice) -> torch.Tensor:
+        return self.images[index].float().div_(255.0)
+
+    def train_batches(
+        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0
+    ) -> Iterator[Batch]:
+        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), augmented from their seeds."""
+        for b, indices in enumerate(sampler, start=first_batch):
+            index = torch.as_tensor(indices)
+            images = self._floats(index)
+            if self.augment is not None:
+                images = self.augment(images, torch.Generator().manual_seed(batch_seed(seed, epoch, b)))
+            yield images, self.labels[index]
+
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.images), batch_size):
+            yield self._floats(slice(start, start + batch_size))
+
+    def display_image(self, index: int) -> np.ndarray:
+        image = self.images[index].numpy()
+        return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+def build_source(
+    cfg: DataConfig, split: str, train: bool, data_dir: str | Path | None, seed: int = 0
+) -> DatasetSource | ArraySource:
+    """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
+
+    ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise
+    images are read from files by ``data.num_workers`` loader processes with ``data.transform``.
+    """
+    if cfg.in_memory:
+        if cfg.dataset != "omniglot":
+            raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")
+        images, labels = load_omniglot_arrays(
+            resolve_data_dir(data_dir), split, cfg.image_size, val_classes=_val_classes(cfg), seed=seed,
+            download=cfg.download,
+        )
+        return ArraySource.omniglot(images, labels, None, train)
+    kwargs = dict(cfg.options)
+    if cfg.dataset == "omniglot":
+        kwargs.setdefault("val_classes", _val_classes(cfg))
+        kwargs.setdefault("seed", seed)
+        kwargs.setdefault("download", cfg.download)
+    dataset = build_dataset(
+        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train),
+        skip_bad_images=cfg.skip_bad_images, **kwargs,
+    )
+    return DatasetSource(dataset, cfg.num_workers)
+
+
+def _val_classes(cfg: DataConfig) -> int:
+    return cfg.val_classes if cfg.val_classes is not None else 100

@@ -1,0 +1,56 @@
+"""Embedding a whole split with a model, and evaluating retrieval on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recallk.evaluation.metrics import retrieval_metrics
+
+
+@torch.no_grad()
+def embed_batches(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    total: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> torch.Tensor:
+    """Run ``model`` (in eval mode) over ``batches`` of inputs; returns float32 embeddings (N, D) on the CPU.
+
+    ``total`` is the number of items, for the progress bar. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    try:
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar, autocast:
+            for images in batches:
+                images = images.to(device, non_blocking=True)
+                if channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                out.append(model(images).float().cpu())
+                bar.update(len(images))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate_embeddings(
+    embeddings: torch.Tensor, labels: torch.Tensor, k: Sequence[int], progress: bool = True
+) -> dict[str, float | int]:
+    """All-vs-all retrieval metrics of a split (each item a query against the rest)."""
+    return retrieval_metrics(embeddings, labels, k=tuple(k), progress=progress)
+
+
+def raw_pixel_embeddings(batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Flattened, L2-normalised input pixels: the no-learning baseline (N, C*H*W)."""
+    return torch.nn.functional.normalize(torch.cat([b.flatten(1).float() for b in batches]), dim=1)

@@ -1,0 +1,94 @@
+"""Figures a person would rather look at than read: training curves, recall@k curves, retrieval examples.
+
+Every function writes one PNG (atomically, through a temporary file) with matplotlib's non-interactive Agg
+backend, so plotting works on headless machines.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from recallk.evaluation.knn import exact_knn  # noqa: E402
+from recallk.training.checkpoint import atomic_write  # noqa: E402
+from recallk.training.run_dir import read_metrics  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    return path
+
+
+def plot_training_curves(path: Path, metrics_csv: Path) -> Path | None:
+    """Training loss and validation recall@k per epoch from a run's ``metrics.csv`` (None if it is empty)."""
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return None
+    epochs = [int(r["epoch"]) for r in rows]
+    recall_keys = [k for k in rows[0] if k.startswith("val_recall@")]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", ms=3)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    for key in recall_keys:
+        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
+        if points:
+            ax_val.plot(*zip(*points), marker="o", ms=3, label=key.removeprefix("val_"))
+    ax_val.set(xlabel="epoch", ylabel="recall", title="Validation recall@k", ylim=(0, 1))
+    if recall_keys:
+        ax_val.legend(loc="lower right")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_recall_curves(path: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Recall@k against k (log scale) for each named result (e.g. ``{"raw pixels": ..., "trained": ...}``)."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for name, metrics in results.items():
+        ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith("recall@"))
+        ax.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="k", ylabel="recall@k", title="Retrieval recall@k", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_retrievals(
+    path: Path, embeddings: torch.Tensor, source: Any, num_queries: int = 8, k: int = 5, seed: int = 0
+) -> Path:
+    """A grid: random queries (left column) and their top-k retrievals, framed green (same class) or red."""
+    labels = torch.as_tensor(source.labels)
+    rng = np.random.default_rng(seed)
+    queries = torch.as_tensor(np.sort(rng.choice(len(labels), size=min(num_queries, len(labels)), replace=False)))
+    _, neighbours = exact_knn(embeddings[queries], embeddings, k, self_index=queries)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.3 * (k + 1), 1.3 * len(queries)), squeeze=False)
+    for row, query in enumerate(queries.tolist()):
+        items = [(query, None)] + [(int(j), bool(labels[j] == labels[query])) for j in neighbours[row]]
+        for col, (index, correct) in enumerate(items):
+            ax = axes[row, col]
+            image = source.display_image(index)
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = "black" if correct is None else ("#1a9850" if correct else "#d73027")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(1 if correct is None else 3)
+    axes[0, 0].set_title("query", fontsize=9)
+    for col in range(1, k + 1):
+        axes[0, col].set_title(f"#{col}", fontsize=9)
+    fig.suptitle("Top retrievals (green: same class, red: other class)", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,257 @@
+"""Model factory: a timm backbone (or the small Omniglot CNN) followed by the paper's embedding head.
+
+``create_model("resnet50", embed_dim=512, pretrained=True)`` builds ResNet-50 -> GeM -> LayerNorm -> Linear(512) ->
+L2 normalisation, the paper's ResNet-50 model; ``create_model("vit_base_patch16_224.augreg_in21k", pooling="cls")``
+the ViT-B/16 model (class token -> LayerNorm -> Linear -> L2 normalisation).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import timm
+import torch
+from torch import nn
+
+from recallk.errors import PretrainedWeightsError, RecallkUsageError
+from recallk.models.heads import EmbeddingHead
+from recallk.models.small_cnn import SmallCNN
+from recallk.training.batchnorm import freeze_batchnorm as _freeze_batchnorm
+
+if TYPE_CHECKING:
+    from recallk.config import ModelConfig
+
+SMALL_CNN = "omniglot_cnn"
+
+
+class EmbeddingModel(nn.Module):
+    """``backbone`` followed by an :class:`EmbeddingHead`: images ``(B, C, H, W)`` -> embeddings ``(B, embed_dim)``.
+
+    Every output row has unit L2 norm, so the dot product of two embeddings is their cosine similarity.
+    """
+
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead, channels_last: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.embed_dim = head.fc.out_features
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(images))
+
+    def parameter_groups(self, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
+        """Optimiser parameter groups: the backbone at ``lr * backbone_lr_mult``, the head at ``lr``.
+
+        Frozen parameters (``requires_grad=False``) and empty groups are left out.
+        """
+        groups = [
+            {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad],
+             "lr": lr * backbone_lr_mult, "weight_decay": weight_decay},
+            {"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad],
+             "lr": lr, "weight_decay": weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Backbone names accepted by :func:`create_model` that match a glob ``pattern`` (timm's and ``omniglot_cnn``)."""
+    local = [SMALL_CNN] if fnmatch.fnmatch(SMALL_CNN, pattern) else []
+    return local + timm.list_models(pattern)
+
+
+def create_model(
+    backbone: str,
+    embed_dim: int = 512,
+    pretrained: bool = False,
+    pretrained_path: str | Path | None = None,
+    pooling: str = "gem",
+    gem_p: float = 3.0,
+    gem_learnable: bool = True,
+    layernorm: bool = True,
+    freeze_batchnorm: bool = False,
+    in_chans: int | None = None,
+    widths: Sequence[int] = (64, 128, 256, 256),
+    channels_last: bool = False,
+) -> EmbeddingModel:
+    """Build an embedding model: backbone -> pool -> LayerNorm -> Linear(embed_dim) -> L2 normalisation.
+
+    Args:
+        backbone: a timm model name, optionally with a weights tag (``resnet50.tv_in1k``), or ``"omniglot_cnn"``.
+        embed_dim: size of the output embedding.
+        pretrained: load ImageNet weights through timm (downloaded, or found in the Hugging Face cache).
+        pretrained_path: local file with backbone weights (``.safetensors``/``.pth``); implies pretrained loading.
+        pooling: ``"gem"`` or ``"avg"`` over CNN feature maps; ``"cls"``: the class token of a vision transformer.
+        gem_p, gem_learnable: initial GeM exponent and whether it is trained.
+        layernorm: LayerNorm on the pooled features before the linear layer.
+        freeze_batchnorm: keep every BatchNorm layer of the backbone in eval mode (fixed running statistics).
+        in_chans: input channels (None: 3 for timm backbones, 1 for ``omniglot_cnn``).
+        widths: channels of each conv block of ``omniglot_cnn`` (ignored for timm backbones).
+        channels_last: store weights and inputs in NHWC memory format.
+
+    Raises:
+        RecallkUsageError: unknown backbone, or a pooling that does not fit the backbone.
+        PretrainedWeightsError: weights requested but not downloadable or not loadable.
+    """
+    if pooling not in ("gem", "avg", "cls"):
+        raise RecallkUsageError(f"unknown pooling {pooling!r}; set model.pooling to gem, avg or cls")
+    if backbone == SMALL_CNN:
+        net: nn.Module = _create_small_cnn(in_chans or 1, widths, pretrained, pretrained_path, pooling)
+    else:
+        net = _create_timm_backbone(backbone, pretrained, pretrained_path, pooling, in_chans)
+    if freeze_batchnorm:
+        _freeze_batchnorm(net)
+    head = EmbeddingHead(net.num_features, embed_dim, pooling, gem_p, gem_learnable, layernorm)
+    return EmbeddingModel(net, head, channels_last=channels_last)
+
+
+def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel:
+    """:func:`create_model` with the fields of a :class:`~recallk.config.ModelConfig` (``compile`` is the
+    trainer's job)."""
+    return create_model(
+        cfg.backbone,
+        embed_dim=cfg.embed_dim,
+        pretrained=cfg.pretrained,
+        pretrained_path=cfg.pretrained_path,
+        pooling=cfg.pooling,
+        gem_p=cfg.gem_p,
+        gem_learnable=cfg.gem_learnable,
+        layernorm=cfg.layernorm,
+        freeze_batchnorm=cfg.freeze_batchnorm,
+        in_chans=cfg.in_chans,
+        widths=cfg.widths,
+        channels_last=cfg.channels_last,
+    )
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or "no details"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def _checked_weights_file(pretrained_path: str | Path, backbone: str) -> Path:
+    path = Path(pretrained_path).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"pretrained weights file '{pretrained_path}' for backbone '{backbone}' does not exist; "
+            "fix model.pretrained_path or set it to null"
+        )
+    return path
+
+
+def _create_small_cnn(
+    in_chans: int, widths: Sequence[int], pretrained: bool, pretrained_path: str | Path | None, pooling: str
+) -> SmallCNN:
+    if pooling == "cls":
+        raise RecallkUsageError(f"pooling 'cls' needs a vision transformer, but {SMALL_CNN} is a CNN; "
+                                "set model.pooling=avg or gem")
+    if pretrained and pretrained_path is None:
+        raise PretrainedWeightsError(f"{SMALL_CNN} has no published pretrained weights; set model.pretrained=false "
+                                     "or give a weights file in model.pretrained_path")
+    net = SmallCNN(in_chans, widths)
+    if pretrained_path is not None:
+        path = _checked_weights_file(pretrained_path, SMALL_CNN)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
+            raise PretrainedWeightsError(
+                f"could not load {SMALL_CNN} weights from '{path}' ({_one_line(err)}); the file must hold the "
+                f"state_dict of a SmallCNN with in_chans={in_chans}, widths={list(widths)}"
+            ) from err
+    return net
+
+
+def _create_timm_backbone(
+    name: str, pretrained: bool, pretrained_path: str | Path | None, pooling: str, in_chans: int | None
+) -> nn.Module:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, list_backbones(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise RecallkUsageError(
+            f"unknown backbone '{name}'; {hint}set model.backbone to a timm model name "
+            f"(python -c \"import timm; print(timm.list_models('resnet*'))\") or {SMALL_CNN}"
+        )
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if pooling != "cls":
+        kwargs["global_pool"] = ""  # keep the feature map: the head pools it
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    if pretrained_path is not None:
+        weights = _checked_weights_file(pretrained_path, name)
+        net = timm.create_model(name, pretrained=False, **kwargs)
+        _load_backbone_weights(net, weights, name)
+    else:
+        try:
+            net = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except (OSError, RuntimeError, ValueError) as err:
+            if not pretrained:
+                raise
+            raise PretrainedWeightsError(_download_failure_message(name, err)) from err
+    _check_pooling_fits(net, name, pooling)
+    return net
+
+
+def _load_backbone_weights(net: nn.Module, path: Path, name: str) -> None:
+    """Load a local weights file into a timm backbone, strictly except for the dropped classifier.
+
+    The file may be a plain state_dict or a training checkpoint (timm's ``load_state_dict`` unwraps it); the
+    model family's ``checkpoint_filter_fn`` (e.g. ViT position-embedding resizing) is applied when it has one.
+    """
+    try:
+        state = timm.models.load_state_dict(str(path))
+        filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, net)
+        own = net.state_dict()
+        classifiers = net.pretrained_cfg.get("classifier") or ()
+        for classifier in (classifiers,) if isinstance(classifiers, str) else classifiers:
+            for key in (f"{classifier}.weight", f"{classifier}.bias"):
+                if key not in own:
+                    state.pop(key, None)
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError, KeyError) as err:
+        raise PretrainedWeightsError(
+            f"could not load pretrained weights for backbone '{name}' from '{path}' ({_one_line(err)}); "
+            "give a weights file of that exact architecture or set model.pretrained_path=null"
+        ) from err
+
+
+def _download_failure_message(name: str, err: BaseException) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (
+        f"could not download pretrained weights for backbone '{name}' ({_one_line(err)}); "
+        "set model.pretrained=false to start from random weights, or, without internet, "
+        f"put the weights in the Hugging Face cache ({HF_HUB_CACHE}; fill it on a connected machine with "
+        f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy it) "
+        "or set model.pretrained_path=/path/to/weights.safetensors"
+    )
+
+
+def _check_pooling_fits(net: nn.Module, name: str, pooling: str) -> None:
+    is_transformer = hasattr(net, "num_prefix_tokens") or hasattr(net, "cls_token")
+    if pooling == "cls" and getattr(net, "global_pool", None) != "token":
+        raise RecallkUsageError(
+            f"pooling 'cls' needs a vision transformer with a class token, but backbone '{name}' has none; "
+            "set model.pooling=gem (CNNs) or choose a ViT backbone"
+        )
+    if pooling != "cls" and is_transformer:
+        raise RecallkUsageError(
+            f"pooling '{pooling}' works on CNN feature maps, but backbone '{name}' is a transformer; "
+            "set model.pooling=cls"
+        )
+    if pooling != "cls" and getattr(net, "output_fmt", "NCHW") != "NCHW":
+        raise RecallkUsageError(
+            f"backbone '{name}' outputs {net.output_fmt} feature maps, which this head does not pool; "
+            "choose a CNN with NCHW output (e.g. resnet50) or a ViT with model.pooling=cls"
+        )

@@ -1,0 +1,79 @@
+"""Pooling and the paper's embedding head: pool -> LayerNorm -> Linear -> L2 normalisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling over the spatial dimensions of a feature map.
+
+    ``(B, C, H, W) -> (B, C)`` with ``y_c = (mean_{h,w} max(x_{c,h,w}, eps)^p)^(1/p)``. ``p = 1`` is average pooling
+    and ``p -> inf`` approaches max pooling. Computed in float32 so that large ``p`` does not overflow under autocast.
+    """
+
+    def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ValueError(f"GeM exponent p must be > 0, got {p}; use p=3 (the usual start) or p=1 for average")
+        p_tensor = torch.tensor(float(p))
+        if learnable:
+            self.p = nn.Parameter(p_tensor)
+        else:
+            self.register_buffer("p", p_tensor)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float()
+        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1))
+        return pooled.pow(1.0 / p).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.4f}, learnable={isinstance(self.p, nn.Parameter)}, eps={self.eps}"
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over the spatial dimensions: ``(B, C, H, W) -> (B, C)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1))
+
+
+class EmbeddingHead(nn.Module):
+    """Maps backbone output to unit-norm embeddings: ``e = normalize(W · LayerNorm(pool(f)) + b)``.
+
+    Input: a feature map ``(B, C, H, W)`` when ``pooling`` is ``"gem"`` or ``"avg"``; already pooled features
+    ``(B, C)`` (e.g. a ViT class token) when ``pooling`` is ``"cls"``. Output: ``(B, embed_dim)`` with unit L2 norm.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        embed_dim: int = 512,
+        pooling: str = "gem",
+        gem_p: float = 3.0,
+        gem_learnable: bool = True,
+        layernorm: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or embed_dim <= 0:
+            raise ValueError(f"in_features and embed_dim must be > 0, got {in_features} and {embed_dim}")
+        poolers = {"gem": lambda: GeM(gem_p, learnable=gem_learnable), "avg": GlobalAvgPool, "cls": nn.Identity}
+        if pooling not in poolers:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(poolers)}")
+        self.pooling = pooling
+        self.pool = poolers[pooling]()
+        self.norm = nn.LayerNorm(in_features) if layernorm else nn.Identity()
+        self.fc = nn.Linear(in_features, embed_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        expected_dims = 2 if self.pooling == "cls" else 4
+        if features.dim() != expected_dims:
+            raise ValueError(
+                f"pooling {self.pooling!r} expects {expected_dims}-D backbone output, "
+                f"got shape {tuple(features.shape)}; use pooling 'gem'/'avg' for CNN feature maps "
+                "and 'cls' for vision transformers"
+            )
+        return F.normalize(self.fc(self.norm(self.pool(features))), dim=-1)

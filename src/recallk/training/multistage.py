@@ -1,0 +1,256 @@
+"""Multistage backward: the exact gradient of a loss over a batch far larger than fits in memory.
+
+The paper trains with batches of 4000 images on one GPU. A batch-level loss L(E, y) over the embeddings
+E = f(X) (N, D) cannot be split into per-chunk losses, but its gradient can be split by the chain rule:
+
+    dL/dtheta = sum_c (d e_c / d theta)^T G_c,   G = dL/dE (N, D),  e_c = f(x_c) (the rows of chunk c)
+
+so three stages give the full-batch gradient while holding one chunk's activations at a time:
+
+1. embed the chunks under `torch.no_grad()` (saving the RNG state before each chunk) -> E (N, D);
+2. compute L on a detached copy of E and G = dL/dE;
+3. for each chunk: restore its RNG state, re-embed it with autograd and backpropagate G_c.
+
+Stage 3 replays stage 1 exactly when the model's randomness (dropout, augmentations inside `forward`) comes from
+torch's default CPU/CUDA generators and BatchNorm is frozen (`freeze_batchnorm`); `verify_replay=True` checks it.
+Peak memory is one chunk's activations plus E, G and the loss's own memory (O(N^2) for RS@k), independent of N
+for the model. Compute is one extra forward pass: about 4/3 of a plain step if backward costs two forwards.
+
+Precision: `autocast_dtype` (e.g. `torch.bfloat16`) runs the model's forward passes under `torch.autocast`;
+with `autocast_dtype=None` they run in whatever autocast state the caller is in. The loss always runs with
+autocast disabled, on embeddings upcast to at least float32. With a `GradScaler` (float16) the embedding
+gradient is multiplied by the scale, exactly as `scaler.scale(loss).backward()` would; afterwards call
+`scaler.step(optimizer)` and `scaler.update()` as usual.
+
+Multiple processes (torchrun + DistributedDataParallel, `all_gather=True`): every rank embeds its own rows; the
+embeddings and labels are gathered (rank order) into the global batch; rank 0 computes the global loss and its
+gradient G (N_global, D) and broadcasts both, so a loss with randomness (similarity mixup) sees one draw; each
+rank backpropagates its own rows of G times world_size. DDP averages gradients over world_size ranks, so the
+result equals the single-process gradient on the global batch:
+    (1 / W) * sum_r W * (d e_r / d theta)^T G_r = dL/dtheta.
+The loss costs O(N_global^2) on rank 0 (RS@k's mean over queries does not split over ranks when ranks hold
+different numbers of valid queries, so the whole loss is computed in one place). Only rank 0's `loss_kwargs`
+are used. Chunks other than the last run under DDP's `no_sync()`, so gradients are all-reduced once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from recallk.training.batchnorm import batchnorm_layers_in_training_mode
+from recallk.training.distributed import all_gather_rows, get_rank, get_world_size
+
+Inputs = Tensor | Mapping[str, Tensor]
+LossFn = Callable[..., Tensor]
+
+_REPLAY_TOLERANCE = 1e-2  # max |stage-3 - stage-1| allowed, relative to max |stage-1| of the chunk
+
+
+@dataclass
+class _RngState:
+    """The default CPU generator's state and that of each CUDA device in use."""
+
+    cpu: Tensor
+    cuda: dict[torch.device, Tensor]
+
+    @classmethod
+    def capture(cls, cuda_devices: list[torch.device]) -> _RngState:
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices})
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+def multistage_backward(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    labels: Tensor,
+    chunk_size: int,
+    *,
+    loss_kwargs: Mapping[str, Any] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    all_gather: bool = False,
+    verify_replay: bool = False,
+) -> Tensor:
+    """Accumulate into `model`'s `.grad` the gradient of `loss_fn(model(inputs), labels)`, embedding in chunks.
+
+    Args:
+        model: maps a chunk of inputs to embeddings (n, D); may be DistributedDataParallel and/or `torch.compile`d.
+            Its BatchNorm layers must be frozen (`freeze_batchnorm`).
+        loss_fn: `loss_fn(embeddings (N, D), labels (N,), **loss_kwargs) -> scalar`.
+        inputs: a tensor (N, ...) or a dict of tensors with N rows each; each chunk (rows sliced along dim 0,
+            memory format such as channels_last kept) is passed to `model` as its one argument.
+        labels: (N,) class labels of the rows.
+        chunk_size: rows per forward pass; need not divide N.
+        loss_kwargs: extra keyword arguments for `loss_fn`.
+        autocast_dtype: run the forward passes under `torch.autocast(device, autocast_dtype)`.
+        scaler: a float16 `torch.amp.GradScaler`; the embedding gradient is scaled by its current scale.
+        all_gather: with several processes, compute the loss over the global batch gathered from all ranks (see
+            the module docstring); with one process it changes nothing.
+        verify_replay: check that each re-embedded chunk matches its first embedding (raises RuntimeError if
+            not: the model uses randomness this function cannot replay).
+
+    Returns:
+        The loss value, detached (the same on every rank with `all_gather=True`).
+
+    Gradients are added to existing `.grad` like `loss.backward()`. Afterwards the RNG state is what embedding
+    the chunks once and computing the loss leaves it at (the replay in stage 3 does not advance it).
+    """
+    labels = labels.detach()
+    num_rows = _check_inputs(inputs, labels, chunk_size)
+    offending = batchnorm_layers_in_training_mode(model)
+    if offending:
+        raise ValueError(
+            f"BatchNorm layers in training mode ({', '.join(offending[:3])}{', ...' if len(offending) > 3 else ''}): "
+            "chunked forward passes would use per-chunk statistics and update the running statistics twice; "
+            "call recallk.training.freeze_batchnorm(model) first"
+        )
+    bounds = [(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
+    cuda_devices = _cuda_devices(model, inputs)
+    device_type = cuda_devices[0].type if cuda_devices else "cpu"
+    forward_context = (
+        (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype is not None else nullcontext
+    )
+
+    # Stage 1: embed every chunk without a graph, remembering the RNG state each chunk started from.
+    chunk_rng_states = []
+    chunk_embeddings = []
+    with torch.no_grad():
+        for start, stop in bounds:
+            chunk_rng_states.append(_RngState.capture(cuda_devices))
+            with forward_context():
+                chunk_embeddings.append(_embed(model, _slice(inputs, start, stop), stop - start))
+    embeddings = torch.cat(chunk_embeddings)
+    labels = labels.to(embeddings.device)
+
+    # Stage 2: the loss and its gradient with respect to the (local or global) embeddings.
+    if all_gather and get_world_size() > 1:
+        global_embeddings, row_counts = all_gather_rows(embeddings)
+        global_labels, _ = all_gather_rows(labels)
+        loss, grad = _loss_and_embedding_grad_on_rank0(loss_fn, global_embeddings, global_labels, loss_kwargs)
+        offset = sum(row_counts[: get_rank()])
+        grad = grad[offset : offset + num_rows] * get_world_size()
+    else:
+        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs)
+    rng_after_loss = _RngState.capture(cuda_devices)
+    if scaler is not None:
+        grad = scaler.scale(grad)
+    if not verify_replay:
+        del chunk_embeddings, embeddings
+
+    # Stage 3: replay each chunk with autograd and push its slice of the gradient through the model.
+    ddp = _as_ddp(model)
+    for index, (start, stop) in enumerate(bounds):
+        chunk_rng_states[index].restore()
+        is_last = index == len(bounds) - 1
+        with ddp.no_sync() if ddp is not None and not is_last else nullcontext():
+            with forward_context():
+                chunk = _embed(model, _slice(inputs, start, stop), stop - start)
+            if verify_replay:
+                _check_replay(chunk_embeddings[index], chunk.detach(), start, stop)
+            torch.autograd.backward(chunk, grad[start:stop].to(chunk.dtype))
+    rng_after_loss.restore()
+    return loss
+
+
+def _check_inputs(inputs: Inputs, labels: Tensor, chunk_size: int) -> int:
+    """Validate shapes and return the number of rows N."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
+    num_rows = labels.shape[0]
+    if num_rows == 0:
+        raise ValueError("the batch is empty: labels has 0 rows")
+    tensors = inputs.items() if isinstance(inputs, Mapping) else [("inputs", inputs)]
+    for name, value in tensors:
+        if not isinstance(value, Tensor):
+            raise ValueError(f"inputs must be a tensor or a dict of tensors; {name!r} is a {type(value).__name__}")
+        if value.dim() == 0 or value.shape[0] != num_rows:
+            raise ValueError(
+                f"{name!r} has shape {tuple(value.shape)} but labels has {num_rows} rows: every input needs N rows"
+            )
+    return num_rows
+
+
+def _slice(inputs: Inputs, start: int, stop: int) -> Inputs:
+    """Rows start:stop of a tensor or of every tensor in a dict (views; strides and memory format kept)."""
+    if isinstance(inputs, Mapping):
+        return {name: value[start:stop] for name, value in inputs.items()}
+    return inputs[start:stop]
+
+
+def _embed(model: nn.Module, chunk: Inputs, rows: int) -> Tensor:
+    """Call the model on one chunk (tensor or dict, passed as the one argument); check the output is (rows, D)."""
+    output = model(chunk)
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != rows:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(f"the model must return embeddings of shape ({rows}, D) for {rows} input rows, got {shape}")
+    return output
+
+
+def _loss_and_embedding_grad(
+    loss_fn: LossFn, embeddings: Tensor, labels: Tensor, loss_kwargs: Mapping[str, Any] | None
+) -> tuple[Tensor, Tensor]:
+    """The detached loss and dL/dE (N, D), computed with autocast disabled on embeddings of >= float32 precision."""
+    with torch.enable_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        leaf = embeddings.detach().to(torch.promote_types(embeddings.dtype, torch.float32)).requires_grad_(True)
+        loss = loss_fn(leaf, labels, **(loss_kwargs or {}))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r}")
+        (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return loss.detach().to(leaf.dtype), torch.zeros_like(leaf) if grad is None else grad
+
+
+def _loss_and_embedding_grad_on_rank0(
+    loss_fn: LossFn, embeddings: Tensor, labels: Tensor, loss_kwargs: Mapping[str, Any] | None
+) -> tuple[Tensor, Tensor]:
+    """`_loss_and_embedding_grad` on rank 0, broadcast to every rank (one draw of any randomness in the loss)."""
+    if get_rank() == 0:
+        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs)
+    else:
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        grad = torch.empty(embeddings.shape, dtype=dtype, device=embeddings.device)
+        loss = torch.empty((), dtype=dtype, device=embeddings.device)
+    dist.broadcast(grad, src=0)
+    dist.broadcast(loss, src=0)
+    return loss, grad
+
+
+def _cuda_devices(model: nn.Module, inputs: Inputs) -> list[torch.device]:
+    """The CUDA devices holding the model's parameters or the inputs (their RNGs are saved and replayed)."""
+    tensors = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    devices = {t.device for t in [*model.parameters(), *tensors] if t.device.type == "cuda"}
+    return sorted(devices, key=lambda d: d.index if d.index is not None else -1)
+
+
+def _as_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The DistributedDataParallel module behind `model` (also through a `torch.compile` wrapper), if any."""
+    inner = getattr(model, "_orig_mod", model)
+    for candidate in (model, inner):
+        if isinstance(candidate, DistributedDataParallel):
+            return candidate
+    return None
+
+
+def _check_replay(first: Tensor, again: Tensor, start: int, stop: int) -> None:
+    """Raise RuntimeError when the re-embedded rows start:stop differ from their stage-1 embeddings."""
+    scale = first.abs().max().float().clamp_min(1e-12)
+    error = (again.float() - first.float()).abs().max() / scale
+    if error > _REPLAY_TOLERANCE:
+        raise RuntimeError(
+            f"re-embedding rows {start}:{stop} gave different embeddings (max relative difference {error:.2e}): "
+            "the model's randomness is not driven by torch's default generators, or BatchNorm is not frozen"
+        )

@@ -1,0 +1,140 @@
+"""The run directory: one training run's config, metrics, checkpoints, plots and summary.
+
+Layout::
+
+    config.yaml          the resolved config
+    metrics.csv          one row per epoch (appended and flushed as the run goes)
+    checkpoints/last.pt  the latest resumable state;  checkpoints/best.pt  the best on validation
+    plots/*.png          curves and retrieval examples
+    summary.json         final metrics (written last, atomically: its presence means the run finished)
+
+A directory that already holds a run is never overwritten: a new run refuses it unless it resumes, and an
+exclusive lock (``.lock``) stops two processes from using the same directory at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+from recallk.errors import RecallkUsageError
+from recallk.training.checkpoint import atomic_write_text
+
+RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
+
+
+class RunDirectory:
+    """Owns a run directory for the lifetime of a run (use as a context manager to release the lock)."""
+
+    def __init__(self, path: Path | str, resume: bool = False) -> None:
+        self.path = Path(path)
+        existing = [m for m in RUN_MARKERS if (self.path / m).exists()]
+        if existing and not resume:
+            raise RecallkUsageError(
+                f"run directory {self.path} already holds a run ({', '.join(existing)}); pass --resume {self.path} "
+                "to continue it, or choose a new --run-dir"
+            )
+        if resume and not (self.path / "checkpoints" / "last.pt").is_file():
+            raise RecallkUsageError(
+                f"cannot resume: {self.path / 'checkpoints' / 'last.pt'} does not exist; start a new run instead"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RecallkUsageError(f"cannot create run directory {self.path}: {err.strerror}") from err
+        self._lock: TextIO | None = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RecallkUsageError(
+                f"run directory {self.path} is in use by another recallk process; wait for it to finish or "
+                "choose another --run-dir"
+            ) from None
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write ``name`` atomically (the old file stays intact if writing fails, e.g. disk full)."""
+        target = self.path / name
+        atomic_write_text(target, text)
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one row to ``metrics.csv`` (header from the first row's keys; new keys extend the header)."""
+        path = self.path / "metrics.csv"
+        rows = read_metrics(path)
+        fields = list(rows[0].keys()) if rows else []
+        fields += [k for k in row if k not in fields]
+        rows.append({k: row.get(k, "") for k in fields})
+        lines = _csv_text(fields, rows)
+        atomic_write_text(path, lines)
+
+    def truncate_metrics(self, after_epoch: int) -> None:
+        """Drop rows past ``after_epoch`` (written after the checkpoint a resumed run starts from)."""
+        path = self.path / "metrics.csv"
+        rows = [r for r in read_metrics(path) if int(r["epoch"]) <= after_epoch]
+        if rows:
+            atomic_write_text(path, _csv_text(list(rows[0].keys()), rows))
+        elif path.exists():
+            path.unlink()
+
+
+def run_dir_in_use(path: Path) -> bool:
+    """True while another process holds the run directory's lock."""
+    lock = Path(path) / ".lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """Rows of a ``metrics.csv`` as dicts of strings ([] if the file does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in fields})
+    return buffer.getvalue()

@@ -1,0 +1,441 @@
+"""The training loop: class-balanced batches, the multistage engine, evaluation, checkpoints and outputs.
+
+``train(config)`` runs a whole experiment into a run directory (see :mod:`recallk.training.run_dir`):
+
+- every step draws a class-balanced batch and accumulates the exact full-batch gradient, with the multistage
+  engine when the batch is larger than ``train.chunk_size`` (or with several processes), else with one plain
+  backward pass;
+- every ``train.eval_every`` epochs the validation split is evaluated; the best checkpoint is chosen on it (never
+  on the test split), and the test split(s) are evaluated once at the end with that checkpoint;
+- ``checkpoints/last.pt`` holds everything needed to continue (model, optimiser, schedule, scaler, sampler
+  position, RNG states); Ctrl-C stops after the current step, saves it and raises :class:`TrainingInterrupted`;
+  a resumed run repeats the losses of an uninterrupted one exactly (batch augmentation is seeded by position).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from recallk.config import Config, config_to_dict
+from recallk.data.sampler import ClassBalancedBatchSampler
+from recallk.errors import RecallkUsageError
+from recallk.evaluation.embed import embed_batches, evaluate_embeddings
+from recallk.losses.factory import build_loss
+from recallk.models.factory import create_model_from_config
+from recallk.training.batchnorm import batchnorm_layers_in_training_mode
+from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
+from recallk.training.multistage import multistage_backward
+from recallk.training.run_dir import RunDirectory
+from recallk.training.schedule import lr_multiplier
+from recallk.data.sources import build_source
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingInterrupted(Exception):
+    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; resume with: recallk train --resume {run_dir}")
+        self.run_dir = run_dir
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf (with ``train.nan_policy: stop``)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecallkUsageError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
+    return torch.device(name)
+
+
+class _StopRequests:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            logger.warning("stopping after the current step (press Ctrl-C again to stop at once)")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+class Trainer:
+    """One training run; build it with :func:`train` or directly, then call :meth:`fit`."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        resume: bool = False,
+        data_dir: str | Path | None = None,
+        progress: bool = True,
+        dist_context: DistributedContext | None = None,
+    ) -> None:
+        self.cfg = config
+        self.progress = progress
+        self.dist = dist_context or init_distributed()
+        self.is_main = self.dist.is_main
+        self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
+        self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
+        self.run_path = Path(run_dir)
+        data_root = data_dir if data_dir is not None else config.data.data_dir
+        _seed_everything(config.seed)
+
+        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed)
+        self.val_source = (
+            build_source(config.data, config.data.split_val, False, data_root, config.seed)
+            if config.data.split_val else None
+        )
+        self.data_root = data_root
+        self.sampler = ClassBalancedBatchSampler(
+            self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
+            seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        model = create_model_from_config(config.model).to(self.device)
+        self.model: nn.Module = model
+        self.loss_fn = build_loss(
+            config.loss.name, num_classes=self.train_source.num_classes, embed_dim=config.model.embed_dim,
+            k=config.loss.k, tau_rank=config.loss.tau_rank, tau_k=config.loss.tau_k,
+            rank_includes_query=config.loss.rank_includes_query, simix=config.loss.simix,
+            simix_pairs_per_class=config.loss.simix_pairs_per_class, params=config.loss.params,
+        ).to(self.device)
+        groups = model.parameter_groups(config.optim.lr, config.optim.backbone_lr_mult, config.optim.weight_decay)
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if loss_params:
+            groups.append({"name": "loss", "params": loss_params, "lr": config.optim.lr, "weight_decay": 0.0})
+        optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
+        self.optimizer = optim_cls(groups, lr=config.optim.lr)
+        self.steps_per_epoch = len(self.sampler)
+        mult = lr_multiplier(
+            config.optim.schedule, config.train.epochs, config.optim.warmup_epochs, config.optim.step_epochs,
+            config.optim.gamma,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: mult(step / self.steps_per_epoch)
+        )
+        self.amp_dtype = AMP_DTYPES[config.train.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        per_rank_batch = config.data.batch_size // self.dist.world_size
+        self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
+        if self.chunked and batchnorm_layers_in_training_mode(model):
+            raise RecallkUsageError(
+                f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
+                f"{config.train.chunk_size}, which needs frozen BatchNorm; set model.freeze_batchnorm=true or "
+                f"train.chunk_size>={per_rank_batch}"
+            )
+        self.train_model = wrap_ddp(model, self.dist) if self.dist.world_size > 1 else model
+        if config.model.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf}
+        self.skipped_steps = 0
+        self.seconds = 0.0
+        if resume:
+            self._load(self.run_path / "checkpoints" / "last.pt")
+        elif self.run is not None:
+            self.run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+    # ------------------------------------------------------------------ state
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(self.batch_in_epoch),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "best": self.best,
+            "skipped_steps": self.skipped_steps,
+            "seconds": self.seconds,
+            "rng": _rng_state(),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def _save(self, name: str) -> None:
+        if self.run is not None:
+            save_checkpoint(self.run.checkpoints / name, self._state())
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best, self.skipped_steps, self.seconds = state["best"], state["skipped_steps"], state["seconds"]
+        _set_rng_state(state["rng"])
+        if self.run is not None:
+            self.run.truncate_metrics(self.epoch - 1)
+        logger.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batch_in_epoch, self.step)
+
+    # ------------------------------------------------------------------ steps
+
+    def _guarded_loss(self, embeddings: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The loss, or NaN when the model produced non-finite embeddings (handled by ``train.nan_policy``)."""
+        if not bool(torch.isfinite(embeddings).all()):
+            return embeddings.sum() * float("nan")
+        return self.loss_fn(embeddings, labels, **kwargs)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.chunked:
+            loss = multistage_backward(
+                self.train_model, self._guarded_loss, images, labels, self.cfg.train.chunk_size,
+                autocast_dtype=self.amp_dtype, scaler=self.scaler if self.scaler.is_enabled() else None,
+                all_gather=self.dist.world_size > 1,
+            )
+        else:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                embeddings = self.train_model(images)
+            loss = self._guarded_loss(embeddings.float(), labels)
+            self.scaler.scale(loss).backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.train.nan_policy == "stop":
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the last good "
+                    f"checkpoint is kept in {self.run_path / 'checkpoints'}; lower optim.lr, or set "
+                    "train.nan_policy=skip to skip such steps"
+                )
+            self.skipped_steps += 1
+            logger.warning("skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        return value
+
+    # ------------------------------------------------------------------ evaluation
+
+    def embed(self, source: Any, desc: str) -> torch.Tensor:
+        batches = source.eval_batches(self.cfg.eval.batch_size)
+        return embed_batches(
+            self.model, batches, self.device, total=len(source.labels), autocast_dtype=self.amp_dtype,
+            progress=self.progress and self.is_main, desc=desc,
+        )
+
+    def evaluate(self, source: Any, desc: str) -> tuple[dict[str, float | int], torch.Tensor]:
+        embeddings = self.embed(source, desc)
+        return evaluate_embeddings(embeddings, source.labels, self.cfg.eval.k, progress=False), embeddings
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``train.epochs`` epochs (or ``train.max_steps`` steps), then evaluate; returns the summary."""
+        cfg, stop = self.cfg, _StopRequests()
+        max_steps = cfg.train.max_steps
+        with stop.installed():
+            while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
+                started, losses = time.perf_counter(), []
+                self.sampler.set_epoch(self.epoch)
+                if self.batch_in_epoch:
+                    self.sampler.load_state_dict(self.sampler.state_dict(self.batch_in_epoch))
+                batches = self.train_source.train_batches(self.sampler, cfg.seed, self.epoch, self.batch_in_epoch)
+                bar = tqdm(
+                    batches, total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
+                    desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not (self.progress and self.is_main),
+                )
+                for images, labels in bar:
+                    value = self._train_step(images, labels)
+                    losses.append(value)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    bar.set_postfix(loss=f"{value:.4f}")
+                    if stop.requested or (max_steps and self.step >= max_steps):
+                        break
+                bar.close()
+                self.seconds += time.perf_counter() - started
+                if stop.requested:
+                    self._save("last.pt")
+                    raise TrainingInterrupted(self.run_path, self.step)
+                if self.batch_in_epoch < self.steps_per_epoch and max_steps and self.step >= max_steps:
+                    self._save("last.pt")
+                    break
+                self._end_epoch(losses)
+        return self._finish()
+
+    def _end_epoch(self, losses: list[float]) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        row: dict[str, Any] = {
+            "epoch": self.epoch, "step": self.step,
+            "train_loss": float(np.nanmean(losses)) if losses else float("nan"),
+            "lr": self.optimizer.param_groups[-1]["lr"], "seconds": round(self.seconds, 2),
+        }
+        last = self.epoch == cfg.train.epochs
+        due = cfg.train.eval_every > 0 and self.epoch % cfg.train.eval_every == 0
+        if self.val_source is not None and (due or last) and self.is_main:
+            metrics, _ = self.evaluate(self.val_source, "validation")
+            row.update({f"val_{k}": v for k, v in metrics.items() if not k.startswith("num_")})
+            if metrics["recall@1"] > self.best["value"]:
+                self.best = {"epoch": self.epoch, "value": metrics["recall@1"]}
+                self._save("best.pt")
+        if self.is_main:
+            assert self.run is not None
+            self.run.append_metrics(row)
+            if cfg.train.checkpoint_every > 0 and (self.epoch % cfg.train.checkpoint_every == 0 or last):
+                self._save("last.pt")
+            shown = " ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", "val_recall@1") if k in row)
+            logger.info("epoch %d/%d step %d %s (%.0fs)", self.epoch, cfg.train.epochs, self.step, shown, self.seconds)
+
+    def _finish(self) -> dict[str, Any]:
+        """Evaluate the test split(s) with the best checkpoint (the last one without validation)."""
+        if not self.is_main:
+            return {}
+        assert self.run is not None
+        cfg = self.cfg
+        best_path = self.run.checkpoints / "best.pt"
+        if self.val_source is not None and best_path.is_file():
+            self.model.load_state_dict(load_checkpoint(best_path)["model"])
+        splits: dict[str, Any] = {}
+        for split in cfg.data.split_test:
+            source = build_source(cfg.data, split, False, self.data_root, cfg.seed)
+            metrics, embeddings = self.evaluate(source, f"test ({split})")
+            splits[split] = metrics
+            if cfg.output.export_embeddings:
+                export_embeddings(self.run.path / f"embeddings_{split}.npz", embeddings, source)
+            if cfg.output.plots:
+                from recallk.evaluation.plots import plot_retrievals
+
+                plot_retrievals(self.run.plots / f"retrievals_{split}.png", embeddings, source)
+        primary = splits[cfg.data.split_test[0]] if splits else {}
+        summary = {
+            **primary,
+            "splits": splits,
+            "best_epoch": self.best["epoch"],
+            "epochs": self.epoch,
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "train_seconds": round(self.seconds, 2),
+            "run_dir": str(self.run.path),
+        }
+        if cfg.output.plots:
+            from recallk.evaluation.plots import plot_recall_curves, plot_training_curves
+
+            plot_training_curves(self.run.plots / "training_curves.png", self.run.path / "metrics.csv")
+            if splits:
+                plot_recall_curves(self.run.plots / "recall_at_k.png", {"trained": primary})
+        self.run.write_json("summary.json", summary)
+        return summary
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.close()
+
+
+def export_embeddings(path: Path, embeddings: torch.Tensor, source: Any) -> None:
+    """Save ``embeddings`` (N, D) float32, ``labels`` (N,) and ``item_ids`` (N,) to an ``.npz`` file."""
+    from recallk.training.checkpoint import atomic_write
+
+    atomic_write(
+        path,
+        lambda handle: np.savez(
+            handle, embeddings=embeddings.numpy(), labels=source.labels.numpy(), item_ids=np.array(source.item_ids)
+        ),
+    )
+
+
+def train(
+    config: Config,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``)."""
+    path = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def default_run_dir(config: Config) -> Path:
+    """``<output.runs_root>/<name>-<YYYYmmdd-HHMMSS>`` unless ``output.run_dir`` is set."""
+    if config.output.run_dir:
+        return Path(config.output.run_dir)
+    return Path(config.output.runs_root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((state["numpy"][0], np.asarray(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    return [state[0], torch.from_numpy(state[1].astype(np.int64)), int(state[2]), int(state[3]), float(state[4])]
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+

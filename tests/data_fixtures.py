@@ -1,0 +1,201 @@
+"""Tiny on-disk data sets in the exact official formats, for the tests of ``recallk.data``.
+
+Every builder writes real image files with Pillow (8x8 pixels; the colour encodes the class) and real list files
+into a folder, and returns what a reader should find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image(path: Path, value: int = 128, fmt: str | None = None) -> Path:
+    """A real 8x8 RGB image of grey level ``value`` at ``path`` (format from the suffix unless ``fmt``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, value, value)).save(path, format=fmt)
+    return path
+
+
+def write_corrupt_image(path: Path) -> Path:
+    """Bytes that no image decoder accepts, under an image name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not an image" * 10)
+    return path
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_sop(root: Path) -> Path:
+    """Stanford Online Products: train classes 1-2 (3 images each), test classes 3-5 (2 each)."""
+    for split, classes, per in (("train", (1, 2), 3), ("test", (3, 4, 5), 2)):
+        lines = ["image_id class_id super_class_id path"]
+        for c in classes:
+            for k in range(per):
+                rel = f"bicycle_final/{c}_{k}.JPG"
+                write_image(root / rel, value=20 * c, fmt="JPEG")
+                lines.append(f"{len(lines)} {c} 1 {rel}")
+        (root / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_cub(root: Path) -> Path:
+    """CUB-200-2011 with classes 1, 2 (train half) and 101, 102 (test half), 2 images each."""
+    images, labels = [], []
+    for c in (1, 2, 101, 102):
+        for k in range(2):
+            rel = f"{c:03d}.Bird_{c}/Bird_{c}_{k}.jpg"
+            write_image(root / "images" / rel, value=c)
+            images.append(f"{len(images) + 1} {rel}")
+            labels.append(f"{len(labels) + 1} {c}")
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    return root
+
+
+def make_cars(root: Path) -> Path:
+    """Cars196 ``cars_annos.mat`` (a MATLAB struct array) with classes 1, 2 (train) and 99, 100 (test)."""
+    from scipy.io import savemat
+
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    rows = []
+    for c in (1, 2, 99, 100):
+        for k in range(2):
+            rel = f"car_ims/{len(rows) + 1:06d}.jpg"
+            write_image(root / rel, value=c)
+            rows.append((rel, 1, 1, 8, 8, c, k))
+    annotations = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for i, row in enumerate(rows):
+        annotations[0, i] = row
+    class_names = np.array([f"Car model {c}" for c in range(1, 197)], dtype=object).reshape(1, -1)
+    savemat(root / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+    return root
+
+
+def make_inat(root: Path) -> Path:
+    """iNaturalist 2018 with Smooth-AP split files: train classes Plantae/10, Aves/20; test Insecta/30."""
+    splits = {"train": ["Plantae/10", "Aves/20"], "test": ["Insecta/30"]}
+    (root / "Inat_dataset_splits").mkdir(parents=True, exist_ok=True)
+    for split, classes in splits.items():
+        lines = []
+        for c in classes:
+            for k in range(2):
+                rel = f"train_val2018/{c}/{k:032x}.jpg"
+                write_image(root / rel)
+                lines.append(rel)
+        (root / "Inat_dataset_splits" / f"Inaturalist_{split}_set1.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_vehicleid(root: Path) -> Path:
+    """PKU VehicleID: train ids 1, 2; test lists 800/1600/2400 holding 1, 2 and 3 vehicles (ids 7, 8, 9)."""
+    (root / "train_test_split").mkdir(parents=True, exist_ok=True)
+    lists = {"train_list.txt": [1, 2], "test_list_800.txt": [7], "test_list_1600.txt": [7, 8],
+             "test_list_2400.txt": [7, 8, 9]}
+    for file_name, ids in lists.items():
+        lines = []
+        for vid in ids:
+            for k in range(2):
+                name = f"{vid:04d}{k:03d}"
+                write_image(root / "image" / f"{name}.jpg", value=vid)
+                lines.append(f"{name} {vid}")
+        (root / "train_test_split" / file_name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_inshop(root: Path) -> Path:
+    """DeepFashion In-Shop: ``Eval/list_eval_partition.txt`` and images in ``Img/img/...``.
+
+    Train items id_01, id_02; query items id_03, id_04; gallery items id_03, id_04, id_05 (gallery-only item).
+    """
+    rows = []
+    plan = [("id_01", "train"), ("id_01", "train"), ("id_02", "train"), ("id_02", "train"),
+            ("id_03", "query"), ("id_03", "gallery"), ("id_04", "query"), ("id_04", "gallery"),
+            ("id_04", "gallery"), ("id_05", "gallery")]
+    for k, (item, status) in enumerate(plan):
+        name = f"img/WOMEN/Dresses/{item}/{k:02d}_1_front.jpg"
+        write_image(root / "Img" / name)
+        rows.append(f"{name} {item} {status}")
+    (root / "Eval").mkdir(parents=True, exist_ok=True)
+    header = [str(len(rows)), "image_name item_id evaluation_status"]
+    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(header + rows) + "\n")
+    return root
+
+
+def make_folder(root: Path, split: str = "train") -> Path:
+    """``<root>/<split>/<class>/`` with classes cat (2 images + one in a subfolder) and dog (2 images)."""
+    for cls in ("cat", "dog"):
+        for k in range(2):
+            write_image(root / split / cls / f"{k}.png")
+    write_image(root / split / "cat" / "more" / "2.JPEG", fmt="JPEG")
+    (root / split / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def make_csv(root: Path, split: str = "train") -> Path:
+    """``<root>/<split>.csv`` listing 4 images in ``pics/`` with labels 10 and 2 (numeric order: 2 < 10)."""
+    lines = ["path,label"]
+    for k, label in enumerate((10, 10, 2, 2)):
+        write_image(root / "pics" / f"{k}.png")
+        lines.append(f"pics/{k}.png,{label}")
+    (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def omniglot_png(value: int = 0) -> bytes:
+    """A 105x105 1-bit Omniglot-like PNG: white (1) background with a black (0) ink square."""
+    image = Image.new("1", (105, 105), 1)
+    image.paste(0, (40, 40, 60 + value % 20, 60))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def omniglot_layout(part: str, alphabets: dict[str, int], drawings: int) -> dict[str, bytes]:
+    """Member names -> PNG bytes for ``<part>/<Alphabet>/characterNN/NNNN_DD.png``."""
+    files = {}
+    for alphabet, characters in alphabets.items():
+        for c in range(1, characters + 1):
+            for d in range(1, drawings + 1):
+                files[f"{part}/{alphabet}/character{c:02d}/{c:04d}_{d:02d}.png"] = omniglot_png(c + d)
+    return files
+
+
+def make_omniglot_zip(
+    folder: Path, part: str = "images_background", alphabets: dict[str, int] | None = None, drawings: int = 3,
+    empty_class: bool = False,
+) -> Path:
+    """``<folder>/<part>.zip`` like the official archive (with directory entries); optionally one empty class."""
+    alphabets = alphabets or {"Alpha": 3, "Beta": 2}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{part}.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        written_dirs = set()
+        for name, data in omniglot_layout(part, alphabets, drawings).items():
+            pieces = name.split("/")
+            for depth in range(1, 4):
+                directory = "/".join(pieces[:depth]) + "/"
+                if directory not in written_dirs:
+                    archive.writestr(directory, b"")
+                    written_dirs.add(directory)
+            archive.writestr(name, data)
+        if empty_class:
+            archive.writestr(f"{part}/Alpha/character99/", b"")
+    return path
+
+
+def make_omniglot_folder(
+    folder: Path, part: str = "images_background", alphabets: dict[str, int] | None = None, drawings: int = 3
+) -> Path:
+    """The extracted form ``<folder>/<part>/<Alphabet>/characterNN/*.png``."""
+    for name, data in omniglot_layout(part, alphabets or {"Alpha": 3, "Beta": 2}, drawings).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder / part

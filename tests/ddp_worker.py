@@ -1,0 +1,139 @@
+"""One rank of the two-process DDP check in test_distributed.py (run by torchrun, gloo backend, CPU).
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR
+
+For every scenario in SCENARIOS each rank takes its rows of the same global batch, runs one distributed
+multistage step on a DDP-wrapped model and an SGD step, and writes OUT_DIR/<scenario>_rank<r>.pt with the loss,
+the gradients and the updated parameters. It also writes OUT_DIR/gather_rank<r>.pt, a check of
+all_gather_with_grad. The test recomputes each scenario in one process with `single_process_step`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.simix import SimilarityMixup
+from recallk.training.batchnorm import freeze_batchnorm
+from recallk.training.distributed import (
+    all_gather_with_grad,
+    destroy_distributed,
+    init_distributed,
+    is_main_process,
+    wrap_ddp,
+)
+from recallk.training.multistage import multistage_backward
+
+GLOBAL_ROWS = 14
+CHUNK_SIZE = 3
+LOSS_SEED = 1234
+# scenario name -> (rows held by rank 0, rows held by rank 1, loss name)
+SCENARIOS = {
+    "even_contrastive": (7, 7, "contrastive"),
+    "uneven_contrastive": (9, 5, "contrastive"),
+    "even_rsk_simix": (7, 7, "rsk_simix"),
+}
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of -log softmax probability of the positives (the query left out of its database)."""
+    sim = F.normalize(embeddings, dim=1) @ F.normalize(embeddings, dim=1).T / 0.5
+    is_self = torch.eye(len(sim), dtype=torch.bool)
+    log_prob = sim.masked_fill(is_self, float("-inf")).log_softmax(dim=1)
+    positives = (labels[:, None] == labels[None, :]) & ~is_self
+    return (-(log_prob.masked_fill(~positives, 0).sum(1)) / positives.sum(1).clamp_min(1)).mean()
+
+
+def make_loss(name: str):
+    if name == "contrastive":
+        return contrastive_loss
+    return RecallAtKLoss(k=(1, 2, 4), tau_rank=0.05, mixup=SimilarityMixup())
+
+
+def make_model() -> nn.Module:
+    """A tiny MLP with a frozen BatchNorm whose running statistics are not the identity, in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return freeze_batchnorm(model).train()
+
+
+class Normalized(nn.Module):
+    """L2-normalised embeddings, as the retrieval losses expect."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.body(x), dim=1)
+
+
+def make_global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(GLOBAL_ROWS, 5, generator=generator, dtype=torch.float64)
+    labels = torch.randperm(GLOBAL_ROWS, generator=generator) % 4
+    return inputs, labels
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def single_process_step(loss_name: str) -> dict[str, object]:
+    """The reference: one plain full-batch backward and SGD step in this process."""
+    model = Normalized(make_model())
+    inputs, labels = make_global_batch()
+    torch.manual_seed(LOSS_SEED)
+    loss = make_loss(loss_name)(model(inputs), labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    make_optimizer(model).step()
+    return {"loss": loss.detach(), "grads": grads, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def distributed_step(rank: int, rows_per_rank: tuple[int, int], loss_name: str, context) -> dict[str, object]:
+    model = wrap_ddp(Normalized(make_model()), context)
+    inputs, labels = make_global_batch()
+    start = sum(rows_per_rank[:rank])
+    stop = start + rows_per_rank[rank]
+    torch.manual_seed(LOSS_SEED)
+    loss = multistage_backward(
+        model, make_loss(loss_name), inputs[start:stop], labels[start:stop], CHUNK_SIZE, all_gather=True
+    )
+    grads = [p.grad.clone() for p in model.parameters()]
+    make_optimizer(model).step()
+    return {"loss": loss, "grads": grads, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def check_all_gather_with_grad(rank: int) -> dict[str, torch.Tensor]:
+    """Rank r holds r + 2 rows; gather them, weight every global row differently and backpropagate."""
+    local = torch.full((rank + 2, 3), float(rank), dtype=torch.float64, requires_grad=True)
+    gathered = all_gather_with_grad(local)
+    weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape)
+    (gathered * weights).sum().backward()
+    return {"gathered": gathered.detach(), "local_grad": local.grad}
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    context = init_distributed("gloo")
+    if context.world_size != 2:
+        raise ValueError(f"run with --nproc_per_node=2, got world size {context.world_size}")
+    assert is_main_process() == (context.rank == 0)
+    for name, (rows0, rows1, loss_name) in SCENARIOS.items():
+        result = distributed_step(context.rank, (rows0, rows1), loss_name, context)
+        torch.save(result, out_dir / f"{name}_rank{context.rank}.pt")
+    torch.save(check_all_gather_with_grad(context.rank), out_dir / f"gather_rank{context.rank}.pt")
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,95 @@
+"""Two-process torchrun + DDP (gloo, CPU): the distributed multistage step equals a single-process step."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddp_worker
+from recallk.training.distributed import (
+    all_gather_rows,
+    all_gather_with_grad,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+)
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(out_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return out_dir
+
+
+@pytest.mark.parametrize("scenario", sorted(ddp_worker.SCENARIOS))
+def test_ddp_gradient_equals_single_process_gradient(worker_outputs: Path, scenario: str) -> None:
+    expected = ddp_worker.single_process_step(ddp_worker.SCENARIOS[scenario][2])
+    for rank in (0, 1):
+        result = torch.load(worker_outputs / f"{scenario}_rank{rank}.pt")
+        assert float(result["loss"]) == pytest.approx(float(expected["loss"]), rel=1e-12)
+        for actual, reference in zip(result["grads"], expected["grads"], strict=True):
+            torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("scenario", sorted(ddp_worker.SCENARIOS))
+def test_parameters_identical_across_ranks_after_step(worker_outputs: Path, scenario: str) -> None:
+    rank0 = torch.load(worker_outputs / f"{scenario}_rank0.pt")["params"]
+    rank1 = torch.load(worker_outputs / f"{scenario}_rank1.pt")["params"]
+    expected = ddp_worker.single_process_step(ddp_worker.SCENARIOS[scenario][2])["params"]
+    for p0, p1, reference in zip(rank0, rank1, expected, strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0, reference, rtol=1e-5, atol=1e-12)
+
+
+def test_all_gather_with_grad_keeps_only_local_graph(worker_outputs: Path) -> None:
+    ranks = [torch.load(worker_outputs / f"gather_rank{rank}.pt") for rank in (0, 1)]
+    expected_rows = torch.cat([torch.full((2, 3), 0.0), torch.full((3, 3), 1.0)]).double()
+    weights = torch.arange(15, dtype=torch.float64).reshape(5, 3)
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["gathered"], expected_rows)
+        own = slice(0, 2) if rank == 0 else slice(2, 5)
+        assert torch.equal(result["local_grad"], weights[own])
+
+
+def test_single_process_helpers_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    context = init_distributed()
+    assert (context.rank, context.world_size, context.backend) == (0, 1, None) and context.is_main
+    assert (get_rank(), get_world_size(), is_distributed(), is_main_process()) == (0, 1, False, True)
+    rows = torch.randn(4, 2, requires_grad=True)
+    gathered, counts = all_gather_rows(rows)
+    assert counts == [4] and torch.equal(gathered, rows) and not gathered.requires_grad
+    assert all_gather_with_grad(rows).requires_grad
+
+
+def test_init_distributed_explains_missing_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        init_distributed()
+    with pytest.raises(ValueError, match="backend"):
+        init_distributed("mpi")

@@ -1,0 +1,181 @@
+"""End-to-end training on a tiny real image folder: outputs, exact resume, NaN handling, run-dir safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from recallk.config import config_from_dict
+from recallk.errors import RecallkUsageError
+from recallk.training.checkpoint import load_checkpoint
+from recallk.training.run_dir import read_metrics
+from recallk.training.trainer import Trainer, TrainingDiverged, train
+
+
+def make_glyph_folder(root: Path, classes: int = 12, per_class: int = 6, size: int = 24) -> Path:
+    """A class-per-folder tree of glyphs: each class three thick strokes, jittered per drawing (like Omniglot)."""
+    rng = np.random.default_rng(0)
+    for split, first in (("train", 0), ("test", classes)):
+        for c in range(first, first + classes):
+            strokes = rng.uniform(3, size - 3, (3, 4))
+            folder = root / split / f"class{c:02d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = Image.new("L", (size, size), 255)
+                draw = ImageDraw.Draw(image)
+                for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
+                    draw.line((x0, y0, x1, y1), fill=0, width=2)
+                image.save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(run_root: Path, **overrides):
+    raw = {
+        "name": "tiny",
+        "seed": 3,
+        "data": {
+            "dataset": "folder", "split_train": "train", "split_val": "test", "split_test": ["test"],
+            "image_size": 16, "transform": "omniglot", "batch_size": 16, "samples_per_class": 2, "num_workers": 0,
+        },
+        "model": {
+            "backbone": "omniglot_cnn", "widths": [8, 16], "embed_dim": 16, "pooling": "avg", "layernorm": True,
+            "freeze_batchnorm": True,
+        },
+        "loss": {"name": "rsk", "k": [1, 2, 4]},
+        "optim": {"lr": 3e-3, "schedule": "cosine"},
+        "train": {"epochs": 3, "chunk_size": 6, "device": "cpu", "eval_every": 1},
+        "eval": {"k": [1, 2], "batch_size": 32},
+        "output": {"runs_root": str(run_root), "plots": True, "export_embeddings": True},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_glyph_folder(tmp_path_factory.mktemp("glyphs"))
+
+
+def test_training_writes_every_output(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "run"
+    summary = train(tiny_config(tmp_path), run, data_dir=data_dir, progress=False)
+    assert {"recall@1", "recall@2", "map@r", "splits", "best_epoch"} <= set(summary)
+    assert json.loads((run / "summary.json").read_text())["recall@1"] == summary["recall@1"]
+    rows = read_metrics(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all("val_recall@1" in r for r in rows)
+    for name in ("training_curves.png", "recall_at_k.png", "retrievals_test.png"):
+        assert (run / "plots" / name).stat().st_size > 1000
+    exported = np.load(run / "embeddings_test.npz")
+    assert exported["embeddings"].shape == (72, 16) and len(exported["item_ids"]) == 72
+    np.testing.assert_allclose(np.linalg.norm(exported["embeddings"], axis=1), 1.0, rtol=1e-5)
+    assert (run / "config.yaml").is_file()
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["best"]["epoch"] == summary["best_epoch"]
+
+
+def test_training_improves_over_initialisation(tmp_path: Path, data_dir: Path) -> None:
+    """Retrieval on the training classes must improve: the loop really optimises the model."""
+    seen = {"data__split_val": None, "data__split_test": ["train"], "output__plots": False}
+    before = train(tiny_config(tmp_path, train__epochs=1, optim__lr=1e-9, **seen), tmp_path / "a",
+                   data_dir=data_dir, progress=False)
+    after = train(tiny_config(tmp_path, train__epochs=8, **seen), tmp_path / "b", data_dir=data_dir, progress=False)
+    assert after["map@r"] > before["map@r"] + 0.05
+
+
+def test_chunked_and_plain_steps_agree(tmp_path: Path, data_dir: Path) -> None:
+    """The multistage engine (chunks of 6) and a plain backward (one chunk) train the same model."""
+    chunked = train(tiny_config(tmp_path, train__epochs=1), tmp_path / "c", data_dir=data_dir, progress=False)
+    plain = train(tiny_config(tmp_path, train__epochs=1, train__chunk_size=16), tmp_path / "p", data_dir=data_dir,
+                  progress=False)
+    a = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "p" / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert chunked["recall@1"] == pytest.approx(plain["recall@1"], abs=0.02)
+
+
+def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path: Path, data_dir: Path) -> None:
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    train(tiny_config(tmp_path), full_dir, data_dir=data_dir, progress=False)
+    # stop in the middle of epoch 2 (4 batches per epoch), then resume to the end
+    train(tiny_config(tmp_path, train__max_steps=6), cut_dir, data_dir=data_dir, progress=False)
+    state = load_checkpoint(cut_dir / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 6)
+    trainer = Trainer(tiny_config(tmp_path), cut_dir, resume=True, data_dir=data_dir, progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    full, cut = read_metrics(full_dir / "metrics.csv"), read_metrics(cut_dir / "metrics.csv")
+    assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in full]
+    a = load_checkpoint(full_dir / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(cut_dir / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "nan"
+    train(tiny_config(tmp_path, train__epochs=1), run, data_dir=data_dir, progress=False)
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    trainer = Trainer(tiny_config(tmp_path, train__epochs=2), run, resume=True, data_dir=data_dir, progress=False)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"at step 5 \(epoch 2\)"):
+        trainer.fit()
+    trainer.close()
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+
+
+def test_nan_policy_skip_counts_skipped_steps(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(tmp_path, train__epochs=1, train__nan_policy="skip")
+    trainer = Trainer(cfg, tmp_path / "skip", data_dir=data_dir, progress=False)
+    real_forward, calls = trainer.loss_fn.forward, []
+
+    def second_step_diverges(embeddings, labels, **kwargs):  # fault injection into the real loss
+        calls.append(1)
+        loss = real_forward(embeddings, labels, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    trainer.loss_fn.forward = second_step_diverges
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_existing_run_directory_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "taken"
+    train(tiny_config(tmp_path, train__epochs=1), run, data_dir=data_dir, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RecallkUsageError, match="already holds a run"):
+        train(tiny_config(tmp_path, train__epochs=1), run, data_dir=data_dir, progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+
+def test_second_process_on_the_same_run_directory_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "busy"
+    first = Trainer(tiny_config(tmp_path, train__epochs=1), run, data_dir=data_dir, progress=False)
+    try:
+        (run / "checkpoints").mkdir(exist_ok=True)
+        (run / "checkpoints" / "last.pt").write_bytes(b"")
+        with pytest.raises(RecallkUsageError, match="in use by another recallk process"):
+            Trainer(tiny_config(tmp_path, train__epochs=1), run, resume=True, data_dir=data_dir, progress=False)
+    finally:
+        first.close()
+
+
+def test_chunking_needs_frozen_batchnorm(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(RecallkUsageError, match="freeze_batchnorm"):
+        Trainer(tiny_config(tmp_path, model__freeze_batchnorm=False), tmp_path / "bn", data_dir=data_dir,
+                progress=False)
