@@ -97,14 +97,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
-def reference_chunked_autograd(model, loss_fn, inputs, labels, chunk_size, **loss_kwargs) -> torch.Tensor:
-    """Plain backward through one graph over the whole batch, with the model called chunk by chunk."""
+def reference_chunked_autograd(model, loss_fn, inputs, labels, chunk_size) -> torch.Tensor:
+    """Plain backward through one graph over the whole batch, the model called chunk by chunk (so that a random
+    model draws its random numbers in the same order as multistage_backward's first pass)."""
     num_rows = len(labels)
     if isinstance(inputs, dict):
         chunks = [{k: v[s : s + chunk_size] for k, v in inputs.items()} for s in range(0, num_rows, chunk_size)]
     else:
         chunks = [inputs[s : s + chunk_size] for s in range(0, num_rows, chunk_size)]
-    loss = loss_fn(torch.cat([model(chunk) for chunk in chunks]), labels, **loss_kwargs)
+    loss = loss_fn(torch.cat([model(chunk) for chunk in chunks]), labels)
     loss.backward()
     return loss.detach()
 
@@ -229,6 +230,30 @@ def test_float16_grad_scaler_scales_embedding_gradient() -> None:
     scaler.update()
     for old, param in zip(before, model.parameters()):
         assert torch.allclose(param, old - 0.1 * param.grad)
+
+
+class LearnableTemperatureLoss(nn.Module):
+    """The stand-in loss with a trainable temperature, like losses that carry their own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(embeddings, labels, temperature=self.log_temperature.exp())
+
+
+def test_trainable_loss_parameters_get_their_gradient() -> None:
+    images, labels = make_batch(16)
+    model = make_model().eval()
+    loss_fn = LearnableTemperatureLoss()
+    loss_fn(model(images), labels).backward()
+    expected_model, expected_loss = gradients(model), loss_fn.log_temperature.grad.clone()
+    model.zero_grad()
+    loss_fn.zero_grad()
+    multistage_backward(model, loss_fn, images, labels, 5)
+    assert relative_error(gradients(model), expected_model) < 1e-5
+    assert relative_error(loss_fn.log_temperature.grad, expected_loss) < 1e-5
 
 
 def _compile_problem() -> str | None:

@@ -61,12 +61,13 @@ def _free_run_dir(path: Path) -> None:
 def run_demo(
     data_dir: str | Path | None = None,
     run_dir: str | Path = "runs/demo",
+    device: str = "auto",
     overrides: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``<run_dir>/summary.json``) the metrics after training."""
     started = time.perf_counter()
-    config: Config = load_config(demo_config_path(), overrides or [])
+    config: Config = load_config(demo_config_path(), overrides or [], {"train.device": device})
     root = resolve_data_dir(data_dir)
     run_path = Path(run_dir)
     _free_run_dir(run_path)

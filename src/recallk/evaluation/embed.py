@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from recallk.evaluation.metrics import retrieval_metrics
+from recallk.training.checkpoint import atomic_write
 
 
 @torch.no_grad()
@@ -54,3 +58,13 @@ def evaluate_embeddings(
 def raw_pixel_embeddings(batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Flattened, L2-normalised input pixels: the no-learning baseline (N, C*H*W)."""
     return torch.nn.functional.normalize(torch.cat([b.flatten(1).float() for b in batches]), dim=1)
+
+
+def save_embeddings(path: Path, embeddings: torch.Tensor, source: Any) -> None:
+    """Save ``embeddings`` (N, D) float32, ``labels`` (N,) and ``item_ids`` (N,) of a split to an ``.npz`` file."""
+    atomic_write(
+        Path(path),
+        lambda handle: np.savez(
+            handle, embeddings=embeddings.numpy(), labels=source.labels.numpy(), item_ids=np.array(source.item_ids)
+        ),
+    )

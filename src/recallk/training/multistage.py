@@ -20,7 +20,8 @@ Precision: `autocast_dtype` (e.g. `torch.bfloat16`) runs the model's forward pas
 with `autocast_dtype=None` they run in whatever autocast state the caller is in. The loss always runs with
 autocast disabled, on embeddings upcast to at least float32. With a `GradScaler` (float16) the embedding
 gradient is multiplied by the scale, exactly as `scaler.scale(loss).backward()` would; afterwards call
-`scaler.step(optimizer)` and `scaler.update()` as usual.
+`scaler.step(optimizer)` and `scaler.update()` as usual. Trainable parameters of the loss itself (if any)
+receive their gradient in stage 2, as with a plain backward.
 
 Multiple processes (torchrun + DistributedDataParallel, `all_gather=True`): every rank embeds its own rows; the
 embeddings and labels are gathered (rank order) into the global batch; rank 0 computes the global loss and its
@@ -30,7 +31,11 @@ result equals the single-process gradient on the global batch:
     (1 / W) * sum_r W * (d e_r / d theta)^T G_r = dL/dtheta.
 The loss costs O(N_global^2) on rank 0 (RS@k's mean over queries does not split over ranks when ranks hold
 different numbers of valid queries, so the whole loss is computed in one place). Only rank 0's `loss_kwargs`
-are used. Chunks other than the last run under DDP's `no_sync()`, so gradients are all-reduced once per step.
+are used, and trainable parameters of the loss get a gradient on rank 0 only: give such a loss to DDP or
+broadcast its gradients yourself. With a GradScaler, rank 0's scale is used; scalers stay equal across ranks
+because they see the same all-reduced gradients. Chunks other than the last run under DDP's `no_sync()`, so gradients are all-reduced once per step.
+Ranks may hold different numbers of rows if DDP was built with `broadcast_buffers=False` (as `wrap_ddp` does);
+with DDP's default every forward pass broadcasts buffers, so every rank must run as many chunks.
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ def multistage_backward(
         chunk_size: rows per forward pass; need not divide N.
         loss_kwargs: extra keyword arguments for `loss_fn`.
         autocast_dtype: run the forward passes under `torch.autocast(device, autocast_dtype)`.
-        scaler: a float16 `torch.amp.GradScaler`; the embedding gradient is scaled by its current scale.
+        scaler: a float16 `torch.amp.GradScaler`; the loss is scaled by its current scale before backward.
         all_gather: with several processes, compute the loss over the global batch gathered from all ranks (see
             the module docstring); with one process it changes nothing.
         verify_replay: check that each re-embedded chunk matches its first embedding (raises RuntimeError if
@@ -139,14 +144,14 @@ def multistage_backward(
     if all_gather and get_world_size() > 1:
         global_embeddings, row_counts = all_gather_rows(embeddings)
         global_labels, _ = all_gather_rows(labels)
-        loss, grad = _loss_and_embedding_grad_on_rank0(loss_fn, global_embeddings, global_labels, loss_kwargs)
+        loss, grad = _loss_and_embedding_grad_on_rank0(
+            loss_fn, global_embeddings, global_labels, loss_kwargs, scaler
+        )
         offset = sum(row_counts[: get_rank()])
         grad = grad[offset : offset + num_rows] * get_world_size()
     else:
-        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs)
+        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs, scaler)
     rng_after_loss = _RngState.capture(cuda_devices)
-    if scaler is not None:
-        grad = scaler.scale(grad)
     if not verify_replay:
         del chunk_embeddings, embeddings
 
@@ -202,24 +207,36 @@ def _embed(model: nn.Module, chunk: Inputs, rows: int) -> Tensor:
 
 
 def _loss_and_embedding_grad(
-    loss_fn: LossFn, embeddings: Tensor, labels: Tensor, loss_kwargs: Mapping[str, Any] | None
+    loss_fn: LossFn,
+    embeddings: Tensor,
+    labels: Tensor,
+    loss_kwargs: Mapping[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
 ) -> tuple[Tensor, Tensor]:
-    """The detached loss and dL/dE (N, D), computed with autocast disabled on embeddings of >= float32 precision."""
+    """The detached loss L and G = d(s L)/dE (N, D), s the scaler's scale (1 without one).
+
+    Runs with autocast disabled on embeddings of >= float32 precision. The backward pass also accumulates
+    s dL/dphi into any trainable parameters phi of the loss, as a plain backward would.
+    """
     with torch.enable_grad(), torch.autocast(embeddings.device.type, enabled=False):
         leaf = embeddings.detach().to(torch.promote_types(embeddings.dtype, torch.float32)).requires_grad_(True)
         loss = loss_fn(leaf, labels, **(loss_kwargs or {}))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r}")
-        (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-    return loss.detach().to(leaf.dtype), torch.zeros_like(leaf) if grad is None else grad
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    return loss.detach().to(leaf.dtype), torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
 
 
 def _loss_and_embedding_grad_on_rank0(
-    loss_fn: LossFn, embeddings: Tensor, labels: Tensor, loss_kwargs: Mapping[str, Any] | None
+    loss_fn: LossFn,
+    embeddings: Tensor,
+    labels: Tensor,
+    loss_kwargs: Mapping[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
 ) -> tuple[Tensor, Tensor]:
     """`_loss_and_embedding_grad` on rank 0, broadcast to every rank (one draw of any randomness in the loss)."""
     if get_rank() == 0:
-        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs)
+        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs, scaler)
     else:
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
         grad = torch.empty(embeddings.shape, dtype=dtype, device=embeddings.device)

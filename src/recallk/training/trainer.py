@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from recallk.config import Config, config_to_dict
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.errors import RecallkUsageError
-from recallk.evaluation.embed import embed_batches, evaluate_embeddings
+from recallk.evaluation.embed import embed_batches, evaluate_embeddings, save_embeddings
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 from recallk.training.batchnorm import batchnorm_layers_in_training_mode
@@ -340,7 +340,7 @@ class Trainer:
             metrics, embeddings = self.evaluate(source, f"test ({split})")
             splits[split] = metrics
             if cfg.output.export_embeddings:
-                export_embeddings(self.run.path / f"embeddings_{split}.npz", embeddings, source)
+                save_embeddings(self.run.path / f"embeddings_{split}.npz", embeddings, source)
             if cfg.output.plots:
                 from recallk.evaluation.plots import plot_retrievals
 
@@ -368,18 +368,6 @@ class Trainer:
     def close(self) -> None:
         if self.run is not None:
             self.run.close()
-
-
-def export_embeddings(path: Path, embeddings: torch.Tensor, source: Any) -> None:
-    """Save ``embeddings`` (N, D) float32, ``labels`` (N,) and ``item_ids`` (N,) to an ``.npz`` file."""
-    from recallk.training.checkpoint import atomic_write
-
-    atomic_write(
-        path,
-        lambda handle: np.savez(
-            handle, embeddings=embeddings.numpy(), labels=source.labels.numpy(), item_ids=np.array(source.item_ids)
-        ),
-    )
 
 
 def train(

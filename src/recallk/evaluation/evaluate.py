@@ -1,0 +1,84 @@
+"""Evaluating and exporting a trained model from a run directory or a checkpoint file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recallk.config import Config, config_from_dict
+from recallk.data.sources import build_source
+from recallk.evaluation.embed import embed_batches, evaluate_embeddings, save_embeddings
+from recallk.models.factory import create_model_from_config
+from recallk.training.checkpoint import CheckpointError, load_checkpoint
+from recallk.training.trainer import resolve_device
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``checkpoints/best.pt`` (else ``last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise CheckpointError(f"run directory {path} has no checkpoints/best.pt or last.pt; train it first")
+    return path
+
+
+def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, Path]:
+    """The model stored in a checkpoint (or a run's best one), its config and the checkpoint path."""
+    checkpoint = resolve_checkpoint(path)
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    # The weights come from the checkpoint: never download pretrained backbone weights here.
+    model_cfg = dataclasses.replace(config.model, pretrained=False, pretrained_path=None)
+    model = create_model_from_config(model_cfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, checkpoint
+
+
+def evaluate_run(
+    path: str | Path, split: str | None = None, data_dir: str | Path | None = None, device: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Retrieval metrics ``{split: {metric: value}}`` of a trained model on ``split`` (default: the test splits)."""
+    torch_device = resolve_device(device)
+    model, config, _ = load_trained_model(path, torch_device)
+    root = data_dir if data_dir is not None else config.data.data_dir
+    results = {}
+    for name in [split] if split else list(config.data.split_test):
+        source = build_source(config.data, name, False, root, config.seed)
+        embeddings = embed_batches(
+            model, source.eval_batches(config.eval.batch_size), torch_device, total=len(source.labels),
+            progress=progress, desc=f"embedding {name}",
+        )
+        results[name] = evaluate_embeddings(embeddings, source.labels, config.eval.k, progress=progress)
+    return results
+
+
+def export_embeddings(
+    checkpoint: str | Path,
+    out: str | Path,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Embed ``split`` of ``dataset`` (default: the training data set) and save embeddings, labels and ids."""
+    torch_device = resolve_device(device)
+    model, config, _ = load_trained_model(checkpoint, torch_device)
+    data_cfg = config.data if dataset is None else dataclasses.replace(config.data, dataset=dataset, in_memory=False)
+    root = data_dir if data_dir is not None else config.data.data_dir
+    source = build_source(data_cfg, split, False, root, config.seed)
+    embeddings = embed_batches(
+        model, source.eval_batches(batch_size or config.eval.batch_size), torch_device, total=len(source.labels),
+        progress=progress, desc=f"embedding {split}",
+    )
+    out = Path(out)
+    save_embeddings(out, embeddings, source)
+    return out
