@@ -22,8 +22,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Benchmarks behind BENCHMARKS.md (CPU; add DEVICE=cuda on a GPU machine). Results print as markdown tables.
+DEVICE ?= cpu
 bench: setup
-	$(BIN)/python -m recallk bench
+	$(BIN)/python benchmarks/loss_speed.py --device $(DEVICE)
+	$(BIN)/python benchmarks/multistage_memory.py --device $(DEVICE)
+	$(BIN)/python benchmarks/eval_speed.py --device $(DEVICE) --header
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,12 +40,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_commands_and_examples():
     result = recallk("--help")
     assert result.returncode == 0
-    for command in ("train", "evaluate", "embed", "demo", "bench"):
+    for command in ("train", "evaluate", "embed", "demo"):
         assert command in result.stdout
     assert "examples:" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "embed", "demo", "bench"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "embed", "demo"])
 def test_subcommand_help_shows_examples(command):
     result = recallk(command, "--help")
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""The ``recallk`` command line: ``train``, ``evaluate``, ``embed``, ``demo`` and ``bench``.
+"""The ``recallk`` command line: ``train``, ``evaluate``, ``embed`` and ``demo``.
 
 Each subcommand imports its implementation only when it runs, so ``recallk --help`` answers at once.
 
@@ -89,12 +89,6 @@ examples:
   recallk demo --data-dir ../shared/data --run-dir runs/demo
 """
 
-BENCH_EPILOG = """\
-examples:
-  recallk bench                                    # run the benchmarks, results under runs/bench
-  recallk bench --out runs/bench-gpu --device cuda
-"""
-
 
 class _FeatureUnavailable(RuntimeError):
     """A subcommand's implementation module is not part of this installation."""
@@ -172,9 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-dir", metavar="DIR", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
 
-    bench = _add_subcommand(subparsers, "bench", "run the benchmarks", BENCH_EPILOG, _cmd_bench)
-    bench.add_argument("--out", metavar="DIR", default="runs/bench", help="results directory (default: runs/bench)")
-    bench.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
     return parser
 
 
@@ -274,12 +265,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     demo = _implementation("recallk.demo", "the demo")
     demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device)
-    return EXIT_OK
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    bench = _implementation("recallk.bench", "benchmarking")
-    bench.run_benchmarks(out_dir=args.out, device=args.device)
     return EXIT_OK
 
 

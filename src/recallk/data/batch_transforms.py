@@ -42,11 +42,21 @@ class RandomAffineBatch:
             f"shear={self.shear})"
         )
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, offset: int = 0, total: int | None = None
+    ) -> torch.Tensor:
+        """Warp ``images``; they are rows ``offset:offset+N`` of a batch of ``total`` (default N) images.
+
+        Parameters are drawn for the whole batch of ``total`` and sliced, so one process's share of a batch gets
+        the same warps as in a single-process run.
+        """
         n = len(images)
+        total = n if total is None else total
+        if not 0 <= offset <= total - n:
+            raise ValueError(f"rows {offset}:{offset + n} do not fit in a batch of {total}")
 
         def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(n, generator=generator)
+            return (low + (high - low) * torch.rand(total, generator=generator))[offset : offset + n]
 
         angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
         shear = uniform(-self.shear, self.shear) * (math.pi / 180)

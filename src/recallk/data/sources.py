@@ -37,8 +37,8 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
 class _SeededBatches(Sampler[list[tuple[int, int]]]):
     """Wraps a batch sampler so each index travels with the seed of its random transform."""
 
-    def __init__(self, batches: Any, seed: int, epoch: int, first_batch: int) -> None:
-        self.batches, self.seed, self.epoch, self.first_batch = batches, seed, epoch, first_batch
+    def __init__(self, batches: Any, seed: int, epoch: int, first_batch: int, offset: int) -> None:
+        self.batches, self.seed, self.epoch, self.first_batch, self.offset = batches, seed, epoch, first_batch, offset
 
     def __len__(self) -> int:
         return len(self.batches) - self.first_batch
@@ -46,7 +46,7 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for b, indices in enumerate(self.batches, start=self.first_batch):
             base = batch_seed(self.seed, self.epoch, b)
-            yield [(i, base + j) for j, i in enumerate(indices)]
+            yield [(i, base + self.offset + j) for j, i in enumerate(indices)]
 
 
 class _SeededItems(Dataset):
@@ -76,12 +76,17 @@ class DatasetSource:
         self.num_classes = dataset.num_classes
 
     def train_batches(
-        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0
+        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0, offset: int = 0,
+        total: int | None = None,
     ) -> Iterator[Batch]:
-        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), each image with its own seed."""
+        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), each image with its own seed.
+
+        ``offset`` is the position of this process's rows in the global batch (``total`` rows), so that every
+        image is augmented as it would be in a single-process run.
+        """
         loader = DataLoader(
             _SeededItems(self.dataset),
-            batch_sampler=_SeededBatches(sampler, seed, epoch, first_batch),
+            batch_sampler=_SeededBatches(sampler, seed, epoch, first_batch, offset),
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
@@ -110,7 +115,7 @@ class ArraySource:
         images: torch.Tensor,
         labels: torch.Tensor,
         item_ids: Sequence[str] | None = None,
-        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        augment: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         if images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"need images (N, C, H, W) and N labels, got {tuple(images.shape)} and {len(labels)}")
@@ -132,14 +137,19 @@ class ArraySource:
         return self.images[index].float().div_(255.0)
 
     def train_batches(
-        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0
+        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0, offset: int = 0,
+        total: int | None = None,
     ) -> Iterator[Batch]:
-        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), augmented from their seeds."""
+        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), augmented from their seeds.
+
+        ``offset``/``total``: this process's rows in the global batch (see :class:`DatasetSource`).
+        """
         for b, indices in enumerate(sampler, start=first_batch):
             index = torch.as_tensor(indices)
             images = self._floats(index)
             if self.augment is not None:
-                images = self.augment(images, torch.Generator().manual_seed(batch_seed(seed, epoch, b)))
+                generator = torch.Generator().manual_seed(batch_seed(seed, epoch, b))
+                images = self.augment(images, generator, offset, total)
             yield images, self.labels[index]
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:

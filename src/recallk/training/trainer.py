@@ -276,7 +276,10 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch)
                 if self.batch_in_epoch:
                     self.sampler.load_state_dict(self.sampler.state_dict(self.batch_in_epoch))
-                batches = self.train_source.train_batches(self.sampler, cfg.seed, self.epoch, self.batch_in_epoch)
+                share = cfg.data.batch_size // self.dist.world_size
+                batches = self.train_source.train_batches(
+                    self.sampler, cfg.seed, self.epoch, self.batch_in_epoch, self.dist.rank * share, cfg.data.batch_size
+                )
                 bar = tqdm(
                     batches, total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
                     desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not (self.progress and self.is_main),
