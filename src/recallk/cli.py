@@ -296,7 +296,11 @@ def format_metrics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    text = str(err)
+    if "\nOriginal Traceback (most recent call last):" in text:
+        # Re-raised by a DataLoader worker: keep the original message, not the worker's traceback.
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split()) or type(err).__name__
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:

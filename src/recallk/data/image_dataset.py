@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from recallk.data.stores import ImageStore
+from recallk.errors import RecallkUsageError
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +19,8 @@ logger = logging.getLogger(__name__)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-class BadImageError(OSError):
-    """An image file exists but cannot be decoded."""
+class BadImageError(RecallkUsageError):
+    """An image file exists but cannot be decoded (a data set problem the user fixes: the CLI exits with status 2)."""
 
 
 def encode_labels(keys: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
@@ -104,7 +105,7 @@ class ImageDataset(Dataset):
         except _DECODE_ERRORS as exc:
             raise BadImageError(
                 f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file, or build "
-                "the dataset with skip_bad_images=True to drop undecodable images"
+                "the dataset with skip_bad_images=True (config: data.skip_bad_images=true) to drop undecodable images"
             ) from exc
         image = image.convert(self.image_mode)
         return ImageOps.invert(image) if self.invert else image

@@ -7,6 +7,7 @@ sees exactly the images an uninterrupted run would have seen, whatever the numbe
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,12 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
         for b, indices in enumerate(self.batches, start=self.first_batch):
             base = batch_seed(self.seed, self.epoch, b)
             yield [(i, base + self.offset + j) for j, i in enumerate(indices)]
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C (SIGINT reaches the terminal's whole process group): the main process decides
+    whether to stop after the current step, and shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _SeededItems(Dataset):
@@ -90,13 +97,17 @@ class DatasetSource:
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_ctrl_c,
         )
         for images, labels in loader:
             yield images, labels
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The whole split in order, in batches of ``batch_size`` transformed images."""
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        loader = DataLoader(
+            self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+            worker_init_fn=_ignore_ctrl_c,
+        )
         for images, _ in loader:
             yield images
 

@@ -24,22 +24,55 @@ class CheckpointError(RecallkUsageError):
     """A checkpoint file is missing, unreadable, unsafe or not written by recallk."""
 
 
+class OutputWriteError(RecallkUsageError):
+    """An output file could not be written (disk full, file size limit, no permission); its old content is kept."""
+
+
+class _KeepWriteErrors:
+    """File proxy that remembers an ``OSError`` raised by ``write``: torch.save reports it as a vague RuntimeError."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``.
 
-    On any error (disk full included) the temporary file is removed and ``path`` keeps its old content.
+    On any error the temporary file is removed and ``path`` keeps its old content; a failed write to disk (disk
+    full, file size limit, permissions) raises :class:`OutputWriteError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
+    handle: _KeepWriteErrors | None = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as raw:
+            handle = _KeepWriteErrors(raw)
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = handle.error if handle is not None and handle.error is not None else err
+        if isinstance(err, Exception) and isinstance(cause, OSError):
+            raise OutputWriteError(
+                f"could not write {path}: {cause.strerror or cause}; free disk space or choose another "
+                f"directory (the previous {path.name}, if any, is intact)"
+            ) from cause
         raise
 
 
@@ -49,14 +82,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Save ``state`` (tensors, numbers, strings, lists, dicts) atomically, tagged as a recallk checkpoint."""
-    try:
-        atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
-    except OSError as err:
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {err.strerror or err}; free disk space or choose another "
-            "run directory (the previous checkpoint is intact)"
-        ) from err
+    """Save ``state`` (tensors, numbers, strings, lists, dicts) atomically, tagged as a recallk checkpoint.
+
+    A failed write raises :class:`OutputWriteError`; the previous checkpoint at ``path`` stays intact.
+    """
+    atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -25,7 +25,29 @@ from typing import Any, TextIO
 from recallk.errors import RecallkUsageError
 from recallk.training.checkpoint import atomic_write_text
 
-RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints", "summary.json")
+# Files whose presence means the directory holds (part of) a run's results. A config.yaml alone does not count: it
+# is all a run leaves when it fails before its first epoch ends (e.g. on an undecodable image), and the same command
+# must work again once the problem is fixed.
+RUN_MARKERS = ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt", "summary.json")
+
+
+def check_run_dir(path: Path | str, resume: bool = False) -> None:
+    """Refuse ``path`` if it already holds a run (unless ``resume``), or if ``resume`` but it has no last.pt.
+
+    Creates nothing, so callers can check a ``--run-dir`` before slow set-up (data, model) and fail at once.
+    """
+    path = Path(path)
+    existing = [m for m in RUN_MARKERS if (path / m).exists()]
+    if existing and not resume:
+        raise RecallkUsageError(
+            f"run directory {path} already holds a run ({', '.join(existing)}); pass --resume {path} "
+            "to continue it, or choose a new --run-dir"
+        )
+    if resume and not (path / "checkpoints" / "last.pt").is_file():
+        raise RecallkUsageError(
+            f"cannot resume: {path / 'checkpoints' / 'last.pt'} does not exist (not a run directory, or its run "
+            "stopped before the first checkpoint); start a new run with another --run-dir"
+        )
 
 
 class RunDirectory:
@@ -33,16 +55,7 @@ class RunDirectory:
 
     def __init__(self, path: Path | str, resume: bool = False) -> None:
         self.path = Path(path)
-        existing = [m for m in RUN_MARKERS if (self.path / m).exists()]
-        if existing and not resume:
-            raise RecallkUsageError(
-                f"run directory {self.path} already holds a run ({', '.join(existing)}); pass --resume {self.path} "
-                "to continue it, or choose a new --run-dir"
-            )
-        if resume and not (self.path / "checkpoints" / "last.pt").is_file():
-            raise RecallkUsageError(
-                f"cannot resume: {self.path / 'checkpoints' / 'last.pt'} does not exist; start a new run instead"
-            )
+        check_run_dir(self.path, resume)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -59,6 +72,12 @@ class RunDirectory:
             ) from None
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        try:
+            check_run_dir(self.path, resume)  # again under the lock: another run may have finished meanwhile
+        except RecallkUsageError:
+            self.close()
+            raise
+        self._remove_partial_writes()
 
     def __enter__(self) -> RunDirectory:
         return self
@@ -71,6 +90,12 @@ class RunDirectory:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+    def _remove_partial_writes(self) -> None:
+        """Delete temporary files of atomic writes cut short by a crash (safe: this process holds the lock)."""
+        for folder in (self.path, self.checkpoints, self.plots):
+            for partial in folder.glob(".*.tmp"):
+                partial.unlink(missing_ok=True)
 
     @property
     def checkpoints(self) -> Path:

@@ -39,7 +39,7 @@ from recallk.training.batchnorm import batchnorm_layers_in_training_mode
 from recallk.training.checkpoint import load_checkpoint, save_checkpoint
 from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
 from recallk.training.multistage import multistage_backward
-from recallk.training.run_dir import RunDirectory
+from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
 from recallk.data.sources import build_source
 
@@ -113,7 +113,8 @@ class Trainer:
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
-        self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
+        if self.is_main:
+            check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
         self.run_path = Path(run_dir)
         data_root = data_dir if data_dir is not None else config.data.data_dir
         _seed_everything(config.seed)
@@ -164,11 +165,17 @@ class Trainer:
         if config.model.compile:
             self.train_model = torch.compile(self.train_model)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.epoch_losses: list[float] = []  # losses of the current epoch's steps so far
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf}
         self.skipped_steps = 0
         self.seconds = 0.0
+        self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
         if resume:
-            self._load(self.run_path / "checkpoints" / "last.pt")
+            try:
+                self._load(self.run_path / "checkpoints" / "last.pt")
+            except BaseException:
+                self.close()  # release the run directory's lock (e.g. last.pt is not a recallk checkpoint)
+                raise
         elif self.run is not None:
             self.run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
@@ -185,6 +192,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
+            "epoch_losses": list(self.epoch_losses),
             "best": self.best,
             "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
@@ -205,10 +213,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_losses = list(state["epoch_losses"])
         self.best, self.skipped_steps, self.seconds = state["best"], state["skipped_steps"], state["seconds"]
         _set_rng_state(state["rng"])
         if self.run is not None:
-            self.run.truncate_metrics(self.epoch - 1)
+            self.run.truncate_metrics(self.epoch)
         logger.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batch_in_epoch, self.step)
 
     # ------------------------------------------------------------------ steps
@@ -272,7 +281,7 @@ class Trainer:
         max_steps = cfg.train.max_steps
         with stop.installed():
             while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
-                started, losses = time.perf_counter(), []
+                started = time.perf_counter()
                 self.sampler.set_epoch(self.epoch)
                 if self.batch_in_epoch:
                     self.sampler.load_state_dict(self.sampler.state_dict(self.batch_in_epoch))
@@ -286,7 +295,7 @@ class Trainer:
                 )
                 for images, labels in bar:
                     value = self._train_step(images, labels)
-                    losses.append(value)
+                    self.epoch_losses.append(value)
                     self.step += 1
                     self.batch_in_epoch += 1
                     bar.set_postfix(loss=f"{value:.4f}")
@@ -300,11 +309,12 @@ class Trainer:
                 if self.batch_in_epoch < self.steps_per_epoch and max_steps and self.step >= max_steps:
                     self._save("last.pt")
                     break
-                self._end_epoch(losses)
+                self._end_epoch()
         return self._finish()
 
-    def _end_epoch(self, losses: list[float]) -> None:
+    def _end_epoch(self) -> None:
         cfg = self.cfg
+        losses, self.epoch_losses = self.epoch_losses, []
         self.epoch += 1
         self.batch_in_epoch = 0
         row: dict[str, Any] = {
