@@ -126,27 +126,38 @@ def _serve() -> None:
     protocol = sys.stdout
     protocol.write(json.dumps({"ready": True}) + "\n")
     protocol.flush()
+    running: set[int] = set()
     for line in sys.stdin:
         request = json.loads(line)
         if "start" in request:
             pid = os.fork()
             if pid == 0:
                 _child(request["start"], runpy)
+            running.add(pid)
             answer: dict[str, Any] = {"pid": pid}
         else:
             answer = {"status": _wait(request["wait"], request["timeout"])}
+            running.discard(request["wait"])
         protocol.write(json.dumps(answer) + "\n")
         protocol.flush()
+    for pid in running:  # the tests are over: leave no child behind (e.g. one still paused after a failure)
+        _wait(pid, timeout=0)
 
 
 def _wait(pid: int, timeout: float) -> int | None:
+    """Exit status of child ``pid``; after ``timeout`` seconds its session is killed and None is returned."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.02)
-    os.killpg(pid, signal.SIGKILL)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     os.waitpid(pid, 0)
     return None
 

@@ -179,3 +179,15 @@ def test_chunking_needs_frozen_batchnorm(tmp_path: Path, data_dir: Path) -> None
     with pytest.raises(RecallkUsageError, match="freeze_batchnorm"):
         Trainer(tiny_config(tmp_path, model__freeze_batchnorm=False), tmp_path / "bn", data_dir=data_dir,
                 progress=False)
+
+
+def test_tensorboard_events_are_written(tmp_path: Path, data_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    train(tiny_config(tmp_path, train__epochs=1, train__tensorboard=True, output__plots=False), run,
+          data_dir=data_dir, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == 4
+    assert events.Scalars("epoch/val_recall@1")[0].step == 1

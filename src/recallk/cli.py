@@ -2,10 +2,10 @@
 
 Each subcommand imports its implementation only when it runs, so ``recallk --help`` answers at once.
 
-Exit status: 0 on success; 2 for problems the user can fix (a bad argument, config, path or data set:
-:class:`~recallk.errors.RecallkUsageError`, ``ValueError``, ``FileNotFoundError`` and other missing-path errors),
-printed as one line ``recallk: error: ...`` without a traceback; 1 for any other failure (one line, plus the
-traceback with ``--debug``); 130 when interrupted with Ctrl-C.
+Exit status: 0 on success; 2 for problems the user can fix (a bad argument, config, path or data set, an untrusted
+checkpoint, a full disk: :class:`~recallk.errors.RecallkUsageError`, ``ValueError``, ``FileNotFoundError`` and other
+missing-path errors), printed as one line ``recallk: error: ...`` without a traceback; 1 for any other failure (one
+line, plus the traceback with ``--debug``); 130 when interrupted with Ctrl-C.
 """
 
 from __future__ import annotations

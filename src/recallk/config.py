@@ -33,7 +33,7 @@ LossName = Literal[
 Pooling = Literal["gem", "avg", "cls"]
 OptimName = Literal["adam", "adamw"]
 Schedule = Literal["none", "cosine", "step"]
-AmpMode = Literal["none", "bf16", "fp16"]
+AmpMode = Literal["auto", "none", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
 
@@ -115,14 +115,14 @@ class TrainConfig:
 
     epochs: int = 1
     chunk_size: int = 200  # images per forward/backward chunk of the multistage engine (memory knob)
-    amp: AmpMode = "none"  # autocast precision of the network forward
+    amp: AmpMode = "auto"  # autocast precision of the network forward; auto: bf16 on CUDA, none on CPU
     eval_every: int = 1  # evaluate on the validation set every N epochs; 0: only after the last epoch
     checkpoint_every: int = 1  # save a checkpoint every N epochs; 0: only the final one
     log_every: int = 10  # log training loss every N steps
     device: Device = "auto"  # auto: cuda when available, else cpu
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
     nan_policy: NanPolicy = "stop"  # non-finite loss: stop with an error, or skip the step
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard events to <run_dir>/tensorboard (pip install tensorboard)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class OutputConfig:
 
     runs_root: str = "runs"
     run_dir: str | None = None  # None: <runs_root>/<name>-<timestamp>
-    export_embeddings: bool = False  # save test embeddings, labels and ids after training
+    export_embeddings: bool = True  # save test embeddings, labels and ids after training
     plots: bool = True  # save training-curve plots
 
 

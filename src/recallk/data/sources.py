@@ -141,7 +141,7 @@ class ArraySource:
         cls, images: torch.Tensor, labels: torch.Tensor, item_ids: Sequence[str] | None, train: bool
     ) -> ArraySource:
         """Omniglot arrays with the demo's augmentation (random affine) when ``train``."""
-        augment = RandomAffineBatch(degrees=10, translate=0.1, scale=(0.9, 1.1), shear=10) if train else None
+        augment = RandomAffineBatch(degrees=10, translate=0.1, scale=(0.9, 1.1), shear=6) if train else None
         return cls(images, labels, item_ids, augment)
 
     def _floats(self, index: torch.Tensor | slice) -> torch.Tensor:

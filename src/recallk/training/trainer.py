@@ -151,7 +151,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: mult(step / self.steps_per_epoch)
         )
-        self.amp_dtype = AMP_DTYPES[config.train.amp]
+        amp = config.train.amp if config.train.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = AMP_DTYPES[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         per_rank_batch = config.data.batch_size // self.dist.world_size
         self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
@@ -169,6 +170,7 @@ class Trainer:
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf}
         self.skipped_steps = 0
         self.seconds = 0.0
+        self.events = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
         if resume:
             try:
@@ -178,6 +180,8 @@ class Trainer:
                 raise
         elif self.run is not None:
             self.run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        if config.train.tensorboard and self.run is not None:
+            self.events = _event_writer(self.run.path / "tensorboard")
 
     # ------------------------------------------------------------------ state
 
@@ -299,6 +303,8 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     bar.set_postfix(loss=f"{value:.4f}")
+                    if self.events is not None:
+                        self.events.add_scalar("train/loss", value, self.step)
                     if stop.requested or (max_steps and self.step >= max_steps):
                         break
                 bar.close()
@@ -333,6 +339,11 @@ class Trainer:
         if self.is_main:
             assert self.run is not None
             self.run.append_metrics(row)
+            if self.events is not None:
+                for key, value in row.items():
+                    if key.startswith("val_") or key in ("train_loss", "lr"):
+                        self.events.add_scalar(f"epoch/{key}", value, self.epoch)
+                self.events.flush()
             if cfg.train.checkpoint_every > 0 and (self.epoch % cfg.train.checkpoint_every == 0 or last):
                 self._save("last.pt")
             shown = " ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", "val_recall@1") if k in row)
@@ -379,8 +390,22 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         if self.run is not None:
             self.run.close()
+
+
+def _event_writer(path: Path) -> Any:
+    """A TensorBoard ``SummaryWriter``, or a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RecallkUsageError(
+            "train.tensorboard=true needs the tensorboard package; pip install 'recallk[tensorboard]' or set "
+            "train.tensorboard=false"
+        ) from None
+    return SummaryWriter(str(path))
 
 
 def train(

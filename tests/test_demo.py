@@ -1,0 +1,31 @@
+"""The demo pipeline on the real Omniglot zips (a few training steps; the full demo is `make demo`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from recallk.demo import SUMMARY_KEYS, run_demo
+
+SHARED = Path(os.environ.get("RECALLK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.mark.skipif(not (SHARED / "omniglot" / "images_evaluation.zip").is_file(), reason="no Omniglot data")
+def test_demo_runs_end_to_end_on_real_omniglot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "demo"
+    summary = run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=2", "train.epochs=1"], progress=False)
+    written = json.loads((run / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) | {"seconds", "raw_pixels"} <= set(written)
+    assert written["raw_pixels"]["num_queries"] == 659 * 20
+    assert written["splits"]["test"]["num_queries"] == 659 * 20
+    assert 0.2 < written["raw_pixels"]["recall@1"] < 0.5  # raw pixels are a weak but real baseline
+    assert summary["recall@1"] == written["recall@1"]
+    assert (run / "plots" / "recall_at_k.png").is_file() and (run / "plots" / "retrievals_test.png").is_file()
+    out = capsys.readouterr().out
+    assert "raw pixels" in out and "after training" in out
+    # a second demo moves the finished one aside instead of refusing or overwriting it
+    run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=1", "train.epochs=1"], progress=False)
+    assert (tmp_path / "demo.previous" / "summary.json").is_file()
