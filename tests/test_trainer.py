@@ -191,3 +191,16 @@ def test_tensorboard_events_are_written(tmp_path: Path, data_dir: Path) -> None:
     events.Reload()
     assert len(events.Scalars("train/loss")) == 4
     assert events.Scalars("epoch/val_recall@1")[0].step == 1
+
+
+def test_resume_applies_a_new_learning_rate(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "lr"
+    train(tiny_config(tmp_path, train__epochs=1, optim__schedule="none"), run, data_dir=data_dir, progress=False)
+    same = Trainer(tiny_config(tmp_path, train__epochs=2, optim__schedule="none"), run, resume=True,
+                   data_dir=data_dir, progress=False)
+    assert [g["lr"] for g in same.optimizer.param_groups] == pytest.approx([3e-3] * len(same.optimizer.param_groups))
+    same.close()
+    new = Trainer(tiny_config(tmp_path, train__epochs=2, optim__schedule="none", optim__lr=1e-5), run, resume=True,
+                  data_dir=data_dir, progress=False)
+    assert [g["lr"] for g in new.optimizer.param_groups] == pytest.approx([1e-5] * len(new.optimizer.param_groups))
+    new.close()

@@ -46,6 +46,12 @@ class _KeepWriteErrors:
         return getattr(self._handle, name)
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``.
 
@@ -63,6 +69,7 @@ def atomic_write(path: Path, write: Any) -> None:
             write(handle)
             raw.flush()
             os.fsync(raw.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:

@@ -60,7 +60,7 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RecallkUsageError(f"cannot create run directory {self.path}: {err.strerror}") from err
-        self._lock: TextIO | None = open(self.path / ".lock", "w")
+        self._lock: TextIO | None = open(self.path / ".lock", "a")  # "a": never wipe a running owner's pid
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,6 +70,7 @@ class RunDirectory:
                 f"run directory {self.path} is in use by another recallk process; wait for it to finish or "
                 "choose another --run-dir"
             ) from None
+        self._lock.truncate(0)
         self._lock.write(str(os.getpid()))
         self._lock.flush()
         try:

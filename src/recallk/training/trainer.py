@@ -124,7 +124,10 @@ class Trainer:
             build_source(config.data, config.data.split_val, False, data_root, config.seed)
             if config.data.split_val else None
         )
-        self.data_root = data_root
+        # Built now so that a typo in data.split_test fails before training, not after it.
+        self.test_sources = {
+            split: build_source(config.data, split, False, data_root, config.seed) for split in config.data.split_test
+        } if self.is_main else {}
         self.sampler = ClassBalancedBatchSampler(
             self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -208,12 +211,31 @@ class Trainer:
         if self.run is not None:
             save_checkpoint(self.run.checkpoints / name, self._state())
 
+    def _apply_optim_settings(self) -> None:
+        """After loading a checkpoint, let learning rates and weight decay from the config win (resume overrides).
+
+        With an unchanged config this changes nothing; ``recallk train --resume DIR optim.lr=1e-5`` takes effect.
+        """
+        fresh = self.model.parameter_groups(
+            self.cfg.optim.lr, self.cfg.optim.backbone_lr_mult, self.cfg.optim.weight_decay
+        )
+        groups = self.optimizer.param_groups
+        for group, new in zip(groups, fresh):
+            group["initial_lr"], group["weight_decay"] = new["lr"], new["weight_decay"]
+        for group in groups[len(fresh) :]:  # the loss's own parameters (proxies), without weight decay
+            group["initial_lr"] = self.cfg.optim.lr
+        self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in groups:
+            group["lr"] = group["initial_lr"] * factor
+
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optim_settings()
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -360,7 +382,7 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(best_path)["model"])
         splits: dict[str, Any] = {}
         for split in cfg.data.split_test:
-            source = build_source(cfg.data, split, False, self.data_root, cfg.seed)
+            source = self.test_sources[split]
             metrics, embeddings = self.evaluate(source, f"test ({split})")
             splits[split] = metrics
             if cfg.output.export_embeddings:
