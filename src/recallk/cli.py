@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from recallk import __version__
-from recallk.errors import RecallkUsageError
+from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -219,11 +219,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return EXIT_OK
     trainer = _implementation("recallk.training.trainer", "training")
-    try:
-        trainer.train(cfg, resume=args.resume is not None)
-    except trainer.TrainingInterrupted as err:
-        print(f"recallk: {_one_line(err)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    trainer.train(cfg, resume=args.resume is not None)
     return EXIT_OK
 
 
@@ -331,6 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recallk: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrainingInterrupted as err:
+        print(f"recallk: {_one_line(err)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as err:
+        if debug:
+            traceback.print_exc()
+        print(f"recallk: error: TrainingDiverged: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as err:  # noqa: BLE001 - the command line turns every failure into one line
         if debug:
             traceback.print_exc()

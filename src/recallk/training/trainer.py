@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from recallk.config import Config, config_to_dict
 from recallk.data.sampler import ClassBalancedBatchSampler
-from recallk.errors import RecallkUsageError
+from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_batches, evaluate_embeddings, save_embeddings
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
@@ -46,18 +46,6 @@ from recallk.data.sources import build_source
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingInterrupted(Exception):
-    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM after saving a resumable checkpoint."""
-
-    def __init__(self, run_dir: Path, step: int) -> None:
-        super().__init__(f"interrupted at step {step}; resume with: recallk train --resume {run_dir}")
-        self.run_dir = run_dir
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf (with ``train.nan_policy: stop``)."""
 
 
 def resolve_device(name: str) -> torch.device:
