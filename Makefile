@@ -10,7 +10,6 @@ export RECALLK_DATA
 
 $(BIN)/recallk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/recallk
 

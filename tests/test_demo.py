@@ -29,3 +29,22 @@ def test_demo_runs_end_to_end_on_real_omniglot(tmp_path: Path, capsys: pytest.Ca
     # a second demo moves the finished one aside instead of refusing or overwriting it
     run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=1", "train.epochs=1"], progress=False)
     assert (tmp_path / "demo.previous" / "summary.json").is_file()
+
+
+@pytest.mark.skipif(not (SHARED / "omniglot" / "images_evaluation.zip").is_file(), reason="no Omniglot data")
+def test_in_memory_omniglot_matches_the_file_reader() -> None:
+    """The decoded arrays line up with the file reader: same labels, same item ids, same (inverted) pixels."""
+    import numpy as np
+
+    from recallk.config import DataConfig
+    from recallk.data.factory import build_dataset
+    from recallk.data.sources import build_source
+
+    cfg = DataConfig(dataset="omniglot", in_memory=True, image_size=28, val_classes=100)
+    arrays = build_source(cfg, "val", False, SHARED)
+    files = build_dataset("omniglot", SHARED, "val", val_classes=100)
+    assert arrays.item_ids == files.item_ids
+    assert np.array_equal(arrays.labels.numpy(), files.labels)
+    for index in (0, 777, len(files) - 1):
+        image = np.asarray(files.load_image(index).resize((28, 28)), dtype=np.float64)
+        assert np.abs(arrays.images[index, 0].double().numpy() - image).mean() < 8  # resampling differs slightly

@@ -36,6 +36,7 @@ Schedule = Literal["none", "cosine", "step"]
 AmpMode = Literal["auto", "none", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
+SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 
 
 @dataclass
@@ -122,6 +123,7 @@ class TrainConfig:
     device: Device = "auto"  # auto: cuda when available, else cpu
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
     nan_policy: NanPolicy = "stop"  # non-finite loss: stop with an error, or skip the step
+    select_metric: SelectMetric = "recall@1"  # validation metric that picks checkpoints/best.pt
     tensorboard: bool = False  # also write TensorBoard events to <run_dir>/tensorboard (pip install tensorboard)
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from recallk.data.batch_transforms import RandomAffineBatch
 from recallk.data.factory import build_dataset
 from recallk.data.image_dataset import ImageDataset
-from recallk.data.omniglot import load_omniglot_arrays
+from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
 from recallk.data.transforms import build_transforms
 
@@ -183,11 +183,12 @@ def build_source(
     if cfg.in_memory:
         if cfg.dataset != "omniglot":
             raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")
+        root, val_classes = resolve_data_dir(data_dir), _val_classes(cfg)
         images, labels = load_omniglot_arrays(
-            resolve_data_dir(data_dir), split, cfg.image_size, val_classes=_val_classes(cfg), seed=seed,
-            download=cfg.download,
+            root, split, cfg.image_size, val_classes=val_classes, seed=seed, download=cfg.download
         )
-        return ArraySource.omniglot(images, labels, None, train)
+        names = build_omniglot(root, split, val_classes=val_classes, seed=seed).item_ids  # same order as the arrays
+        return ArraySource.omniglot(images, labels, names, train)
     kwargs = dict(cfg.options)
     if cfg.dataset == "omniglot":
         kwargs.setdefault("val_classes", _val_classes(cfg))

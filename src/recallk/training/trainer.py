@@ -158,7 +158,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_losses: list[float] = []  # losses of the current epoch's steps so far
-        self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf}
+        # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
+        self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf, "map@r": -math.inf}
         self.skipped_steps = 0
         self.seconds = 0.0
         self.events = None
@@ -343,8 +344,9 @@ class Trainer:
         if self.val_source is not None and (due or last) and self.is_main:
             metrics, _ = self.evaluate(self.val_source, "validation")
             row.update({f"val_{k}": v for k, v in metrics.items() if not k.startswith("num_")})
-            if metrics["recall@1"] > self.best["value"]:
-                self.best = {"epoch": self.epoch, "value": metrics["recall@1"]}
+            value = metrics[cfg.train.select_metric]
+            if (value, metrics["map@r"]) > (self.best["value"], self.best["map@r"]):
+                self.best = {"epoch": self.epoch, "value": value, "map@r": metrics["map@r"]}
                 self._save("best.pt")
         if self.is_main:
             assert self.run is not None
