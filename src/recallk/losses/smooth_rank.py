@@ -49,9 +49,9 @@ def _blocks(query: torch.Tensor, positive: torch.Tensor, num_rows: int, num_cols
             yield _Block(rows[i : i + step], positive[ids], ids)
 
 
-def _sigmoid_block(scaled: torch.Tensor, block: _Block, self_col: torch.Tensor) -> torch.Tensor:
-    """sigmoid(S'[q, z] - S'[q, x]) for a block (n x p x M), zero at z = x and at z = self_col[q] >= 0."""
-    rows = scaled.index_select(0, block.rows)  # n x M
+def _sigmoid_block(sim: torch.Tensor, tau: float, block: _Block, self_col: torch.Tensor) -> torch.Tensor:
+    """sigmoid((S[q, z] - S[q, x]) / tau) for a block (n x p x M), zero at z = x and at z = self_col[q] >= 0."""
+    rows = sim.index_select(0, block.rows).div_(tau)  # n x M
     sig = (rows[:, None, :] - rows.gather(1, block.positives)[:, :, None]).sigmoid_()
     sig.scatter_(2, block.positives[:, :, None], 0.0)
     own = self_col[block.rows]
@@ -71,10 +71,9 @@ class _SmoothRank(torch.autograd.Function):
         tau: float,
         chunk_elements: int,
     ) -> torch.Tensor:
-        scaled = sim / tau
         ranks = torch.empty(len(query), dtype=sim.dtype, device=sim.device)
         for block in _blocks(query, positive, sim.shape[0], sim.shape[1], chunk_elements):
-            ranks[block.pair_ids] = 1.0 + _sigmoid_block(scaled, block, self_col).sum(2)
+            ranks[block.pair_ids] = 1.0 + _sigmoid_block(sim, tau, block, self_col).sum(2)
         ctx.save_for_backward(sim, query, positive, self_col)
         ctx.tau = tau
         ctx.chunk_elements = chunk_elements
@@ -84,10 +83,9 @@ class _SmoothRank(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_ranks: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         sim, query, positive, self_col = ctx.saved_tensors
-        scaled = sim / ctx.tau
         grad = torch.zeros_like(sim)
         for block in _blocks(query, positive, sim.shape[0], sim.shape[1], ctx.chunk_elements):
-            sig = _sigmoid_block(scaled, block, self_col)
+            sig = _sigmoid_block(sim, ctx.tau, block, self_col)
             slope = sig.mul_(1.0 - sig)  # sigmoid', zero outside each pair's database
             g = grad_ranks[block.pair_ids]  # n x p
             rows = torch.bmm(g[:, None, :], slope).squeeze(1)  # n x M: sum_p g_p sigmoid'_pz
