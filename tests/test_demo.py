@@ -16,7 +16,7 @@ SHARED = Path(os.environ.get("RECALLK_DATA", Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(not (SHARED / "omniglot" / "images_evaluation.zip").is_file(), reason="no Omniglot data")
 def test_demo_runs_end_to_end_on_real_omniglot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "demo"
-    summary = run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=2", "train.epochs=1"], progress=False)
+    summary = run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=2", "train.epochs=2"], progress=False)
     written = json.loads((run / "summary.json").read_text())
     assert set(SUMMARY_KEYS) | {"seconds", "raw_pixels"} <= set(written)
     assert written["raw_pixels"]["num_queries"] == 659 * 20
@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_on_real_omniglot(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "raw pixels" in out and "after training" in out
     # a second demo moves the finished one aside instead of refusing or overwriting it
-    run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=1", "train.epochs=1"], progress=False)
+    run_demo(SHARED, run, device="cpu", overrides=["train.max_steps=1", "train.epochs=2"], progress=False)
     assert (tmp_path / "demo.previous" / "summary.json").is_file()
 
 
