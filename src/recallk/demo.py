@@ -7,7 +7,6 @@ by exact kNN over all 13,180 evaluation images (each one a query against the 13,
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -22,8 +21,7 @@ from recallk.evaluation.embed import raw_pixel_embeddings
 from recallk.evaluation.metrics import retrieval_metrics
 from recallk.evaluation.plots import plot_recall_curves
 from recallk.errors import RecallkUsageError
-from recallk.training.checkpoint import atomic_write_text
-from recallk.training.run_dir import run_dir_in_use
+from recallk.training.run_dir import run_dir_in_use, write_json
 from recallk.training.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -83,7 +81,7 @@ def run_demo(
     seconds = time.perf_counter() - started
     print(format_table({"raw pixels": raw, "after training": summary}))
     demo_summary = {**summary, "raw_pixels": raw, "seconds": round(seconds, 1)}
-    atomic_write_text(run_path / "summary.json", json.dumps(demo_summary, indent=2, sort_keys=True) + "\n")
+    write_json(run_path / "summary.json", demo_summary)
     plot_recall_curves(run_path / "plots" / "recall_at_k.png", {"raw pixels": raw, "RS@k (trained)": summary})
     print(f"Done in {seconds:.0f} s. Results, plots and checkpoints: {run_path}/")
     return demo_summary

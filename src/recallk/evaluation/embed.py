@@ -48,6 +48,22 @@ def embed_batches(
     return torch.cat(out)
 
 
+def embed_source(
+    model: nn.Module,
+    source: Any,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> torch.Tensor:
+    """:func:`embed_batches` over a whole split (a :mod:`recallk.data.sources` source), in order."""
+    return embed_batches(
+        model, source.eval_batches(batch_size), device, total=len(source.labels), autocast_dtype=autocast_dtype,
+        progress=progress, desc=desc,
+    )
+
+
 def evaluate_embeddings(
     embeddings: torch.Tensor, labels: torch.Tensor, k: Sequence[int], progress: bool = True
 ) -> dict[str, float | int]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from recallk.config import Config, config_from_dict
 from recallk.data.sources import build_source
-from recallk.evaluation.embed import embed_batches, evaluate_embeddings, save_embeddings
+from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.models.factory import create_model_from_config
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
 from recallk.training.trainer import resolve_device
@@ -51,9 +51,8 @@ def evaluate_run(
     results = {}
     for name in [split] if split else list(config.data.split_test):
         source = build_source(config.data, name, False, root, config.seed)
-        embeddings = embed_batches(
-            model, source.eval_batches(config.eval.batch_size), torch_device, total=len(source.labels),
-            progress=progress, desc=f"embedding {name}",
+        embeddings = embed_source(
+            model, source, config.eval.batch_size, torch_device, progress=progress, desc=f"embedding {name}"
         )
         results[name] = evaluate_embeddings(embeddings, source.labels, config.eval.k, progress=progress)
     return results
@@ -75,9 +74,9 @@ def export_embeddings(
     data_cfg = config.data if dataset is None else dataclasses.replace(config.data, dataset=dataset, in_memory=False)
     root = data_dir if data_dir is not None else config.data.data_dir
     source = build_source(data_cfg, split, False, root, config.seed)
-    embeddings = embed_batches(
-        model, source.eval_batches(batch_size or config.eval.batch_size), torch_device, total=len(source.labels),
-        progress=progress, desc=f"embedding {split}",
+    embeddings = embed_source(
+        model, source, batch_size or config.eval.batch_size, torch_device, progress=progress,
+        desc=f"embedding {split}",
     )
     out = Path(out)
     save_embeddings(out, embeddings, source)

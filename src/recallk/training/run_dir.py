@@ -113,7 +113,7 @@ class RunDirectory:
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
-        return self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return write_json(self.path / name, data)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one row to ``metrics.csv`` (header from the first row's keys; new keys extend the header)."""
@@ -133,6 +133,12 @@ class RunDirectory:
             atomic_write_text(path, _csv_text(list(rows[0].keys()), rows))
         elif path.exists():
             path.unlink()
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def run_dir_in_use(path: Path) -> bool:

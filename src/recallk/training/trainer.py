@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from recallk.config import Config, config_to_dict
 from recallk.data.sampler import ClassBalancedBatchSampler
+from recallk.data.sources import build_source
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
-from recallk.evaluation.embed import embed_batches, evaluate_embeddings, save_embeddings
+from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 from recallk.training.batchnorm import batchnorm_layers_in_training_mode
@@ -41,7 +42,6 @@ from recallk.training.distributed import DistributedContext, init_distributed, w
 from recallk.training.multistage import multistage_backward
 from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
-from recallk.data.sources import build_source
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,8 @@ class Trainer:
             rank_includes_query=config.loss.rank_includes_query, simix=config.loss.simix,
             simix_pairs_per_class=config.loss.simix_pairs_per_class, params=config.loss.params,
         ).to(self.device)
-        groups = model.parameter_groups(config.optim.lr, config.optim.backbone_lr_mult, config.optim.weight_decay)
-        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
-        if loss_params:
-            groups.append({"name": "loss", "params": loss_params, "lr": config.optim.lr, "weight_decay": 0.0})
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
-        self.optimizer = optim_cls(groups, lr=config.optim.lr)
+        self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
         self.steps_per_epoch = len(self.sampler)
         mult = lr_multiplier(
             config.optim.schedule, config.train.epochs, config.optim.warmup_epochs, config.optim.step_epochs,
@@ -200,19 +196,23 @@ class Trainer:
         if self.run is not None:
             save_checkpoint(self.run.checkpoints / name, self._state())
 
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups from the config: backbone, head, and the loss's own parameters (proxies, no decay)."""
+        optim = self.cfg.optim
+        groups = self.model.parameter_groups(optim.lr, optim.backbone_lr_mult, optim.weight_decay)
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if loss_params:
+            groups.append({"name": "loss", "params": loss_params, "lr": optim.lr, "weight_decay": 0.0})
+        return groups
+
     def _apply_optim_settings(self) -> None:
         """After loading a checkpoint, let learning rates and weight decay from the config win (resume overrides).
 
         With an unchanged config this changes nothing; ``recallk train --resume DIR optim.lr=1e-5`` takes effect.
         """
-        fresh = self.model.parameter_groups(
-            self.cfg.optim.lr, self.cfg.optim.backbone_lr_mult, self.cfg.optim.weight_decay
-        )
         groups = self.optimizer.param_groups
-        for group, new in zip(groups, fresh):
+        for group, new in zip(groups, self._parameter_groups()):
             group["initial_lr"], group["weight_decay"] = new["lr"], new["weight_decay"]
-        for group in groups[len(fresh) :]:  # the loss's own parameters (proxies), without weight decay
-            group["initial_lr"] = self.cfg.optim.lr
         self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in groups:
@@ -278,9 +278,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def embed(self, source: Any, desc: str) -> torch.Tensor:
-        batches = source.eval_batches(self.cfg.eval.batch_size)
-        return embed_batches(
-            self.model, batches, self.device, total=len(source.labels), autocast_dtype=self.amp_dtype,
+        return embed_source(
+            self.model, source, self.cfg.eval.batch_size, self.device, autocast_dtype=self.amp_dtype,
             progress=self.progress and self.is_main, desc=desc,
         )
 
@@ -297,9 +296,7 @@ class Trainer:
         with stop.installed():
             while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
                 started = time.perf_counter()
-                self.sampler.set_epoch(self.epoch)
-                if self.batch_in_epoch:
-                    self.sampler.load_state_dict(self.sampler.state_dict(self.batch_in_epoch))
+                self.sampler.set_epoch(self.epoch)  # keeps a mid-epoch position restored by _load
                 share = cfg.data.batch_size // self.dist.world_size
                 batches = self.train_source.train_batches(
                     self.sampler, cfg.seed, self.epoch, self.batch_in_epoch, self.dist.rank * share, cfg.data.batch_size
