@@ -204,3 +204,19 @@ def test_resume_applies_a_new_learning_rate(tmp_path: Path, data_dir: Path) -> N
                   data_dir=data_dir, progress=False)
     assert [g["lr"] for g in new.optimizer.param_groups] == pytest.approx([1e-5] * len(new.optimizer.param_groups))
     new.close()
+
+
+def test_a_typo_in_the_test_split_fails_before_training(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match="nope"):
+        Trainer(tiny_config(tmp_path, data__split_test=["nope"]), tmp_path / "typo", data_dir=data_dir, progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from recallk.training.trainer import _event_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail, as when not installed
+    with pytest.raises(RecallkUsageError, match=r"pip install 'recallk\[tensorboard\]'"):
+        _event_writer(tmp_path / "tb")
