@@ -206,6 +206,21 @@ def test_resume_applies_a_new_learning_rate(tmp_path: Path, data_dir: Path) -> N
     new.close()
 
 
+def test_proxies_train_at_their_own_learning_rate(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(tmp_path, loss__name="proxy_anchor", optim__loss_lr_mult=100.0, optim__schedule="none")
+    trainer = Trainer(cfg, tmp_path / "proxy", data_dir=data_dir, progress=False)
+    try:
+        rates = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+        assert rates == pytest.approx({"backbone": 3e-3, "head": 3e-3, "loss": 0.3})
+        proxies = trainer.loss_fn.proxies.detach().clone()
+        trainer.cfg.train.max_steps = 1
+        trainer.fit()
+        # Adam moves every coordinate by about lr in its first step
+        assert float((trainer.loss_fn.proxies - proxies).abs().max()) == pytest.approx(0.3, rel=0.05)
+    finally:
+        trainer.close()
+
+
 def test_a_typo_in_the_test_split_fails_before_training(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match="nope"):
         Trainer(tiny_config(tmp_path, data__split_test=["nope"]), tmp_path / "typo", data_dir=data_dir, progress=False)

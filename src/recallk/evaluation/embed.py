@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from recallk.data.inputs import Inputs, batch_rows, to_device
 from recallk.evaluation.metrics import retrieval_metrics
 from recallk.training.checkpoint import atomic_write
 
@@ -19,7 +20,7 @@ from recallk.training.checkpoint import atomic_write
 @torch.no_grad()
 def embed_batches(
     model: nn.Module,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[Inputs],
     device: torch.device,
     total: int | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -27,7 +28,8 @@ def embed_batches(
     progress: bool = True,
     desc: str = "embedding",
 ) -> torch.Tensor:
-    """Run ``model`` (in eval mode) over ``batches`` of inputs; returns float32 embeddings (N, D) on the CPU.
+    """Run ``model`` (in eval mode) over ``batches`` of inputs (image tensors or token dicts); returns float32
+    embeddings (N, D) on the CPU.
 
     ``total`` is the number of items, for the progress bar. The model's train/eval mode is restored afterwards.
     """
@@ -36,13 +38,10 @@ def embed_batches(
     out = []
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     try:
-        with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar, autocast:
-            for images in batches:
-                images = images.to(device, non_blocking=True)
-                if channels_last and images.dim() == 4:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                out.append(model(images).float().cpu())
-                bar.update(len(images))
+        with tqdm(total=total, desc=desc, unit="item", disable=not progress, leave=False) as bar, autocast:
+            for inputs in batches:
+                out.append(model(to_device(inputs, device, channels_last)).float().cpu())
+                bar.update(batch_rows(inputs))
     finally:
         model.train(was_training)
     return torch.cat(out)

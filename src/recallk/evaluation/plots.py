@@ -7,6 +7,7 @@ backend, so plotting works on headless machines.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,18 +70,29 @@ def plot_recall_curves(path: Path, results: Mapping[str, Mapping[str, Any]]) -> 
 def plot_retrievals(
     path: Path, embeddings: torch.Tensor, source: Any, num_queries: int = 8, k: int = 5, seed: int = 0
 ) -> Path:
-    """A grid: random queries (left column) and their top-k retrievals, framed green (same class) or red."""
+    """A grid: random queries (left column) and their top-k retrievals, framed green (same class) or red.
+
+    Image sources are drawn with ``source.display_image(i)``; text sources (``display_text``) as wrapped text.
+    """
     labels = torch.as_tensor(source.labels)
     rng = np.random.default_rng(seed)
     queries = torch.as_tensor(np.sort(rng.choice(len(labels), size=min(num_queries, len(labels)), replace=False)))
     _, neighbours = exact_knn(embeddings[queries], embeddings, k, self_index=queries)
-    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.3 * (k + 1), 1.3 * len(queries)), squeeze=False)
+    is_text = hasattr(source, "display_text")
+    cell = (2.4, 1.0) if is_text else (1.3, 1.3)
+    fig, axes = plt.subplots(
+        len(queries), k + 1, figsize=(cell[0] * (k + 1), cell[1] * len(queries)), squeeze=False
+    )
     for row, query in enumerate(queries.tolist()):
         items = [(query, None)] + [(int(j), bool(labels[j] == labels[query])) for j in neighbours[row]]
         for col, (index, correct) in enumerate(items):
             ax = axes[row, col]
-            image = source.display_image(index)
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+            if is_text:
+                text = textwrap.fill(textwrap.shorten(source.display_text(index), 90), 28)
+                ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=6, transform=ax.transAxes)
+            else:
+                image = source.display_image(index)
+                ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
             ax.set_xticks([])
             ax.set_yticks([])
             colour = "black" if correct is None else ("#1a9850" if correct else "#d73027")

@@ -20,7 +20,9 @@ from torch import nn
 
 from recallk.errors import PretrainedWeightsError, RecallkUsageError
 from recallk.models.heads import EmbeddingHead
-from recallk.models.small_cnn import SmallCNN
+from recallk.models.small_cnn import NORMS, SmallCNN
+from recallk.models.text import PREFIX as TEXT_PREFIX
+from recallk.models.text import SentenceEncoder, create_sentence_encoder
 from recallk.training.batchnorm import freeze_batchnorm as _freeze_batchnorm
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ def create_model(
     in_chans: int | None = None,
     widths: Sequence[int] = (64, 128, 256, 256),
     channels_last: bool = False,
+    norm: str = "batch",
 ) -> EmbeddingModel:
     """Build an embedding model: backbone -> pool -> LayerNorm -> Linear(embed_dim) -> L2 normalisation.
 
@@ -97,16 +100,25 @@ def create_model(
         in_chans: input channels (None: 3 for timm backbones, 1 for ``omniglot_cnn``).
         widths: channels of each conv block of ``omniglot_cnn`` (ignored for timm backbones).
         channels_last: store weights and inputs in NHWC memory format.
+        norm: normalisation layers of ``omniglot_cnn``: ``"batch"`` (BatchNorm) or ``"group"`` (GroupNorm, no batch
+            statistics, so it trains with chunked batches without freezing); timm backbones take ``"batch"`` only.
 
     Raises:
-        RecallkUsageError: unknown backbone, or a pooling that does not fit the backbone.
+        RecallkUsageError: unknown backbone, a pooling that does not fit the backbone, or an unknown norm.
         PretrainedWeightsError: weights requested but not downloadable or not loadable.
     """
     if pooling not in ("gem", "avg", "cls"):
         raise RecallkUsageError(f"unknown pooling {pooling!r}; set model.pooling to gem, avg or cls")
+    if norm not in NORMS:
+        raise RecallkUsageError(f"unknown norm {norm!r}; set model.norm to {' or '.join(NORMS)}")
     if backbone == SMALL_CNN:
-        net: nn.Module = _create_small_cnn(in_chans or 1, widths, pretrained, pretrained_path, pooling)
+        net: nn.Module = _create_small_cnn(in_chans or 1, widths, pretrained, pretrained_path, pooling, norm)
     else:
+        if norm != "batch":
+            raise RecallkUsageError(
+                f"model.norm={norm} applies to {SMALL_CNN} only; timm backbone '{backbone}' keeps its own "
+                "normalisation layers, so set model.norm=batch"
+            )
         net = _create_timm_backbone(backbone, pretrained, pretrained_path, pooling, in_chans)
     if freeze_batchnorm:
         _freeze_batchnorm(net)
@@ -114,9 +126,12 @@ def create_model(
     return EmbeddingModel(net, head, channels_last=channels_last)
 
 
-def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel:
+def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncoder:
     """:func:`create_model` with the fields of a :class:`~recallk.config.ModelConfig` (``compile`` is the
-    trainer's job)."""
+    trainer's job); a backbone ``st:<name>`` is a sentence-transformers text encoder
+    (:func:`~recallk.models.text.create_sentence_encoder`)."""
+    if cfg.backbone.startswith(TEXT_PREFIX):
+        return create_sentence_encoder(cfg.backbone, cfg.embed_dim)
     return create_model(
         cfg.backbone,
         embed_dim=cfg.embed_dim,
@@ -130,6 +145,7 @@ def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel:
         in_chans=cfg.in_chans,
         widths=cfg.widths,
         channels_last=cfg.channels_last,
+        norm=cfg.norm,
     )
 
 
@@ -150,7 +166,12 @@ def _checked_weights_file(pretrained_path: str | Path, backbone: str) -> Path:
 
 
 def _create_small_cnn(
-    in_chans: int, widths: Sequence[int], pretrained: bool, pretrained_path: str | Path | None, pooling: str
+    in_chans: int,
+    widths: Sequence[int],
+    pretrained: bool,
+    pretrained_path: str | Path | None,
+    pooling: str,
+    norm: str = "batch",
 ) -> SmallCNN:
     if pooling == "cls":
         raise RecallkUsageError(f"pooling 'cls' needs a vision transformer, but {SMALL_CNN} is a CNN; "
@@ -158,7 +179,7 @@ def _create_small_cnn(
     if pretrained and pretrained_path is None:
         raise PretrainedWeightsError(f"{SMALL_CNN} has no published pretrained weights; set model.pretrained=false "
                                      "or give a weights file in model.pretrained_path")
-    net = SmallCNN(in_chans, widths)
+    net = SmallCNN(in_chans, widths, norm)
     if pretrained_path is not None:
         path = _checked_weights_file(pretrained_path, SMALL_CNN)
         try:
@@ -166,7 +187,7 @@ def _create_small_cnn(
         except (RuntimeError, OSError, ValueError, KeyError) as err:
             raise PretrainedWeightsError(
                 f"could not load {SMALL_CNN} weights from '{path}' ({_one_line(err)}); the file must hold the "
-                f"state_dict of a SmallCNN with in_chans={in_chans}, widths={list(widths)}"
+                f"state_dict of a SmallCNN with in_chans={in_chans}, widths={list(widths)}, norm={norm}"
             ) from err
     return net
 

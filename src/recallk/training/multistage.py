@@ -11,6 +11,10 @@ so three stages give the full-batch gradient while holding one chunk's activatio
 2. compute L on a detached copy of E and G = dL/dE;
 3. for each chunk: restore its RNG state, re-embed it with autograd and backpropagate G_c.
 
+The stages are public for callers whose own backward pass must trigger stage 3 (the sentence-transformers
+loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without_graph` is stage 1 and
+:func:`backward_through_chunks` stage 3.
+
 Stage 3 replays stage 1 exactly when the model's randomness (dropout, augmentations inside `forward`) comes from
 torch's default CPU/CUDA generators and BatchNorm is frozen (`freeze_batchnorm`); `verify_replay=True` checks it.
 Peak memory is one chunk's activations plus E, G and the loss's own memory (O(N^2) for RS@k), independent of N
@@ -122,27 +126,12 @@ def multistage_backward(
             "chunked forward passes would use per-chunk statistics and update the running statistics twice; "
             "call recallk.training.freeze_batchnorm(model) first"
         )
-    bounds = [(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
-    cuda_devices = _cuda_devices(model, inputs)
-    device_type = cuda_devices[0].type if cuda_devices else "cpu"
-    forward_context = (
-        (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype is not None else nullcontext
-    )
-
-    # Stage 1: embed every chunk without a graph, remembering the RNG state each chunk started from.
-    chunk_rng_states = []
-    chunk_embeddings = []
-    with torch.no_grad():
-        for start, stop in bounds:
-            chunk_rng_states.append(_RngState.capture(cuda_devices))
-            with forward_context():
-                chunk_embeddings.append(_embed(model, _slice(inputs, start, stop), stop - start))
-    embeddings = torch.cat(chunk_embeddings)
-    labels = labels.to(embeddings.device)
+    first = embed_without_graph(model, inputs, chunk_size, autocast_dtype, keep_chunks=verify_replay)
+    labels = labels.to(first.embeddings.device)
 
     # Stage 2: the loss and its gradient with respect to the (local or global) embeddings.
     if all_gather and get_world_size() > 1:
-        global_embeddings, row_counts = all_gather_rows(embeddings)
+        global_embeddings, row_counts = all_gather_rows(first.embeddings)
         global_labels, _ = all_gather_rows(labels)
         loss, grad = _loss_and_embedding_grad_on_rank0(
             loss_fn, global_embeddings, global_labels, loss_kwargs, scaler
@@ -150,24 +139,78 @@ def multistage_backward(
         offset = sum(row_counts[: get_rank()])
         grad = grad[offset : offset + num_rows] * get_world_size()
     else:
-        loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs, scaler)
-    rng_after_loss = _RngState.capture(cuda_devices)
-    if not verify_replay:
-        del chunk_embeddings, embeddings
+        loss, grad = _loss_and_embedding_grad(loss_fn, first.embeddings, labels, loss_kwargs, scaler)
+    first.embeddings = first.embeddings[:0]  # free (N, D) before stage 3
 
-    # Stage 3: replay each chunk with autograd and push its slice of the gradient through the model.
-    ddp = _as_ddp(model)
-    for index, (start, stop) in enumerate(bounds):
-        chunk_rng_states[index].restore()
-        is_last = index == len(bounds) - 1
-        with ddp.no_sync() if ddp is not None and not is_last else nullcontext():
-            with forward_context():
-                chunk = _embed(model, _slice(inputs, start, stop), stop - start)
-            if verify_replay:
-                _check_replay(chunk_embeddings[index], chunk.detach(), start, stop)
-            torch.autograd.backward(chunk, grad[start:stop].to(chunk.dtype))
-    rng_after_loss.restore()
+    backward_through_chunks(model, inputs, first, grad, verify_replay=verify_replay)
     return loss
+
+
+@dataclass
+class FirstPass:
+    """What stage 1 leaves for stage 3: the embeddings and, per chunk, its rows and starting RNG state."""
+
+    embeddings: Tensor  # (N, D), no graph
+    bounds: list[tuple[int, int]]  # rows [start, stop) of each chunk
+    rng_states: list[_RngState]
+    cuda_devices: list[torch.device]
+    autocast_dtype: torch.dtype | None
+    chunk_embeddings: list[Tensor] | None  # kept for verify_replay
+
+
+def embed_without_graph(
+    model: nn.Module,
+    inputs: Inputs,
+    chunk_size: int,
+    autocast_dtype: torch.dtype | None = None,
+    keep_chunks: bool = False,
+) -> FirstPass:
+    """Stage 1: embed ``inputs`` (N rows) in chunks under ``torch.no_grad()``, saving each chunk's RNG state.
+
+    The result feeds :func:`backward_through_chunks` once the loss gradient with respect to
+    ``FirstPass.embeddings`` is known.
+    """
+    num_rows = next(iter(inputs.values())).shape[0] if isinstance(inputs, Mapping) else inputs.shape[0]
+    bounds = [(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
+    cuda_devices = _cuda_devices(model, inputs)
+    rng_states, chunks = [], []
+    with torch.no_grad():
+        for start, stop in bounds:
+            rng_states.append(_RngState.capture(cuda_devices))
+            with _forward_context(cuda_devices, autocast_dtype):
+                chunks.append(_embed(model, _slice(inputs, start, stop), stop - start))
+    return FirstPass(
+        torch.cat(chunks), bounds, rng_states, cuda_devices, autocast_dtype, chunks if keep_chunks else None
+    )
+
+
+def backward_through_chunks(
+    model: nn.Module, inputs: Inputs, first: FirstPass, grad: Tensor, verify_replay: bool = False
+) -> None:
+    """Stage 3: re-embed each chunk with autograd under its saved RNG state and backpropagate ``grad`` (N, D).
+
+    Gradients accumulate into the model's ``.grad``. The RNG state afterwards is the one this function found
+    (the replay does not advance it). With DDP, chunks other than the last skip the gradient all-reduce.
+    """
+    rng_after = _RngState.capture(first.cuda_devices)
+    ddp = _as_ddp(model)
+    for index, (start, stop) in enumerate(first.bounds):
+        first.rng_states[index].restore()
+        is_last = index == len(first.bounds) - 1
+        with ddp.no_sync() if ddp is not None and not is_last else nullcontext():
+            with _forward_context(first.cuda_devices, first.autocast_dtype):
+                chunk = _embed(model, _slice(inputs, start, stop), stop - start)
+            if verify_replay and first.chunk_embeddings is not None:
+                _check_replay(first.chunk_embeddings[index], chunk.detach(), start, stop)
+            torch.autograd.backward(chunk, grad[start:stop].to(chunk.dtype))
+    rng_after.restore()
+
+
+def _forward_context(cuda_devices: list[torch.device], autocast_dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` on the model's device type, or nothing (the caller's autocast state applies)."""
+    if autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(cuda_devices[0].type if cuda_devices else "cpu", dtype=autocast_dtype)
 
 
 def _check_inputs(inputs: Inputs, labels: Tensor, chunk_size: int) -> int:

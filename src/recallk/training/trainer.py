@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recallk.config import Config, config_to_dict
+from recallk.data.inputs import Inputs, to_device
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
@@ -107,21 +108,23 @@ class Trainer:
         data_root = data_dir if data_dir is not None else config.data.data_dir
         _seed_everything(config.seed)
 
-        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed)
+        model = create_model_from_config(config.model).to(self.device)
+        self.model: nn.Module = model
+        tokenize = getattr(model, "tokenize", None)  # text models turn sentences into token tensors
+        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed, tokenize)
         self.val_source = (
-            build_source(config.data, config.data.split_val, False, data_root, config.seed)
+            build_source(config.data, config.data.split_val, False, data_root, config.seed, tokenize)
             if config.data.split_val else None
         )
         # Built now so that a typo in data.split_test fails before training, not after it.
         self.test_sources = {
-            split: build_source(config.data, split, False, data_root, config.seed) for split in config.data.split_test
+            split: build_source(config.data, split, False, data_root, config.seed, tokenize)
+            for split in config.data.split_test
         } if self.is_main else {}
         self.sampler = ClassBalancedBatchSampler(
             self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
-        model = create_model_from_config(config.model).to(self.device)
-        self.model: nn.Module = model
         self.loss_fn = build_loss(
             config.loss.name, num_classes=self.train_source.num_classes, embed_dim=config.model.embed_dim,
             k=config.loss.k, tau_rank=config.loss.tau_rank, tau_k=config.loss.tau_k,
@@ -197,12 +200,15 @@ class Trainer:
             save_checkpoint(self.run.checkpoints / name, self._state())
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimiser groups from the config: backbone, head, and the loss's own parameters (proxies, no decay)."""
+        """Optimiser groups from the config: backbone, head, and the loss's own parameters (proxies: no weight decay,
+        ``optim.lr * optim.loss_lr_mult``)."""
         optim = self.cfg.optim
         groups = self.model.parameter_groups(optim.lr, optim.backbone_lr_mult, optim.weight_decay)
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if loss_params:
-            groups.append({"name": "loss", "params": loss_params, "lr": optim.lr, "weight_decay": 0.0})
+            groups.append(
+                {"name": "loss", "params": loss_params, "lr": optim.lr * optim.loss_lr_mult, "weight_decay": 0.0}
+            )
         return groups
 
     def _apply_optim_settings(self) -> None:
@@ -243,8 +249,8 @@ class Trainer:
             return embeddings.sum() * float("nan")
         return self.loss_fn(embeddings, labels, **kwargs)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        images = images.to(self.device, non_blocking=True)
+    def _train_step(self, images: Inputs, labels: torch.Tensor) -> float:
+        images = to_device(images, self.device)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         if self.chunked:

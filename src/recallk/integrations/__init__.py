@@ -1,0 +1,1 @@
+"""Adapters that bring recallk's losses to other training libraries (each needs its optional extra)."""

@@ -1,0 +1,146 @@
+"""RS@k as a sentence-transformers loss: ``CachedRecallAtKLoss`` (``pip install 'recallk[text]'``).
+
+A drop-in loss for class-labelled sentences (a dataset with one text column and a ``label`` column) that works
+with ``SentenceTransformerTrainer`` and ``model.fit``. Like sentence-transformers'
+``CachedMultipleNegativesRankingLoss`` it embeds the batch in mini-batches twice, through recallk's multistage
+engine (:mod:`recallk.training.multistage`):
+
+1. ``forward`` embeds every mini-batch without a graph (saving each one's RNG state, so dropout replays), computes
+   RS@k on the whole batch and its gradient G = dL/dE (N, D), and returns the loss as a leaf tensor;
+2. ``loss.backward()`` (called by the trainer) runs a hook that re-embeds each mini-batch with autograd and
+   backpropagates its rows of ``G * grad_output`` (so loss scaling and gradient accumulation apply).
+
+The parameter gradient equals that of RS@k on the full batch embedded at once, while activation memory is that
+of one mini-batch: batches of thousands of sentences train in the memory of ``mini_batch_size``.
+
+Batches need several sentences per label; use ``batch_sampler=BatchSamplers.GROUP_BY_LABEL`` in the training
+arguments (or recallk's :class:`~recallk.data.sampler.ClassBalancedBatchSampler`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.simix import SimilarityMixup
+from recallk.training.multistage import FirstPass, backward_through_chunks, embed_without_graph
+
+try:
+    from sentence_transformers import SentenceTransformer
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "recallk.integrations.sentence_transformers needs sentence-transformers; pip install 'recallk[text]'"
+    ) from err
+
+
+class _SentenceEmbedding(nn.Module):
+    """Token dict -> L2-normalised ``sentence_embedding`` (B, D); copies the dict, which the model extends."""
+
+    def __init__(self, model: SentenceTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return nn.functional.normalize(self.model(dict(features))["sentence_embedding"], dim=-1)
+
+
+def _tensor_features(features: dict[str, Any]) -> dict[str, Tensor]:
+    """The batch-shaped tensors of a features dict (sentence-transformers also passes e.g. ``modality``)."""
+    return {name: value for name, value in features.items() if isinstance(value, Tensor) and value.dim() > 0}
+
+
+class CachedRecallAtKLoss(nn.Module):
+    """RS@k over a whole batch of labelled sentences, embedded ``mini_batch_size`` sentences at a time.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        mini_batch_size: sentences per forward pass (the memory knob; the gradient does not depend on it).
+        k: recall levels averaged by RS@k.
+        tau_rank, tau_k: sigmoid temperatures of the rank and of "rank <= k" (the paper's 0.01 and 1).
+        mixup: SiMix: ``True`` or a :class:`~recallk.losses.simix.SimilarityMixup` to add mixed same-label items.
+        rank_includes_query: count the query in its own ranks, as the authors' code does.
+
+    Inputs: ``sentence_features`` with one features dict (N sentences) and ``labels`` (N,) of any integer values.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        mini_batch_size: int = 32,
+        k: Sequence[int] = (1, 2, 4, 8, 16),
+        tau_rank: float = 0.01,
+        tau_k: float = 1.0,
+        mixup: SimilarityMixup | bool | None = None,
+        rank_includes_query: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        self.model = model
+        self.mini_batch_size = mini_batch_size
+        self.loss = RecallAtKLoss(
+            k, tau_rank, tau_k, rank_includes_query, SimilarityMixup() if mixup is True else (mixup or None)
+        )
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        features = list(sentence_features)
+        if len(features) != 1:
+            raise ValueError(
+                f"CachedRecallAtKLoss takes one text column and a label column, got {len(features)} text columns; "
+                "give a dataset with columns (text, label)"
+            )
+        if labels is None:
+            raise ValueError("CachedRecallAtKLoss needs class labels: give the dataset a 'label' column")
+        inputs = _tensor_features(features[0])
+        encoder = _SentenceEmbedding(self.model)
+        first = embed_without_graph(encoder, inputs, self.mini_batch_size)
+        labels = labels.to(first.embeddings.device)
+        embeddings = first.embeddings.to(torch.promote_types(first.embeddings.dtype, torch.float32))
+        if not torch.is_grad_enabled():
+            return self.loss(embeddings, labels)
+        with torch.enable_grad():
+            leaf = embeddings.requires_grad_(True)
+            loss = self.loss(leaf, labels)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        first.embeddings = first.embeddings[:0]
+        result = loss.detach().requires_grad_(True)
+        result.register_hook(partial(_backward_hook, encoder=encoder, inputs=inputs, first=first, grad=grad))
+        return result
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """Hyper-parameters shown in sentence-transformers' model cards."""
+        return {
+            "mini_batch_size": self.mini_batch_size,
+            "k": list(self.loss.k),
+            "tau_rank": self.loss.tau_rank,
+            "tau_k": list(self.loss.tau_k),
+            "mixup": repr(self.loss.mixup),
+            "rank_includes_query": self.loss.rank_includes_query,
+        }
+
+    @property
+    def citation(self) -> str:
+        return """
+@inproceedings{patel2022recall,
+    title={Recall@k Surrogate Loss with Large Batches and Similarity Mixup},
+    author={Patel, Yash and Tolias, Giorgos and Matas, Ji{\\v{r}}{\\'\\i}},
+    booktitle={CVPR},
+    year={2022}
+}
+"""
+
+
+def _backward_hook(
+    grad_output: Tensor, encoder: nn.Module, inputs: dict[str, Tensor], first: FirstPass, grad: Tensor
+) -> None:
+    """Stage 3, run by ``loss.backward()``: backpropagate ``grad * grad_output`` through the re-embedded chunks.
+
+    The autograd engine runs hooks with gradients disabled; the re-embedding needs them back on.
+    """
+    with torch.enable_grad():
+        backward_through_chunks(encoder, inputs, first, grad * grad_output.to(grad.dtype))
