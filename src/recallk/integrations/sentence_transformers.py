@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
+from recallk.models.text import SentenceEncoder
 from recallk.training.multistage import FirstPass, backward_through_chunks, embed_without_graph
 
 try:
@@ -36,17 +37,6 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError(
         "recallk.integrations.sentence_transformers needs sentence-transformers; pip install 'recallk[text]'"
     ) from err
-
-
-class _SentenceEmbedding(nn.Module):
-    """Token dict -> L2-normalised ``sentence_embedding`` (B, D); copies the dict, which the model extends."""
-
-    def __init__(self, model: SentenceTransformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, features: dict[str, Tensor]) -> Tensor:
-        return nn.functional.normalize(self.model(dict(features))["sentence_embedding"], dim=-1)
 
 
 def _tensor_features(features: dict[str, Any]) -> dict[str, Tensor]:
@@ -97,7 +87,7 @@ class CachedRecallAtKLoss(nn.Module):
         if labels is None:
             raise ValueError("CachedRecallAtKLoss needs class labels: give the dataset a 'label' column")
         inputs = _tensor_features(features[0])
-        encoder = _SentenceEmbedding(self.model)
+        encoder = SentenceEncoder(self.model)  # copies the features dict and L2-normalises, as recallk's models do
         first = embed_without_graph(encoder, inputs, self.mini_batch_size)
         labels = labels.to(first.embeddings.device)
         embeddings = first.embeddings.to(torch.promote_types(first.embeddings.dtype, torch.float32))
