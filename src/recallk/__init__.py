@@ -1,7 +1,8 @@
 """recallk: deep metric learning by directly optimising recall@k.
 
 Implements "Recall@k Surrogate Loss with Large Batches and Similarity Mixup" (Patel, Tolias, Matas, CVPR 2022):
-``RecallAtKLoss`` (RS@k), ``SimilarityMixup`` (SiMix) and ``retrieval_metrics``. The public names are imported
+``RecallAtKLoss`` (RS@k), ``SimilarityMixup`` (SiMix) and ``retrieval_metrics``; using a trained model:
+``load_model`` (a :class:`RecallkModel` that embeds images or text) and ``Index`` (gallery search). The public names are imported
 lazily so that ``recallk --help`` answers without loading torch.
 """
 
@@ -16,6 +17,9 @@ _PUBLIC = {
     "RecallAtKLoss": "recallk.losses.recall_at_k",
     "SimilarityMixup": "recallk.losses.simix",
     "retrieval_metrics": "recallk.evaluation.metrics",
+    "load_model": "recallk.pretrained",
+    "RecallkModel": "recallk.pretrained",
+    "Index": "recallk.evaluation.index",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

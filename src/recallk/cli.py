@@ -1,4 +1,5 @@
-"""The ``recallk`` command line: ``train``, ``evaluate``, ``embed`` and ``demo``.
+"""The ``recallk`` command line: ``train``, ``evaluate``, ``embed``, ``search``, ``export``, ``recipes``, ``config``
+and ``demo``.
 
 Each subcommand imports its implementation only when it runs, so ``recallk --help`` answers at once.
 
@@ -44,10 +45,14 @@ DEVICES = ("auto", "cpu", "cuda")
 MAIN_EPILOG = """\
 examples:
   recallk demo                                     # small end-to-end run on Omniglot
-  recallk train configs/omniglot.yaml              # train with a recipe
-  recallk train configs/sop_resnet50.yaml --data-dir /data optim.lr=1e-5
+  recallk recipes                                  # the bundled recipes
+  recallk train omniglot                           # train a bundled recipe (or a YAML file of your own)
+  recallk train sop_resnet50 --data-dir /data optim.lr=1e-5
   recallk evaluate runs/omniglot                   # recall@k table of a finished run
   recallk embed runs/omniglot --split test --out test.npz
+  recallk search runs/omniglot --gallery photos/ --query q.png
+  recallk export runs/omniglot --format onnx --out model.onnx
+  recallk config --explain data                    # every config key with its type, default and meaning
 
 'recallk COMMAND --help' shows each command's options.
 """
@@ -57,13 +62,16 @@ overrides:
   Any config key can be set after CONFIG as dotted.key=value; values are read as YAML
   (numbers, true/false, null, [lists]). Command-line options win over overrides.
 
+CONFIG is a bundled recipe name ('recallk recipes' lists them) or a YAML file; 'recallk config --explain'
+describes every key.
+
 examples:
-  recallk train configs/omniglot.yaml
-  recallk train configs/sop_resnet50.yaml --data-dir /data/sop optim.lr=1e-5 data.batch_size=2000
-  recallk train configs/cub_resnet50.yaml model.pretrained=false train.max_steps=5 --device cpu
-  recallk train configs/omniglot.yaml --run-dir runs/omni
+  recallk train omniglot
+  recallk train sop_resnet50 --data-dir /data/sop optim.lr=1e-5 data.batch_size=2000
+  recallk train cub_resnet50 model.pretrained=false train.max_steps=5 --device cpu
+  recallk train my_recipe.yaml --run-dir runs/omni
   recallk train --resume runs/omni train.epochs=20                  # continue (and extend) that run
-  recallk train configs/omniglot.yaml loss.simix=true --dry-run    # print the resolved config only
+  recallk train omniglot loss.simix=true --dry-run                 # print the resolved config only
 """
 
 EVALUATE_EPILOG = """\
@@ -79,8 +87,45 @@ EMBED_EPILOG = """\
 examples:
   recallk embed runs/omniglot --split test --out omniglot_test.npz
   recallk embed runs/sop/last.pt --data sop --data-dir /data --split test --out sop_test.npz
+  recallk embed runs/omniglot --images photos/ extra.png --out photos.npz     # unlabelled image files
+  recallk embed runs/clinc --texts sentences.txt --out sentences.npz        # one sentence per line
 
-The file holds the embeddings (N x D, unit norm), the integer labels and the item ids.
+The file holds the embeddings (N x D, unit norm) and the item ids (file paths or sentences), plus the integer
+labels when a labelled split is embedded.
+"""
+
+SEARCH_EPILOG = """\
+examples:
+  recallk search runs/omniglot --gallery gallery/ --query q1.png q2.png
+  recallk search model_folder/ --gallery gallery/ --query queries/ --top-k 10 --out results.json
+
+The gallery is embedded once and cached in <run>/search_cache (rebuilt when a gallery file or the model
+changes). Results are printed, written as JSON (default search_results.json) and drawn, one picture per
+query next to the JSON file. The search is exact (faiss when installed, else chunked torch).
+"""
+
+EXPORT_EPILOG = """\
+examples:
+  recallk export runs/omniglot --format torchscript --out model.pt    # torch.jit.load(...)(images)
+  recallk export runs/omniglot --format onnx --out model.onnx         # pip install 'recallk[onnx]'
+  recallk export runs/omniglot --format pretrained --out omniglot-rsk  # model.safetensors + config.json + card
+
+TorchScript and ONNX take preprocessed images (B, C, H, W) with any batch size B and return unit-norm
+embeddings (B, D); the exported model is checked against the eager one on a random batch. 'pretrained' writes
+the Hugging Face Hub layout that recallk.load_model reads.
+"""
+
+RECIPES_EPILOG = """\
+examples:
+  recallk recipes                                  # list the bundled recipes
+  recallk recipes --copy omniglot my_configs/      # write my_configs/omniglot.yaml to edit
+  recallk train omniglot                           # train a bundled recipe by name
+"""
+
+CONFIG_EPILOG = """\
+examples:
+  recallk config --explain                         # every section
+  recallk config --explain optim                   # one section
 """
 
 DEMO_EPILOG = """\
@@ -131,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = _add_subcommand(subparsers, "train", "train a model from a YAML config", TRAIN_EPILOG, _cmd_train)
     train.add_argument("config", metavar="CONFIG", nargs="?",
-                       help="YAML config file, e.g. configs/omniglot.yaml (default with --resume: the run's config)")
+                       help="bundled recipe name (e.g. omniglot; see 'recallk recipes') or YAML config file "
+                       "(default with --resume: the run's config)")
     train.add_argument(
         "overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides, e.g. optim.lr=1e-5"
     )
@@ -150,14 +196,48 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     evaluate.add_argument("--out", metavar="FILE", help="metrics JSON file (default: evaluation.json in the run)")
 
-    embed = _add_subcommand(subparsers, "embed", "export embeddings of a data split", EMBED_EPILOG, _cmd_embed)
-    embed.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file or run directory")
+    embed = _add_subcommand(
+        subparsers, "embed", "export embeddings of a data split, image files or text lines", EMBED_EPILOG, _cmd_embed
+    )
+    embed.add_argument("checkpoint", metavar="MODEL", help="a run directory, checkpoint file or saved model folder")
+    embed.add_argument("--images", metavar="PATH", nargs="+", help="unlabelled image files or folders to embed")
+    embed.add_argument("--texts", metavar="FILE", help="text file to embed, one sentence per line (text models)")
     embed.add_argument("--data", metavar="DATASET", help="dataset name (default: the one the model was trained on)")
     embed.add_argument("--split", default="test", help="split to embed (default: test)")
     embed.add_argument("--out", metavar="FILE", required=True, help="output .npz file")
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     embed.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+
+    search = _add_subcommand(
+        subparsers, "search", "find the gallery images most similar to query images", SEARCH_EPILOG, _cmd_search
+    )
+    search.add_argument("model", metavar="MODEL", help="a run directory, checkpoint file or saved model folder")
+    search.add_argument("--gallery", metavar="PATH", nargs="+", required=True, help="gallery image folders or files")
+    search.add_argument("--query", metavar="PATH", nargs="+", required=True, help="query image files or folders")
+    search.add_argument("--top-k", type=int, default=5, metavar="K", help="neighbours per query (default: 5)")
+    search.add_argument("--out", metavar="FILE", default="search_results.json",
+                        help="results JSON (default: search_results.json); pictures are written next to it")
+    search.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
+    search.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
+
+    export = _add_subcommand(
+        subparsers, "export", "export a trained model to TorchScript, ONNX or a shareable folder", EXPORT_EPILOG,
+        _cmd_export,
+    )
+    export.add_argument("model", metavar="MODEL", help="a run directory, checkpoint file or saved model folder")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx", "pretrained"),
+                        help="torchscript (.pt), onnx (.onnx) or pretrained (a Hugging Face Hub folder)")
+    export.add_argument("--out", metavar="PATH", required=True, help="output file (folder for pretrained)")
+
+    recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
+    recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
+
+    config = _add_subcommand(
+        subparsers, "config", "describe the configuration keys", CONFIG_EPILOG, _cmd_config
+    )
+    config.add_argument("--explain", metavar="SECTION", nargs="?", const="", required=True,
+                        help="print every key (of SECTION: data, model, loss, ...) with type, default and meaning")
 
     demo = _add_subcommand(
         subparsers, "demo", "train and evaluate a small model on Omniglot in minutes", DEMO_EPILOG, _cmd_demo
@@ -188,6 +268,7 @@ def _implementation(module: str, feature: str) -> ModuleType:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from recallk.config import config_to_dict, load_config
+    from recallk.recipes import is_recipe_name, recipe_path
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
@@ -208,9 +289,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_path = config_path or resume_dir / "config.yaml"
     elif config_path is None:
         raise RecallkUsageError(
-            "recallk train needs CONFIG (a YAML file, e.g. configs/omniglot.yaml) or --resume RUN_DIR; "
-            "see 'recallk train --help'"
+            "recallk train needs CONFIG (a bundled recipe name such as omniglot, see 'recallk recipes', or a YAML "
+            "file) or --resume RUN_DIR; see 'recallk train --help'"
         )
+    elif not Path(config_path).exists() and is_recipe_name(str(config_path)):
+        config_path = recipe_path(str(config_path))
     options = {"data.data_dir": args.data_dir, "output.run_dir": run_dir, "train.device": args.device}
     cfg = load_config(config_path, overrides, {k: v for k, v in options.items() if v is not None})
     if args.dry_run:
@@ -244,6 +327,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise RecallkUsageError(f"--batch-size must be >= 1, got {args.batch_size}; pass e.g. --batch-size 256")
+    if args.images or args.texts:
+        if args.images and args.texts:
+            raise RecallkUsageError("pass either --images or --texts, not both")
+        inference = _implementation("recallk.inference", "embedding files")
+        out = inference.embed_items(
+            args.checkpoint, args.out, images=args.images or (), texts=args.texts,
+            device=_resolved_device(args.device), batch_size=args.batch_size or 256,
+        )
+        print(f"saved embeddings to {out}")
+        return EXIT_OK
     evaluation = _implementation("recallk.evaluation.evaluate", "embedding export")
     out = evaluation.export_embeddings(
         Path(args.checkpoint),
@@ -255,6 +348,71 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     print(f"saved embeddings to {out}")
+    return EXIT_OK
+
+
+def _resolved_device(name: str) -> str:
+    from recallk.training.trainer import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    if args.top_k < 1 or args.batch_size < 1:
+        raise RecallkUsageError("--top-k and --batch-size must be >= 1; pass e.g. --top-k 5")
+    inference = _implementation("recallk.inference", "search")
+    report = inference.search_run(
+        args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
+        batch_size=args.batch_size,
+    )
+    print(f"gallery: {report['cache']} ({'cached' if report['cached'] else 'embedded now'})")
+    for result in report["results"]:
+        print(f"query {result['query']}")
+        for rank, neighbour in enumerate(result["neighbours"], start=1):
+            print(f"  {rank:2d}. {neighbour['similarity']:.4f}  {neighbour['path']}")
+    print(f"saved {args.out} and one picture per query next to it")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    pretrained = _implementation("recallk.pretrained", "model export")
+    model = pretrained.load_model(args.model)
+    if args.format == "pretrained":
+        print(f"saved {model.save_pretrained(args.out)} (model.safetensors, config.json, README.md)")
+        return EXIT_OK
+    import torch
+
+    from recallk.models.export import export_network, load_exported
+
+    if model.is_text:
+        raise RecallkUsageError("a text model exports with --format pretrained only")
+    size = model.preprocess.image_size
+    example = torch.rand(4, model.preprocess.channels, size, size, generator=torch.Generator().manual_seed(0))
+    out = export_network(model.network, example, args.out, args.format)
+    difference = float((load_exported(out, args.format)(example) - model.embed(example)).abs().max())
+    checked = f"; max |exported - eager| = {difference:.2e} on a batch of 4"
+    print(f"saved {out} ({args.format}, input (B, {model.preprocess.channels}, {size}, {size}){checked})")
+    return EXIT_OK
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from recallk.recipes import copy_recipe, list_recipes
+
+    if args.copy:
+        print(f"wrote {copy_recipe(*args.copy)}")
+        return EXIT_OK
+    recipes = list_recipes()
+    width = max(map(len, recipes))
+    for name, summary in recipes.items():
+        print(f"{name.ljust(width)}  {summary}")
+    print("\ntrain one with 'recallk train NAME'; copy one to edit with 'recallk recipes --copy NAME DIR'")
+    return EXIT_OK
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from recallk.config import explain_config
+
+    print(explain_config(args.explain or None))
     return EXIT_OK
 
 

@@ -40,6 +40,13 @@ SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 Norm = Literal["batch", "group"]
 
 
+def _key(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A config field whose meaning is ``metadata["help"]`` (printed by ``recallk config --explain``)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
     """Dataset, splits, preprocessing and batch composition.
@@ -47,113 +54,120 @@ class DataConfig:
     A training batch holds ``batch_size // samples_per_class`` classes with ``samples_per_class`` images each.
     """
 
-    dataset: str = "omniglot"  # reader: omniglot, sop, cub, cars, ... (build_dataset); text: clinc150, banking77
-    data_dir: str | None = None  # root holding the datasets; None: $RECALLK_DATA, else the user cache
-    split_train: str = "train"
-    split_val: str | None = None  # split evaluated during training (e.g. omniglot "val"); None: no validation
-    val_classes: int | None = None  # readers that carve "val" out of the training classes (omniglot): how many
-    split_test: tuple[str, ...] = ("test",)  # evaluated after training, one metrics table per split
-    options: dict[str, Any] = field(default_factory=dict)  # extra reader keyword arguments (e.g. csv_file)
-    download: bool = False  # fetch missing files where the reader can (omniglot)
-    in_memory: bool = False  # omniglot: decode the split once into arrays and augment whole batches
-    image_size: int = 224  # side of the square network input in pixels
-    transform: str = "imagenet"  # preprocessing kind for recallk.data.build_transforms
-    batch_size: int = 4000
-    samples_per_class: int = 4
-    num_workers: int = 4
-    skip_bad_images: bool = False  # skip unreadable images with a warning instead of stopping
+    dataset: str = _key("omniglot", "reader: omniglot, sop, cub, cars, inat2018, vehicleid, inshop, folder, csv; "
+                                    "text: clinc150, banking77")
+    data_dir: str | None = _key(None, "root holding the datasets; null: $RECALLK_DATA, else the user cache")
+    split_train: str = _key("train", "split trained on")
+    split_val: str | None = _key(None, "split evaluated during training, which picks best.pt (e.g. omniglot val); "
+                                       "null: no validation")
+    val_classes: int | None = _key(None, "readers that carve val out of the training classes (omniglot): how many")
+    split_test: tuple[str, ...] = _key(("test",), "splits evaluated after training, one metrics table each")
+    options: dict[str, Any] = _key(factory=dict, help="extra reader keyword arguments (e.g. csv_file)")
+    download: bool = _key(False, "fetch missing files where the reader can (omniglot)")
+    in_memory: bool = _key(False, "omniglot: decode the split once into arrays and augment whole batches")
+    image_size: int = _key(224, "side of the square network input in pixels")
+    transform: str = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std) or omniglot "
+                                      "(one channel in [0, 1])")
+    batch_size: int = _key(4000, "images per training batch (the global batch with several processes)")
+    samples_per_class: int = _key(4, "images of each class in a batch")
+    num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
+    skip_bad_images: bool = _key(False, "skip undecodable images with a warning instead of stopping")
 
 
 @dataclass
 class ModelConfig:
     """Backbone and embedding head: pool -> LayerNorm -> Linear(embed_dim) -> L2 normalisation."""
 
-    backbone: str = "resnet50"  # timm model name (optionally with .tag), "omniglot_cnn", or st:<sentence model>
-    pretrained: bool = False  # load ImageNet weights (downloaded by timm, or from pretrained_path)
-    pretrained_path: str | None = None  # local weights file for the backbone; implies pretrained loading
-    embed_dim: int = 512
-    pooling: Pooling = "gem"  # gem/avg over CNN feature maps; cls: the class token of a ViT
-    gem_p: float = 3.0  # initial GeM exponent
-    gem_learnable: bool = True  # learn the GeM exponent with the network
-    layernorm: bool = True  # LayerNorm on the pooled features before the linear layer
-    freeze_batchnorm: bool = False  # keep BatchNorm running statistics fixed during training
-    in_chans: int | None = None  # input channels; None: the backbone's default (3, or 1 for omniglot_cnn)
-    widths: tuple[int, ...] = (64, 128, 256, 256)  # omniglot_cnn only: channels of each conv block
-    norm: Norm = "batch"  # omniglot_cnn only: batch (BatchNorm) or group (GroupNorm: chunkable without freezing)
-    channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
-    compile: bool = False  # wrap the model in torch.compile
+    backbone: str = _key("resnet50", "timm model name (optionally with .tag), omniglot_cnn, or st:<sentence model>")
+    pretrained: bool = _key(False, "load ImageNet weights (downloaded by timm, or from pretrained_path)")
+    pretrained_path: str | None = _key(None, "local weights file for the backbone; implies pretrained loading")
+    embed_dim: int = _key(512, "size of the output embedding")
+    pooling: Pooling = _key("gem", "gem/avg over CNN feature maps; cls: the class token of a ViT")
+    gem_p: float = _key(3.0, "initial GeM exponent")
+    gem_learnable: bool = _key(True, "learn the GeM exponent with the network")
+    layernorm: bool = _key(True, "LayerNorm on the pooled features before the linear layer")
+    freeze_batchnorm: bool = _key(False, "keep BatchNorm running statistics fixed during training (needed when "
+                                         "batches are split into chunks)")
+    in_chans: int | None = _key(None, "input channels; null: the backbone's default (3, or 1 for omniglot_cnn)")
+    widths: tuple[int, ...] = _key((64, 128, 256, 256), "omniglot_cnn only: channels of each conv block")
+    norm: Norm = _key("batch", "omniglot_cnn only: batch (BatchNorm) or group (GroupNorm: chunkable without "
+                               "freezing)")
+    channels_last: bool = _key(False, "NHWC memory format (faster convolutions on tensor cores)")
+    compile: bool = _key(False, "wrap the model in torch.compile")
 
 
 @dataclass
 class LossConfig:
     """Training loss; ``rsk`` is the paper's Recall@k surrogate, the rest are baselines."""
 
-    name: LossName = "rsk"
-    k: tuple[int, ...] = (1, 2, 4, 8, 16)  # recall@k values averaged by RS@k
-    tau_rank: float = 0.01  # sigmoid temperature of the rank estimate (tau_2 in the paper)
-    tau_k: float = 1.0  # sigmoid temperature of the "rank < k" count (tau_1 in the paper)
-    rank_includes_query: bool = False
-    simix: bool = False  # similarity mixup (SiMix), RS@k only
-    simix_pairs_per_class: int | None = None  # mixed pairs drawn per class; None: all pairs
-    params: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of a baseline loss
+    name: LossName = _key("rsk", "rsk (RS@k) or a pytorch-metric-learning baseline")
+    k: tuple[int, ...] = _key((1, 2, 4, 8, 16), "recall@k values averaged by RS@k")
+    tau_rank: float = _key(0.01, "sigmoid temperature of the rank estimate (tau_2 in the paper)")
+    tau_k: float = _key(1.0, "sigmoid temperature of the rank < k count (tau_1 in the paper)")
+    rank_includes_query: bool = _key(False, "count the query in its own rank sums (the authors' released code)")
+    simix: bool = _key(False, "similarity mixup (SiMix), RS@k only")
+    simix_pairs_per_class: int | None = _key(None, "mixed pairs drawn per class; null: all pairs")
+    params: dict[str, Any] = _key(factory=dict, help="extra keyword arguments of a baseline loss")
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule (epochs-based)."""
 
-    name: OptimName = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 4e-4
-    backbone_lr_mult: float = 1.0  # backbone learning rate = lr * backbone_lr_mult (head uses lr)
-    loss_lr_mult: float = 1.0  # lr of the loss's own parameters (proxies) = lr * loss_lr_mult; proxy losses like 100
-    schedule: Schedule = "none"
-    warmup_epochs: int = 0  # linear warm-up from 0 to lr
-    step_epochs: tuple[int, ...] = ()  # step schedule: multiply the lr by gamma at these epochs
-    gamma: float = 0.3
+    name: OptimName = _key("adam", "optimiser")
+    lr: float = _key(1e-4, "learning rate of the head (and, times backbone_lr_mult, of the backbone)")
+    weight_decay: float = _key(4e-4, "weight decay of the network's parameters")
+    backbone_lr_mult: float = _key(1.0, "backbone learning rate = lr * backbone_lr_mult (the head uses lr)")
+    loss_lr_mult: float = _key(1.0, "lr of the loss's own parameters (proxies) = lr * loss_lr_mult; proxy losses "
+                                    "like 100")
+    schedule: Schedule = _key("none", "learning-rate schedule over the epochs")
+    warmup_epochs: int = _key(0, "linear warm-up from 0 to lr over this many epochs")
+    step_epochs: tuple[int, ...] = _key((), "step schedule: multiply the lr by gamma at these epochs")
+    gamma: float = _key(0.3, "step schedule: the factor applied at each step")
 
 
 @dataclass
 class TrainConfig:
     """Training loop settings."""
 
-    epochs: int = 1
-    chunk_size: int = 200  # images per forward/backward chunk of the multistage engine (memory knob)
-    amp: AmpMode = "auto"  # autocast precision of the network forward; auto: bf16 on CUDA, none on CPU
-    eval_every: int = 1  # evaluate on the validation set every N epochs; 0: only after the last epoch
-    checkpoint_every: int = 1  # save a checkpoint every N epochs; 0: only the final one
-    log_every: int = 10  # log training loss every N steps
-    device: Device = "auto"  # auto: cuda when available, else cpu
-    max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
-    nan_policy: NanPolicy = "stop"  # non-finite loss: stop with an error, or skip the step
-    select_metric: SelectMetric = "recall@1"  # validation metric that picks checkpoints/best.pt
-    tensorboard: bool = False  # also write TensorBoard events to <run_dir>/tensorboard (pip install tensorboard)
+    epochs: int = _key(1, "passes over the training split")
+    chunk_size: int = _key(200, "images per forward/backward chunk of the multistage engine (memory knob)")
+    amp: AmpMode = _key("auto", "autocast precision of the network forward; auto: bf16 on CUDA, none on CPU")
+    eval_every: int = _key(1, "evaluate on the validation split every N epochs; 0: only after the last epoch")
+    checkpoint_every: int = _key(1, "save a checkpoint every N epochs; 0: only the final one")
+    log_every: int = _key(10, "log the training loss every N steps")
+    device: Device = _key("auto", "auto: cuda when available, else cpu")
+    max_steps: int | None = _key(None, "stop after this many optimiser steps (smoke tests); null: no limit")
+    nan_policy: NanPolicy = _key("stop", "non-finite loss: stop with an error, or skip the step")
+    select_metric: SelectMetric = _key("recall@1", "validation metric that picks checkpoints/best.pt")
+    tensorboard: bool = _key(False, "also write TensorBoard events to <run_dir>/tensorboard (pip install "
+                                    "tensorboard)")
 
 
 @dataclass
 class EvalConfig:
     """Retrieval evaluation settings."""
 
-    k: tuple[int, ...] = (1, 2, 4, 8)  # recall@k values reported
-    batch_size: int = 256  # images per forward pass when embedding
+    k: tuple[int, ...] = _key((1, 2, 4, 8), "recall@k values reported")
+    batch_size: int = _key(256, "images per forward pass when embedding")
 
 
 @dataclass
 class OutputConfig:
     """Where results go."""
 
-    runs_root: str = "runs"
-    run_dir: str | None = None  # None: <runs_root>/<name>-<timestamp>
-    export_embeddings: bool = True  # save test embeddings, labels and ids after training
-    plots: bool = True  # save training-curve plots
+    runs_root: str = _key("runs", "folder under which run directories are created")
+    run_dir: str | None = _key(None, "this run's directory; null: <runs_root>/<name>-<timestamp>")
+    export_embeddings: bool = _key(True, "save test embeddings, labels and ids after training")
+    plots: bool = _key(True, "save training-curve, recall@k and retrieval plots")
 
 
 @dataclass
 class Config:
     """A whole experiment."""
 
-    name: str = "experiment"
-    seed: int = 0
+    name: str = _key("experiment", "experiment name, the start of the run directory's name")
+    seed: int = _key(0, "seed of every random choice (initialisation, sampling, augmentation)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -564,7 +578,8 @@ def load_config(
         if not file.exists() or file.is_dir():
             what = "is a directory, not a file" if file.is_dir() else "does not exist"
             raise ConfigError(
-                f"config file '{path}' {what}; pass the path of a YAML config, e.g. configs/omniglot.yaml"
+                f"config file '{path}' {what}; pass the path of a YAML config, or a bundled recipe name "
+                "(e.g. omniglot; 'recallk recipes' lists them)"
             )
         try:
             text = file.read_text(encoding="utf-8")
@@ -594,3 +609,36 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
     return path
+
+
+def explain_config(section: str | None = None) -> str:
+    """Every config key (of ``section``, or all) with its type, default and meaning, read from the dataclasses.
+
+    One block per section (its docstring first), one line per key:
+    ``  key  type (default: value)`` followed by the meaning on the next line.
+    """
+    hints = get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
+    if section is not None and section not in sections and section != "top":
+        raise ConfigError(f"unknown config section {section!r}; choose one of top, {', '.join(sections)}")
+    blocks = []
+    if section in (None, "top"):
+        blocks.append(_explain_fields(Config, "", "Top level: the experiment's name and seed."))
+    for name in sections if section is None else [s for s in sections if s == section]:
+        cls = hints[name]
+        blocks.append(_explain_fields(cls, f"{name}.", " ".join((cls.__doc__ or "").split())))
+    return "\n\n".join(blocks)
+
+
+def _explain_fields(cls: type, prefix: str, title: str) -> str:
+    hints = get_type_hints(cls)
+    lines = [f"[{prefix[:-1] or 'top'}] {title}"]
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
+                               default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {prefix}{f.name}: {_describe(hints[f.name])} (default: {shown})")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

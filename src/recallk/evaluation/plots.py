@@ -32,24 +32,43 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_training_curves(path: Path, metrics_csv: Path) -> Path | None:
-    """Training loss and validation recall@k per epoch from a run's ``metrics.csv`` (None if it is empty)."""
+def plot_training_curves(
+    path: Path, metrics_csv: Path, select_metric: str | None = None, best_epoch: int | None = None
+) -> Path | None:
+    """Training loss and validation recall@k per epoch from a run's ``metrics.csv`` (None if it is empty).
+
+    The validation panel exists only when the run has validation columns; ``select_metric`` (the metric that
+    picks ``best.pt``, e.g. ``map@r``) is drawn bold, and ``best_epoch`` is marked on both panels.
+    """
     rows = read_metrics(metrics_csv)
     if not rows:
         return None
     epochs = [int(r["epoch"]) for r in rows]
-    recall_keys = [k for k in rows[0] if k.startswith("val_recall@")]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    shown = [k for k in rows[0] if k.startswith("val_recall@")]
+    selected = f"val_{select_metric}" if select_metric else None
+    if selected in rows[0] and selected not in shown:
+        shown.append(selected)
+    has_validation = any(r.get(k) for r in rows for k in shown)
+    fig, axes = plt.subplots(1, 2 if has_validation else 1, figsize=(10 if has_validation else 5, 3.8), squeeze=False)
+    ax_loss = axes[0, 0]
     ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", ms=3)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    for key in recall_keys:
-        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
-        if points:
-            ax_val.plot(*zip(*points), marker="o", ms=3, label=key.removeprefix("val_"))
-    ax_val.set(xlabel="epoch", ylabel="recall", title="Validation recall@k", ylim=(0, 1))
-    if recall_keys:
-        ax_val.legend(loc="lower right")
-    for ax in (ax_loss, ax_val):
+    if has_validation:
+        ax_val = axes[0, 1]
+        for key in shown:
+            points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
+            if points:
+                bold = key == selected
+                label = key.removeprefix("val_") + (" (selects best.pt)" if bold else "")
+                ax_val.plot(*zip(*points), marker="o", ms=4 if bold else 3, lw=2.5 if bold else 1.2, label=label)
+        ax_val.set(xlabel="epoch", ylabel="metric", title="Validation", ylim=(0, 1))
+        ax_val.legend(loc="lower right", fontsize=8)
+    if best_epoch is not None and best_epoch > 0:
+        for ax in axes[0]:
+            ax.axvline(best_epoch, color="#555555", ls="--", lw=1)
+            ax.text(best_epoch, 0.98, f" best epoch {best_epoch}", transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=8, color="#555555")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -103,4 +122,23 @@ def plot_retrievals(
     for col in range(1, k + 1):
         axes[0, col].set_title(f"#{col}", fontsize=9)
     fig.suptitle("Top retrievals (green: same class, red: other class)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_neighbours(
+    path: Path, query: Any, neighbours: list[tuple[Any, float]], title: str = "query"
+) -> Path:
+    """One query image (left) and its nearest gallery images, each captioned with its similarity.
+
+    Images are PIL images or arrays (H, W) / (H, W, 3).
+    """
+    fig, axes = plt.subplots(1, len(neighbours) + 1, figsize=(1.8 * (len(neighbours) + 1), 2.2), squeeze=False)
+    cells = [(query, "query")] + [(image, f"#{i} sim {sim:.3f}") for i, (image, sim) in enumerate(neighbours, 1)]
+    for ax, (image, caption) in zip(axes[0], cells):
+        array = np.asarray(image)
+        ax.imshow(array, cmap="gray" if array.ndim == 2 else None)
+        ax.set_title(caption, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(textwrap.shorten(title, 100), fontsize=9)
     return _save(fig, path)

@@ -71,9 +71,10 @@ class EmbeddingHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         expected_dims = 2 if self.pooling == "cls" else 4
         if features.dim() != expected_dims:
+            # Plain f-string fields only (no !r, no tuple()): the head stays scriptable with torch.jit.script.
             raise ValueError(
-                f"pooling {self.pooling!r} expects {expected_dims}-D backbone output, "
-                f"got shape {tuple(features.shape)}; use pooling 'gem'/'avg' for CNN feature maps "
+                f"pooling '{self.pooling}' expects {expected_dims}-D backbone output, "
+                f"got shape {features.shape}; use pooling 'gem'/'avg' for CNN feature maps "
                 "and 'cls' for vision transformers"
             )
         return F.normalize(self.fc(self.norm(self.pool(features))), dim=-1)

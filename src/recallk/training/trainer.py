@@ -398,11 +398,29 @@ class Trainer:
         if cfg.output.plots:
             from recallk.evaluation.plots import plot_recall_curves, plot_training_curves
 
-            plot_training_curves(self.run.plots / "training_curves.png", self.run.path / "metrics.csv")
+            validated = self.val_source is not None
+            plot_training_curves(
+                self.run.plots / "training_curves.png", self.run.path / "metrics.csv",
+                cfg.train.select_metric if validated else None, self.best["epoch"] if validated else None,
+            )
             if splits:
-                plot_recall_curves(self.run.plots / "recall_at_k.png", {"trained": primary})
+                summary["untrained"] = self._untrained_metrics(self.test_sources[cfg.data.split_test[0]])
+                plot_recall_curves(
+                    self.run.plots / "recall_at_k.png", {"untrained": summary["untrained"], "trained": primary}
+                )
         self.run.write_json("summary.json", summary)
         return summary
+
+    def _untrained_metrics(self, source: Any) -> dict[str, float | int]:
+        """Metrics on ``source`` of the network as it was before training (same seed, same initial or pretrained
+        weights): the baseline of the recall@k plot."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            model = create_model_from_config(self.cfg.model).to(self.device)
+        embeddings = embed_source(
+            model, source, self.cfg.eval.batch_size, self.device, autocast_dtype=self.amp_dtype, progress=False,
+        )
+        return evaluate_embeddings(embeddings, source.labels, self.cfg.eval.k, progress=False)
 
     def close(self) -> None:
         if self.events is not None:

@@ -1,0 +1,74 @@
+"""Exporting an image embedding network to TorchScript or ONNX, with a dynamic batch size.
+
+Both formats map images ``(B, C, H, W)`` (already preprocessed, any ``B >= 1``) to unit-norm embeddings
+``(B, D)``. TorchScript uses ``torch.jit.script`` (the model is scriptable: no Python-only constructs in
+``forward``); ONNX uses ``torch.onnx.export(dynamo=True)`` (``pip install 'recallk[onnx]'``: onnx and
+onnxscript), a single ``.onnx`` file with input ``images`` and output ``embeddings``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from recallk.errors import RecallkUsageError
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "embeddings"
+
+
+def export_network(network: nn.Module, example: torch.Tensor, path: str | Path, fmt: str) -> Path:
+    """Write ``network`` (an image model, exported in eval mode on the CPU) to ``path`` in format ``fmt``.
+
+    ``example``: a batch ``(B, C, H, W)`` of preprocessed images that fixes C, H and W; the batch stays dynamic.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise RecallkUsageError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if hasattr(network, "tokenize"):
+        raise RecallkUsageError(
+            "export supports image models only; a sentence-transformers model is shared with save_pretrained "
+            "(recallk export RUN --format pretrained)"
+        )
+    network = copy.deepcopy(network).cpu().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        if fmt == "torchscript":
+            torch.jit.script(network).save(str(path))
+        else:
+            _export_onnx(network, example.cpu(), path)
+    return path
+
+
+def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+    except ImportError:
+        raise RecallkUsageError("ONNX export needs onnx and onnxscript; pip install 'recallk[onnx]'") from None
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        network, (example,), str(path), dynamo=True, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+        dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+    )
+
+
+def load_exported(path: str | Path, fmt: str) -> object:
+    """A callable ``images (B, C, H, W) float32 tensor -> embeddings (B, D) tensor`` for an exported file.
+
+    ONNX files run with onnxruntime (``pip install onnxruntime``).
+    """
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+        return lambda images: module(images).detach()
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RecallkUsageError("running an ONNX model needs onnxruntime; pip install onnxruntime") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: images.cpu().numpy()})[0])

@@ -1,0 +1,355 @@
+"""A trained model as one object: the network, its preprocessing, and how to save, share and load it.
+
+``load_model(path)`` accepts a run directory (its ``checkpoints/best.pt``, else ``last.pt``), a checkpoint file,
+a folder written by :meth:`RecallkModel.save_pretrained`, or ``hf://user/name`` (downloaded with
+``huggingface_hub``, ``pip install 'recallk[hub]'``). The returned :class:`RecallkModel` is in eval mode and
+embeds PIL images, image files, tensor batches or, for text models, strings::
+
+    model = recallk.load_model("runs/demo")
+    embeddings = model.embed(["a.png", "b.png"])          # (2, D) float32, unit norm
+    model.save_pretrained("omniglot-rsk")                 # model.safetensors + config.json + README.md
+
+The saved folder follows the Hugging Face Hub layout: ``model.safetensors`` holds the weights only (no pickle),
+``config.json`` the resolved recallk config plus the preprocessing (enough to rebuild the model), ``README.md`` a
+model card with the recipe, the data set, the test metrics and the recallk version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from recallk import __version__
+from recallk.config import Config, config_from_dict, config_to_dict
+from recallk.data.transforms import build_transforms
+from recallk.errors import RecallkUsageError
+from recallk.evaluation.embed import embed_batches
+from recallk.models.factory import create_model_from_config
+from recallk.training.checkpoint import atomic_write_text, load_checkpoint
+
+FORMAT = "recallk-pretrained-v1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+HUB_PREFIX = "hf://"
+INVERTED_DATASETS = ("omniglot",)  # readers that invert images (ink bright on dark) before the transform
+
+ImageItem = str | Path | Image.Image | Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What turns an image file or PIL image into the network's input tensor ``(C, image_size, image_size)``.
+
+    ``invert`` mirrors readers such as Omniglot's that invert the grayscale image first; ``transform`` and
+    ``image_size`` are ``data.transform`` and ``data.image_size`` (:func:`recallk.data.build_transforms`, eval mode).
+    """
+
+    transform: str
+    image_size: int
+    invert: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> Preprocessing:
+        data = config.data
+        return cls(data.transform, data.image_size, data.dataset in INVERTED_DATASETS)
+
+    def __call__(self, image: str | Path | Image.Image) -> Tensor:
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        image = image.convert("L" if self.transform == "omniglot" else "RGB")
+        if self.invert:
+            image = ImageOps.invert(image)
+        return build_transforms(self.transform, self.image_size, train=False)(image)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.transform == "omniglot" else 3
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A decoded image file; a missing or undecodable file is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist; pass the path of an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise RecallkUsageError(f"cannot decode image {path} ({err}); pass a PNG/JPEG image file") from None
+
+
+class RecallkModel(nn.Module):
+    """A trained embedding network together with its config, preprocessing and test metrics.
+
+    ``forward(inputs)`` is the network's (a batch ``(B, C, H, W)`` or a token dict -> ``(B, D)``);
+    :meth:`embed` takes raw items. ``config`` is the training :class:`~recallk.config.Config`; ``metrics`` the
+    test metrics of the run (``{}`` when unknown).
+    """
+
+    def __init__(self, network: nn.Module, config: Config, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.config = config
+        self.metrics = dict(metrics or {})
+        self.preprocess = None if self.is_text else Preprocessing.from_config(config)
+        self.eval()
+
+    @property
+    def is_text(self) -> bool:
+        return hasattr(self.network, "tokenize")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.network.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.network(inputs)
+
+    def embed(self, items: Any, batch_size: int = 256, progress: bool = False) -> Tensor:
+        """Float32 unit-norm embeddings ``(N, D)`` on the CPU of ``items``, in order.
+
+        ``items``: one or a list of image file paths / PIL images (preprocessed here), a preprocessed tensor
+        ``(C, H, W)`` or batch ``(B, C, H, W)``; for text models a string or a list of strings.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batches, total = self._batches(items, batch_size)
+        return embed_batches(self.network, batches, self.device, total=total, progress=progress)
+
+    def _batches(self, items: Any, batch_size: int) -> tuple[Any, int]:
+        if isinstance(items, Tensor):
+            if self.is_text or items.dim() not in (3, 4):
+                raise ValueError(
+                    f"expected an image tensor (C, H, W) or batch (B, C, H, W), got shape {tuple(items.shape)}"
+                )
+            batch = items if items.dim() == 4 else items.unsqueeze(0)
+            return (batch[i : i + batch_size] for i in range(0, len(batch), batch_size)), len(batch)
+        single = isinstance(items, (str, Path, Image.Image))
+        items = [items] if single else list(items)
+        if not items:
+            raise ValueError("nothing to embed: the list of items is empty")
+        if self.is_text:
+            if not all(isinstance(t, str) for t in items):
+                raise ValueError("a text model embeds strings; pass a string or a list of strings")
+            tokenize = self.network.tokenize
+            return (tokenize(items[i : i + batch_size]) for i in range(0, len(items), batch_size)), len(items)
+        preprocess = self.preprocess
+        assert preprocess is not None
+
+        def image_batches() -> Any:
+            for start in range(0, len(items), batch_size):
+                yield torch.stack([_image_tensor(item, preprocess) for item in items[start : start + batch_size]])
+
+        return image_batches(), len(items)
+
+    # ------------------------------------------------------------------ saving and sharing
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and ``README.md`` (model card) into ``directory``."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        network = self.network
+        save_model(network, str(directory / WEIGHTS_FILE))
+        document = {
+            "format": FORMAT,
+            "recallk_version": __version__,
+            "embed_dim": self.embed_dim,
+            "preprocessing": dataclasses.asdict(self.preprocess) if self.preprocess is not None else None,
+            "metrics": self.metrics,
+            "config": config_to_dict(self.config),
+        }
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
+        atomic_write_text(directory / CARD_FILE, model_card(self.config, self.metrics, directory.name))
+        return directory
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the :meth:`save_pretrained` folder to the Hugging Face Hub repository ``repo_id``; returns its URL.
+
+        Needs ``pip install 'recallk[hub]'`` and a token (``huggingface-cli login`` or ``token=``).
+        """
+        hub = _import_hub()
+        api = hub.HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload recallk model")
+        return f"https://huggingface.co/{repo_id}"
+
+
+def _image_tensor(item: Any, preprocess: Preprocessing) -> Tensor:
+    if isinstance(item, Tensor):
+        if item.dim() != 3:
+            raise ValueError(f"expected image tensors (C, H, W) in a list, got shape {tuple(item.shape)}")
+        return item
+    if isinstance(item, (str, Path, Image.Image)):
+        return preprocess(item)
+    raise ValueError(f"cannot embed a {type(item).__name__}; pass image paths, PIL images or tensors")
+
+
+def _import_hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise RecallkUsageError(
+            "sharing on the Hugging Face Hub needs huggingface_hub; pip install 'recallk[hub]'"
+        ) from None
+    return huggingface_hub
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecallkModel:
+    """The trained model at ``path`` in eval mode on ``device``.
+
+    ``path``: a run directory, a checkpoint file (``.pt``), a :meth:`RecallkModel.save_pretrained` folder, or
+    ``hf://user/name`` (a Hub repository in that layout; needs ``huggingface_hub``).
+    """
+    text = str(path)
+    if text.startswith(HUB_PREFIX):
+        path = Path(_import_hub().snapshot_download(text[len(HUB_PREFIX):]))
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {path} does not exist; pass a run directory, a checkpoint .pt file, a folder written by "
+            "save_pretrained, or hf://user/name"
+        )
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        model = _load_pretrained_folder(path)
+    else:
+        model = _load_checkpoint_model(path)
+    return model.to(device).eval()
+
+
+def _untrained_network(config: Config) -> nn.Module:
+    # The weights come from the file: never download pretrained backbone weights here.
+    return create_model_from_config(dataclasses.replace(config.model, pretrained=False, pretrained_path=None))
+
+
+def _load_checkpoint_model(path: Path) -> RecallkModel:
+    from recallk.evaluation.evaluate import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    network = _untrained_network(config)
+    network.load_state_dict(state["model"])
+    return RecallkModel(network, config, _run_metrics(checkpoint.parent.parent))
+
+
+def _run_metrics(run_dir: Path) -> dict[str, Any]:
+    """The test metrics of a finished run (its ``summary.json``), ``{}`` when the run has none."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return {}
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    return {"splits": data.get("splits", {}), "best_epoch": data.get("best_epoch")}
+
+
+def _load_pretrained_folder(directory: Path) -> RecallkModel:
+    from safetensors.torch import load_model as load_weights
+
+    config_file = directory / CONFIG_FILE
+    try:
+        document = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecallkUsageError(f"cannot read {config_file} ({err}); save the model again with save_pretrained")
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise RecallkUsageError(
+            f"{config_file} is not a recallk model config (no format '{FORMAT}'); give a folder written by "
+            "save_pretrained or 'recallk export --format pretrained'"
+        )
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; the folder must hold {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    config = config_from_dict(document["config"], source=str(config_file))
+    network = _untrained_network(config)
+    load_weights(network, str(weights), strict=True)
+    return RecallkModel(network, config, document.get("metrics"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model card
+
+
+def model_card(config: Config, metrics: dict[str, Any], name: str) -> str:
+    """The Hub model card (Markdown with YAML front matter): recipe, data set, test metrics, recallk version."""
+    task = "sentence-similarity" if config.model.backbone.startswith("st:") else "image-feature-extraction"
+    front = {"library_name": "recallk", "pipeline_tag": task, "tags": ["recallk", "metric-learning", "retrieval"]}
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {name}", "",
+        f"An embedding model trained with [recallk](https://pypi.org/project/recallk/) {__version__}: "
+        f"backbone `{config.model.backbone}`, {config.model.embed_dim}-d unit-norm embeddings (dot product = cosine "
+        f"similarity), loss `{config.loss.name}`{' + SiMix' if config.loss.simix else ''}.",
+        "",
+        "## Data set", "",
+        _data_sentence(config, task),
+        "",
+        "## Test metrics", "",
+        *_metrics_table(metrics),
+        "",
+        "## Usage", "",
+        "```python",
+        "import recallk",
+        f'model = recallk.load_model("{name}")      # this folder, or "hf://<user>/{name}"',
+        'embeddings = model.embed(["query.png"])' if task.startswith("image") else
+        'embeddings = model.embed(["a sentence", "another one"])',
+        "```",
+        "",
+        "## Recipe", "",
+        "The resolved training config (`recallk train recipe.yaml` reproduces the run):", "",
+        "```yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False).strip(), "```", "",
+        f"recallk version: {__version__}", "",
+    ]
+    return "\n".join(lines)
+
+
+def _data_sentence(config: Config, task: str) -> str:
+    data = config.data
+    text = f"`{data.dataset}`: trained on split `{data.split_train}`"
+    if data.split_val:
+        text += f", best epoch chosen on `{data.split_val}` by {config.train.select_metric}"
+    text += f", tested on {', '.join(f'`{s}`' for s in data.split_test)}."
+    if task.startswith("image"):
+        text += f" Inputs: `{data.transform}` preprocessing at {data.image_size} px."
+    return text
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    splits: dict[str, dict[str, Any]] = metrics.get("splits") or {}
+    if not splits:
+        return ["No test metrics were recorded for this model."]
+    names = [m for m in next(iter(splits.values())) if not m.startswith("num_")]
+    rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for metric in names:
+        cells = [splits[s].get(metric) for s in splits]
+        rows.append(f"| {metric} | " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    if metrics.get("best_epoch") is not None:
+        rows += ["", f"Best epoch: {metrics['best_epoch']}."]
+    return rows
+
+
+def save_pretrained(source: str | Path, directory: str | Path) -> Path:
+    """``load_model(source).save_pretrained(directory)``: a run or checkpoint as a shareable folder."""
+    return load_model(source).save_pretrained(directory)
+
+
+__all__ = ["Preprocessing", "RecallkModel", "load_model", "model_card", "open_image", "save_pretrained"]
