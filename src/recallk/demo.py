@@ -82,6 +82,8 @@ def run_demo(
     print(format_table({"raw pixels": raw, "after training": summary}))
     demo_summary = {**summary, "raw_pixels": raw, "seconds": round(seconds, 1)}
     write_json(run_path / "summary.json", demo_summary)
-    plot_recall_curves(run_path / "plots" / "recall_at_k.png", {"raw pixels": raw, "RS@k (trained)": summary})
+    untrained = {"untrained network": summary["untrained"]} if "untrained" in summary else {}  # output.plots
+    curves = {"raw pixels": raw, **untrained, "RS@k (trained)": summary}
+    plot_recall_curves(run_path / "plots" / "recall_at_k.png", curves)
     print(f"Done in {seconds:.0f} s. Results, plots and checkpoints: {run_path}/")
     return demo_summary

@@ -12,6 +12,7 @@ that callers use to tell whether the gallery or the model changed.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -78,7 +79,10 @@ class Index:
                 f"query embeddings of shape {tuple(queries.shape)} do not match the gallery's dimension "
                 f"{self.embeddings.shape[1]}; embed the queries with the model that built the index"
             )
-        values, indices = exact_knn(queries, self.embeddings, k, backend=backend or default_backend())
+        backend = backend or default_backend()
+        if backend == "faiss":
+            logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs each CPU feature it tries
+        values, indices = exact_knn(queries, self.embeddings, k, backend=backend)
         return [
             [Neighbour(self.item_ids[j], j, float(v)) for v, j in zip(row_values.tolist(), row_indices.tolist())]
             for row_values, row_indices in zip(values, indices)

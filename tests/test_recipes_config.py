@@ -1,0 +1,91 @@
+"""Bundled recipes (`recallk recipes`, `recallk train NAME`), `recallk config --explain`, and the run's plots."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from recallk.config import Config, _field_paths, explain_config, load_config
+from recallk.evaluation.plots import plot_training_curves
+from recallk.recipes import list_recipes, recipe_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recallk_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "recallk", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_recipes_are_listed_copied_and_trainable_by_name(tmp_path: Path) -> None:
+    names = list_recipes()
+    assert {"omniglot", "sop_resnet50", "clinc150_minilm"} <= set(names)
+    listed = recallk_cli("recipes", cwd=tmp_path)  # outside a source checkout: no configs/ folder here
+    assert listed.returncode == 0 and "omniglot" in listed.stdout and "The CPU demo" in listed.stdout
+    copied = recallk_cli("recipes", "--copy", "omniglot", tmp_path / "mine", cwd=tmp_path)
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "mine" / "omniglot.yaml").read_text() == recipe_path("omniglot").read_text()
+    again = recallk_cli("recipes", "--copy", "omniglot", tmp_path / "mine", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    dry = recallk_cli("train", "omniglot", "train.epochs=3", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    resolved = yaml.safe_load(dry.stdout)
+    assert resolved["name"] == "omniglot" and resolved["train"]["epochs"] == 3
+    typo = recallk_cli("train", "omniglott", "--dry-run", cwd=tmp_path)
+    assert typo.returncode == 2 and "did you mean 'omniglot'?" in typo.stderr and "recallk recipes" in typo.stderr
+    missing = recallk_cli("train", "no/such.yaml", "--dry-run", cwd=tmp_path)
+    assert missing.returncode == 2 and "configs/omniglot.yaml" not in missing.stderr
+    assert "'recallk recipes' lists them" in missing.stderr
+
+
+def test_bundled_recipes_load() -> None:
+    for name in list_recipes():
+        assert isinstance(load_config(recipe_path(name)), Config)
+
+
+def test_help_no_longer_points_at_a_source_checkout_path() -> None:
+    for args in (["--help"], ["train", "--help"]):
+        result = recallk_cli(*args)
+        assert result.returncode == 0 and "configs/omniglot.yaml" not in result.stdout
+
+
+def test_config_explain_covers_every_key_from_the_schema() -> None:
+    text = explain_config()
+    for dotted in _field_paths(Config):
+        assert f"  {dotted}: " in text, dotted
+    hints_missing = [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config) if dataclasses.is_dataclass(section.default_factory)
+        for f in dataclasses.fields(section.default_factory) if not f.metadata.get("help")
+    ]
+    assert hints_missing == []
+    assert "  optim.lr: a number (default: 0.0001)" in text
+    assert "  model.pooling: one of 'gem', 'avg', 'cls' (default: gem)" in text
+    result = recallk_cli("config", "--explain", "data")
+    assert result.returncode == 0 and "data.samples_per_class" in result.stdout and "optim.lr" not in result.stdout
+    wrong = recallk_cli("config", "--explain", "dta")
+    assert wrong.returncode == 2 and "unknown config section 'dta'" in wrong.stderr
+
+
+def test_run_plots_and_untrained_baseline(trained_run: Path, tmp_path: Path) -> None:
+    import json
+
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["untrained"]["num_queries"] == summary["num_queries"]
+    assert summary["untrained"]["recall@1"] != summary["recall@1"]  # the baseline is a different model
+    with_val = Image.open(trained_run / "plots" / "training_curves.png").size
+    rows = list(csv.DictReader((trained_run / "metrics.csv").open()))
+    plain = tmp_path / "metrics.csv"
+    with plain.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["epoch", "step", "train_loss"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in ("epoch", "step", "train_loss")} for r in rows)
+    without_val = Image.open(plot_training_curves(tmp_path / "curves.png", plain)).size
+    assert without_val[0] < 0.7 * with_val[0]  # one panel, no empty validation panel
