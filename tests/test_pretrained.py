@@ -175,3 +175,19 @@ def test_embed_command_on_unlabelled_files(trained_run: Path, tmp_path: Path) ->
     torch.testing.assert_close(torch.from_numpy(saved["embeddings"]), model.embed(expected_files), atol=1e-6, rtol=0)
     bad = recallk_cli("embed", trained_run, "--texts", folder / "0.png", "--out", out)
     assert bad.returncode == 2 and "needs a text model" in bad.stderr
+
+
+def test_readme_example_runs(trained_run: Path, tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Using a trained model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    files, _ = run_test_images(trained_run)
+    for name, source in zip(("query.png", "a.png", "b.png", "c.png"), (files[0], files[0], files[5], files[10])):
+        Image.open(source).save(tmp_path / name)
+    script = tmp_path / "example.py"
+    script.write_text(code.replace('"runs/demo"', repr(str(trained_run))))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "a.png 1.0"
+    assert recallk.Index.load(tmp_path / "gallery.npz").item_ids == ["a.png", "b.png", "c.png"]
+    assert (tmp_path / "omniglot-rsk" / "model.safetensors").is_file()
