@@ -107,6 +107,13 @@ def test_text_model_round_trip_embeds_strings(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.embed(sentences), embeddings, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="strings"):
         loaded.embed([Image.new("L", (4, 4))])
+    lines = tmp_path / "sentences.txt"
+    lines.write_text("\n".join(sentences) + "\n\n")
+    result = recallk_cli("embed", tmp_path / "minilm", "--texts", lines, "--out", tmp_path / "s.npz", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    saved = np.load(tmp_path / "s.npz")
+    assert saved["item_ids"].tolist() == sentences
+    torch.testing.assert_close(torch.from_numpy(saved["embeddings"]), embeddings, atol=1e-5, rtol=0)
 
 
 def test_index_build_save_load_search(trained_run: Path, tmp_path: Path) -> None:

@@ -89,3 +89,11 @@ def test_run_plots_and_untrained_baseline(trained_run: Path, tmp_path: Path) -> 
         writer.writerows({k: r[k] for k in ("epoch", "step", "train_loss")} for r in rows)
     without_val = Image.open(plot_training_curves(tmp_path / "curves.png", plain)).size
     assert without_val[0] < 0.7 * with_val[0]  # one panel, no empty validation panel
+
+
+def test_new_commands_have_help_with_examples() -> None:
+    listing = recallk_cli("--help").stdout
+    for command in ("search", "export", "recipes", "config"):
+        assert command in listing
+        result = recallk_cli(command, "--help")
+        assert result.returncode == 0 and "examples:" in result.stdout and f"recallk {command}" in result.stdout

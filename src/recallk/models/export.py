@@ -8,7 +8,10 @@ onnxscript), a single ``.onnx`` file with input ``images`` and output ``embeddin
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -51,11 +54,14 @@ def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path) -> None:
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
     except ImportError:
         raise RecallkUsageError("ONNX export needs onnx and onnxscript; pip install 'recallk[onnx]'") from None
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their graph passes log every rewrite at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     batch = torch.export.Dim("batch", min=1)
-    torch.onnx.export(
-        network, (example,), str(path), dynamo=True, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-        dynamic_shapes=({0: batch},), external_data=False, verbose=False,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints each of its stages
+        torch.onnx.export(
+            network, (example,), str(path), dynamo=True, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+        )
 
 
 def load_exported(path: str | Path, fmt: str) -> object:
