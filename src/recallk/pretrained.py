@@ -33,7 +33,7 @@ from recallk.data.transforms import build_transforms
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
 from recallk.models.factory import create_model_from_config
-from recallk.training.checkpoint import atomic_write_text, load_checkpoint
+from recallk.training.checkpoint import atomic_write_text
 
 FORMAT = "recallk-pretrained-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -164,8 +164,7 @@ class RecallkModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        network = self.network
-        save_model(network, str(directory / WEIGHTS_FILE))
+        save_model(self.network, str(directory / WEIGHTS_FILE))
         document = {
             "format": FORMAT,
             "recallk_version": __version__,
@@ -186,9 +185,9 @@ class RecallkModel(nn.Module):
         hub = _import_hub()
         api = hub.HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload recallk model")
+        with tempfile.TemporaryDirectory() as temporary:
+            folder = self.save_pretrained(Path(temporary) / repo_id.rsplit("/", 1)[-1])  # the card's title
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload recallk model")
         return f"https://huggingface.co/{repo_id}"
 
 
@@ -238,19 +237,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecallkM
     return model.to(device).eval()
 
 
-def _untrained_network(config: Config) -> nn.Module:
-    # The weights come from the file: never download pretrained backbone weights here.
-    return create_model_from_config(dataclasses.replace(config.model, pretrained=False, pretrained_path=None))
-
-
 def _load_checkpoint_model(path: Path) -> RecallkModel:
-    from recallk.evaluation.evaluate import resolve_checkpoint
+    from recallk.evaluation.evaluate import load_trained_model
 
-    checkpoint = resolve_checkpoint(path)
-    state = load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"])
-    network = _untrained_network(config)
-    network.load_state_dict(state["model"])
+    network, config, checkpoint = load_trained_model(path, torch.device("cpu"))
     return RecallkModel(network, config, _run_metrics(checkpoint.parent.parent))
 
 
@@ -280,7 +270,8 @@ def _load_pretrained_folder(directory: Path) -> RecallkModel:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the folder must hold {WEIGHTS_FILE} next to {CONFIG_FILE}")
     config = config_from_dict(document["config"], source=str(config_file))
-    network = _untrained_network(config)
+    # The weights come from the file: never download pretrained backbone weights here.
+    network = create_model_from_config(dataclasses.replace(config.model, pretrained=False, pretrained_path=None))
     load_weights(network, str(weights), strict=True)
     return RecallkModel(network, config, document.get("metrics"))
 
@@ -347,9 +338,4 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
-def save_pretrained(source: str | Path, directory: str | Path) -> Path:
-    """``load_model(source).save_pretrained(directory)``: a run or checkpoint as a shareable folder."""
-    return load_model(source).save_pretrained(directory)
-
-
-__all__ = ["Preprocessing", "RecallkModel", "load_model", "model_card", "open_image", "save_pretrained"]
+__all__ = ["Preprocessing", "RecallkModel", "load_model", "model_card", "open_image"]

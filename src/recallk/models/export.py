@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import logging
 import warnings
@@ -50,10 +51,8 @@ def export_network(network: nn.Module, example: torch.Tensor, path: str | Path, 
 
 
 def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path) -> None:
-    try:
-        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
-    except ImportError:
-        raise RecallkUsageError("ONNX export needs onnx and onnxscript; pip install 'recallk[onnx]'") from None
+    if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it (and onnx)
+        raise RecallkUsageError("ONNX export needs onnx and onnxscript; pip install 'recallk[onnx]'")
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their graph passes log every rewrite at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     batch = torch.export.Dim("batch", min=1)
