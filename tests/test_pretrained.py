@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,26 @@ def test_readme_example_runs(trained_run: Path, tmp_path: Path) -> None:
     assert result.stdout.splitlines()[0] == "a.png 1.0"
     assert recallk.Index.load(tmp_path / "gallery.npz").item_ids == ["a.png", "b.png", "c.png"]
     assert (tmp_path / "omniglot-rsk" / "model.safetensors").is_file()
+
+
+def test_hf_path_loads_the_hub_layout_from_the_cache(trained_run: Path, tmp_path: Path) -> None:
+    """``hf://user/name`` goes through huggingface_hub (offline here: the repository is laid out in its cache)."""
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-rsk"
+    recallk.load_model(trained_run).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "import recallk, sys; m = recallk.load_model('hf://someone/tiny-rsk'); "
+        "print(m.embed_dim, m.metrics['best_epoch'])"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert result.stdout.split() == ["12", str(summary["best_epoch"])]
+    missing = subprocess.run(
+        [sys.executable, "-m", "recallk", "embed", "hf://someone/missing", "--images", str(tmp_path), "--out",
+         str(tmp_path / "x.npz")], capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert missing.returncode == 2 and "cannot download hf://someone/missing" in missing.stderr

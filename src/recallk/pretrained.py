@@ -223,7 +223,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecallkM
     """
     text = str(path)
     if text.startswith(HUB_PREFIX):
-        path = Path(_import_hub().snapshot_download(text[len(HUB_PREFIX):]))
+        repo_id = text[len(HUB_PREFIX):]
+        try:
+            path = Path(_import_hub().snapshot_download(repo_id))
+        except Exception as err:  # noqa: BLE001 - network, authentication and cache errors alike
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RecallkUsageError(
+                f"cannot download {text} from the Hugging Face Hub ({first[:200]}); check the name, the network "
+                "and your token (huggingface-cli login), or pass a local folder"
+            ) from err
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
