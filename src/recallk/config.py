@@ -95,6 +95,7 @@ class LossConfig:
     rank_includes_query: bool = False
     simix: bool = False  # similarity mixup (SiMix), RS@k only
     simix_pairs_per_class: int | None = None  # mixed pairs drawn per class; None: all pairs
+    memory_size: int = 0  # cross-batch memory: also rank this many embeddings of earlier batches (rsk; 0: off)
     params: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of a baseline loss
 
 
@@ -431,6 +432,11 @@ def _validate(cfg: Config, sources: _Sources) -> None:  # noqa: C901 - a flat li
     positive("loss.tau_rank", loss.tau_rank)
     positive("loss.tau_k", loss.tau_k)
     positive("loss.simix_pairs_per_class", loss.simix_pairs_per_class)
+    positive("loss.memory_size", loss.memory_size, allow_zero=True)
+    if loss.memory_size and (loss.name != "rsk" or loss.simix):
+        fail(("loss.memory_size", "loss.name", "loss.simix"),
+             "'loss.memory_size' (the cross-batch memory) works with loss 'rsk' without SiMix",
+             "set loss.memory_size=0, or loss.name=rsk and loss.simix=false")
     if loss.simix and loss.name != "rsk":
         fail(("loss.simix", "loss.name"), f"'loss.simix' works with loss 'rsk' only, not {loss.name!r}",
              "set loss.simix=false or loss.name=rsk")

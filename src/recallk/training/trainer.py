@@ -129,7 +129,8 @@ class Trainer:
             config.loss.name, num_classes=self.train_source.num_classes, embed_dim=config.model.embed_dim,
             k=config.loss.k, tau_rank=config.loss.tau_rank, tau_k=config.loss.tau_k,
             rank_includes_query=config.loss.rank_includes_query, simix=config.loss.simix,
-            simix_pairs_per_class=config.loss.simix_pairs_per_class, params=config.loss.params,
+            simix_pairs_per_class=config.loss.simix_pairs_per_class, memory_size=config.loss.memory_size,
+            params=config.loss.params,
         ).to(self.device)
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
