@@ -13,6 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "CrossBatchRecallAtK": "recallk.losses.cross_batch_memory",
     "RecallAtKLoss": "recallk.losses.recall_at_k",
     "SimilarityMixup": "recallk.losses.simix",
     "retrieval_metrics": "recallk.evaluation.metrics",
@@ -25,3 +26,8 @@ def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'recallk' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, lazy ones included (``dir(recallk)``, tab completion), and the module's dunders."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
