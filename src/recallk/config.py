@@ -20,7 +20,7 @@ import re
 import types
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -326,6 +326,8 @@ def _coerce(value: Any, annotation: Any, key: str, sources: _Sources) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, PurePath):  # a model location or data directory given as a pathlib.Path
+            return str(value)
     else:  # pragma: no cover - a field type this module does not know is a programming error
         raise TypeError(f"unsupported config field type {annotation!r} for {key}")
     raise ConfigError(

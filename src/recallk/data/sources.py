@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recallk.data.batch_transforms import RandomAffineBatch
 from recallk.data.factory import build_dataset
-from recallk.data.image_dataset import ImageDataset
+from recallk.data.image_dataset import ImageDataset, encode_labels
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
 from recallk.data.text import TEXT_READERS, load_text_split
@@ -174,12 +174,15 @@ class ArraySource:
 
 
 class TextSource:
-    """A split of labelled sentences; every batch is the token dict ``tokenize(texts)`` of its sentences."""
+    """A split of labelled sentences; every batch is the token dict ``tokenize(texts)`` of its sentences.
+
+    ``labels`` are integer class ids, or class names (strings), which are numbered in sorted order.
+    """
 
     def __init__(
         self,
         texts: Sequence[str],
-        labels: torch.Tensor,
+        labels: torch.Tensor | Sequence[str],
         item_ids: Sequence[str],
         tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]],
     ) -> None:
@@ -188,6 +191,8 @@ class TextSource:
         if len(texts) == 0:
             raise ValueError("the text split is empty")
         self.texts = list(texts)
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.from_numpy(encode_labels(list(labels))[0])
         self.labels = labels.long()
         self.item_ids = list(item_ids)
         self.num_classes = int(self.labels.max()) + 1
