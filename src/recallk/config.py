@@ -57,7 +57,7 @@ class DataConfig:
     download: bool = False  # fetch missing files where the reader can (omniglot)
     in_memory: bool = False  # omniglot: decode the split once into arrays and augment whole batches
     image_size: int = 224  # side of the square network input in pixels
-    transform: str = "imagenet"  # preprocessing kind for recallk.data.build_transforms
+    transform: str = "imagenet"  # imagenet, omniglot, or timm (mean/std/crop/interpolation of model.backbone)
     batch_size: int = 4000
     samples_per_class: int = 4
     num_workers: int = 4

@@ -221,11 +221,13 @@ def build_source(
     data_dir: str | Path | None,
     seed: int = 0,
     tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
+    backbone: str | None = None,
 ) -> DatasetSource | ArraySource | TextSource:
     """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
 
     ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise
-    images are read from files by ``data.num_workers`` loader processes with ``data.transform``. Text data sets
+    images are read from files by ``data.num_workers`` loader processes with ``data.transform``
+    (``data.transform: timm`` takes its preprocessing from the timm model ``backbone``). Text data sets
     (clinc150, banking77) need the model's ``tokenize``.
     """
     if cfg.dataset in TEXT_READERS:
@@ -251,7 +253,7 @@ def build_source(
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("download", cfg.download)
     dataset = build_dataset(
-        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train),
+        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train, backbone),
         skip_bad_images=cfg.skip_bad_images, **kwargs,
     )
     return DatasetSource(dataset, cfg.num_workers)

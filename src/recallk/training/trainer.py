@@ -111,14 +111,16 @@ class Trainer:
         model = create_model_from_config(config.model).to(self.device)
         self.model: nn.Module = model
         tokenize = getattr(model, "tokenize", None)  # text models turn sentences into token tensors
-        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed, tokenize)
+        backbone = config.model.backbone  # data.transform=timm takes its preprocessing from it
+        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed, tokenize,
+                                         backbone)
         self.val_source = (
-            build_source(config.data, config.data.split_val, False, data_root, config.seed, tokenize)
+            build_source(config.data, config.data.split_val, False, data_root, config.seed, tokenize, backbone)
             if config.data.split_val else None
         )
         # Built now so that a typo in data.split_test fails before training, not after it.
         self.test_sources = {
-            split: build_source(config.data, split, False, data_root, config.seed, tokenize)
+            split: build_source(config.data, split, False, data_root, config.seed, tokenize, backbone)
             for split in config.data.split_test
         } if self.is_main else {}
         self.sampler = ClassBalancedBatchSampler(
