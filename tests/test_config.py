@@ -62,7 +62,8 @@ def test_paper_recipes_follow_the_paper():
         b16, b32 = (load_config(CONFIGS[0].parent / f"{dataset}_vit_b{size}.yaml") for size in (16, 32))
         assert b32.model.backbone == "vit_base_patch32_224.augreg_in21k" and b16.data.transform == "timm"
         # the ViT-B/32 recipe is the ViT-B/16 one with the other backbone
-        assert dataclasses.replace(b32, name=b16.name, model=dataclasses.replace(b32.model, backbone=b16.model.backbone)) == b16
+        same_backbone = dataclasses.replace(b32.model, backbone=b16.model.backbone)
+        assert dataclasses.replace(b32, name=b16.name, model=same_backbone) == b16
 
 
 def test_defaults_are_valid():

@@ -97,7 +97,8 @@ def test_trainer_option_trains_and_resumes_with_the_memory(tmp_path: Path) -> No
     # RS@k with a memory differs from RS@k without one from the second step on
     plain_dir = tmp_path / "plain"
     train(tiny_config(tmp_path, train__epochs=2, output__plots=False), plain_dir, data_dir=data_dir, progress=False)
-    assert read_metrics(plain_dir / "metrics.csv")[0]["train_loss"] != read_metrics(full_dir / "metrics.csv")[0]["train_loss"]
+    plain_loss, memory_loss = (read_metrics(d / "metrics.csv")[0]["train_loss"] for d in (plain_dir, full_dir))
+    assert plain_loss != memory_loss
     # stopped after one step and resumed, the memory is restored and the run repeats exactly
     train(tiny_config(tmp_path, loss__memory_size=24, train__epochs=2, output__plots=False, train__max_steps=1),
           cut_dir, data_dir=data_dir, progress=False)

@@ -78,7 +78,9 @@ def test_reference_rows_with_query_index() -> None:
     emb = unit(len(LABELS), seed=5)
     rows = torch.tensor([0, 2, 3, 7, 9, 15])  # includes the singleton class 5 and 7
     loss = RecallAtKLoss()
-    ours, grad = value_and_grad(lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb)
+    ours, grad = value_and_grad(
+        lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb
+    )
     ref, ref_grad = value_and_grad(
         lambda e: rsk_loop(e[rows] @ e.T, LABELS[rows].tolist(), LABELS.tolist(), self_index=rows.tolist()), emb
     )

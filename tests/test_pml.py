@@ -83,7 +83,8 @@ def test_cosine_distance_normalises_and_dot_product_is_the_default() -> None:
     )
     assert isinstance(RecallAtKLoss().distance, DotProductSimilarity)
     assert not RecallAtKLoss().distance.normalize_embeddings  # recallk's models output unit vectors already
-    assert float(RecallAtKLoss(distance=DotProductSimilarity())(emb, LABELS)) == pytest.approx(float(cosine(emb, LABELS)))
+    normalising_dot = RecallAtKLoss(distance=DotProductSimilarity())  # PML's default normalize_embeddings=True
+    assert float(normalising_dot(emb, LABELS)) == pytest.approx(float(cosine(emb, LABELS)))
     with pytest.raises(ValueError, match="takes distance=CosineSimilarity"):
         RecallAtKLoss(distance=LpDistance())
     with pytest.raises(ValueError, match="power 1"):

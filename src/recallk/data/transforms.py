@@ -68,7 +68,9 @@ def timm_data_config(backbone: str | None) -> dict[str, Any]:
         model = timm.create_model(backbone, pretrained=False, num_classes=0)
     config = resolve_model_data_config(model)
     if config.get("crop_mode", "center") not in ("center", "squash"):
-        raise ValueError(f"timm crop_mode {config['crop_mode']!r} of {backbone} is not supported; use data.transform=imagenet")
+        raise ValueError(
+            f"timm crop_mode {config['crop_mode']!r} of {backbone} is not supported; use data.transform=imagenet"
+        )
     return config
 
 

@@ -66,7 +66,9 @@ class CrossBatchRecallAtK(nn.Module):
         """The items in memory now: embeddings (filled, D) and labels (filled,)."""
         return self.memory_embeddings[: self.filled], self.memory_labels[: self.filled]
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: tuple | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: tuple | None = None
+    ) -> torch.Tensor:
         check_embeddings(embeddings)
         check_labels(labels, len(embeddings))
         if embeddings.shape[1] != self.embedding_size:

@@ -260,7 +260,8 @@ def _create_from_weights_file(name: str, path: Path, kwargs: dict[str, Any]) -> 
         logger.removeHandler(report)
         logger.setLevel(level)
     if report.problems:
-        raise PretrainedWeightsError(_weights_file_message(name, path, _one_line(RuntimeError("; ".join(report.problems)))))
+        reason = _one_line(RuntimeError("; ".join(report.problems)))
+        raise PretrainedWeightsError(_weights_file_message(name, path, reason))
     return net
 
 
