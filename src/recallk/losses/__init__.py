@@ -1,4 +1,4 @@
-"""Losses: RS@k (the smooth Recall@k surrogate), SiMix, and their building blocks."""
+"""Losses: RS@k (the smooth Recall@k surrogate), its cross-batch memory, SiMix, and their building blocks."""
 
 from recallk.losses.cross_batch_memory import CrossBatchRecallAtK
 from recallk.losses.recall_at_k import RecallAtKLoss
