@@ -39,7 +39,7 @@ def config_error(*args, **kwargs) -> str:
 def test_recipes_exist_for_every_paper_setting():
     names = {p.stem for p in CONFIGS}
     for dataset in ("sop", "inat2018", "vehicleid", "cub", "cars"):
-        assert {f"{dataset}_resnet50", f"{dataset}_vit_b16"} <= names
+        assert {f"{dataset}_resnet50", f"{dataset}_vit_b16", f"{dataset}_vit_b32"} <= names
     assert "omniglot" in names
 
 
@@ -58,6 +58,12 @@ def test_paper_recipes_follow_the_paper():
     assert (sop.model.embed_dim, sop.model.pooling, sop.model.layernorm, sop.optim.name) == (512, "gem", True, "adam")
     vit = load_config(CONFIGS[0].parent / "cub_vit_b16.yaml")
     assert (vit.model.pooling, vit.optim.name, vit.data.image_size) == ("cls", "adamw", 224)
+    for dataset in ("sop", "inat2018", "vehicleid", "cub", "cars"):
+        b16, b32 = (load_config(CONFIGS[0].parent / f"{dataset}_vit_b{size}.yaml") for size in (16, 32))
+        assert b32.model.backbone == "vit_base_patch32_224.augreg_in21k" and b16.data.transform == "timm"
+        # the ViT-B/32 recipe is the ViT-B/16 one with the other backbone
+        same_backbone = dataclasses.replace(b32.model, backbone=b16.model.backbone)
+        assert dataclasses.replace(b32, name=b16.name, model=same_backbone) == b16
 
 
 def test_defaults_are_valid():

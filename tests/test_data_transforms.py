@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -40,10 +41,41 @@ def test_omniglot_train_augments_test_does_not() -> None:
 
 
 def test_picklable_for_worker_processes() -> None:
-    for kind in ("imagenet", "omniglot"):
-        pickle.loads(pickle.dumps(build_transforms(kind, 8, train=True)))
+    for kind in ("imagenet", "omniglot", "timm"):
+        pickle.loads(pickle.dumps(build_transforms(kind, 8, train=True, backbone="resnet18")))
+
+
+@pytest.mark.parametrize("backbone", ["vit_base_patch32_224.augreg_in21k", "resnet50"])
+def test_timm_test_transform_is_timms_own_eval_transform(backbone: str) -> None:
+    config = timm.data.resolve_model_data_config(timm.create_model(backbone, pretrained=False, num_classes=0))
+    theirs = timm.data.create_transform(**{**config, "input_size": (3, 32, 32)}, is_training=False)
+    ours = build_transforms("timm", 32, train=False, backbone=backbone)
+    image = Image.effect_noise((61, 47), 60).convert("RGB")
+    assert torch.equal(ours(image), theirs(image))
+    flat = build_transforms("timm", 16, train=True, backbone=backbone)(Image.new("RGB", (40, 30), (128, 128, 128)))
+    expected = (128 / 255 - torch.tensor(config["mean"])) / torch.tensor(config["std"])
+    torch.testing.assert_close(flat[:, 0, 0], expected.float())  # augreg ViTs: mean = std = 0.5, not ImageNet's
+
+
+def test_timm_transform_needs_a_timm_backbone() -> None:
+    with pytest.raises(ValueError, match="data.transform=timm .* model.backbone is 'omniglot_cnn'"):
+        build_transforms("timm", 28, train=False, backbone="omniglot_cnn")
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(ValueError, match="unknown transform kind 'clip'; choose one of imagenet, omniglot"):
+    with pytest.raises(ValueError, match="unknown transform kind 'clip'; choose one of imagenet, omniglot, timm"):
         build_transforms("clip", 8, train=True)
+
+
+def test_a_timm_recipe_reads_images_with_the_backbones_preprocessing(tmp_path) -> None:
+    from recallk.config import DataConfig
+    from recallk.data.sources import build_source
+
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (128, 128, 128)).save(tmp_path / "train" / label / "0.png")
+    cfg = DataConfig(dataset="folder", transform="timm", image_size=8, num_workers=0)
+    source = build_source(cfg, "train", False, tmp_path, backbone="vit_base_patch32_224.augreg_in21k")
+    image, _ = source.dataset[0]
+    assert image.shape == (3, 8, 8)
+    torch.testing.assert_close(image, torch.full((3, 8, 8), (128 / 255 - 0.5) / 0.5))  # 0.5/0.5, not ImageNet's

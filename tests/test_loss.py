@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.distances import LpDistance
 
 from loss_reference import clamped_sigmoid, rsk_loop
 from recallk import RecallAtKLoss, SimilarityMixup
@@ -76,21 +78,23 @@ def test_reference_rows_with_query_index() -> None:
     emb = unit(len(LABELS), seed=5)
     rows = torch.tensor([0, 2, 3, 7, 9, 15])  # includes the singleton class 5 and 7
     loss = RecallAtKLoss()
-    ours, grad = value_and_grad(lambda e: loss(e[rows], LABELS[rows], e, LABELS, query_index=rows), emb)
+    ours, grad = value_and_grad(
+        lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb
+    )
     ref, ref_grad = value_and_grad(
         lambda e: rsk_loop(e[rows] @ e.T, LABELS[rows].tolist(), LABELS.tolist(), self_index=rows.tolist()), emb
     )
     assert ours == pytest.approx(ref, abs=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     full = loss(emb, LABELS).item()
-    every = loss(emb, LABELS, emb, LABELS, query_index=torch.arange(len(LABELS))).item()
+    every = loss(emb, LABELS, ref_emb=emb, ref_labels=LABELS, query_index=torch.arange(len(LABELS))).item()
     assert every == pytest.approx(full, abs=1e-12)
 
 
 def test_separate_reference_set_without_query_index() -> None:
     queries, refs = unit(5, seed=6), unit(9, seed=7)
     q_labels, r_labels = torch.tensor([0, 1, 2, 0, 9]), torch.tensor([0, 0, 1, 2, 2, 1, 0, 3, 3])
-    ours = RecallAtKLoss()(queries, q_labels, refs, r_labels).item()
+    ours = RecallAtKLoss()(queries, q_labels, ref_emb=refs, ref_labels=r_labels).item()
     ref = rsk_loop(queries @ refs.T, q_labels.tolist(), r_labels.tolist(), self_index=[-1] * 5).item()
     assert ours == pytest.approx(ref, abs=1e-12)
 
@@ -217,7 +221,7 @@ def test_simix_rejects_cross_class_pairs_and_wrong_alphas() -> None:
     with pytest.raises(ValueError, match="pairs_per_class"):
         SimilarityMixup(pairs_per_class=0)
     with pytest.raises(ValueError, match="without ref_emb"):
-        RecallAtKLoss(mixup=SimilarityMixup())(unit(4), labels, unit(4), labels)
+        RecallAtKLoss(mixup=SimilarityMixup())(unit(4), labels, ref_emb=unit(4), ref_labels=labels)
 
 
 # ---------------------------------------------------------------- bad input
@@ -234,17 +238,21 @@ def test_simix_rejects_cross_class_pairs_and_wrong_alphas() -> None:
         (lambda e, y: (e, y[:, None]), "1-D integer tensor"),
         (lambda e, y: (e, y.tolist()), "torch.Tensor"),
         (lambda e, y: (e, torch.arange(8)), "no query in the batch has a positive"),
-        (lambda e, y: (e, y, e[:, :3], y), "dims"),
-        (lambda e, y: (e, y, e), "without ref_labels"),
-        (lambda e, y: (e, y, e, y, torch.arange(8) + 3), "query_index"),
-        (lambda e, y: (e, y, None, y), "only make sense together with ref_emb"),
+        (lambda e, y: (e, y, None, e[:, :3], y), "dims"),
+        (lambda e, y: (e, y, None, e), "without ref_labels"),
+        (lambda e, y: (e, y, None, e, y, torch.arange(8) + 3), "query_index"),
+        (lambda e, y: (e, y, None, None, y), "only make sense together with ref_emb"),
+        (lambda e, y: (e, y, (torch.arange(2), torch.arange(2), torch.arange(2))), "miners do not apply"),
+        (lambda e, y: (e, None), "labels must be a 1-D integer torch.Tensor"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(make_args, message: str) -> None:
     emb = unit(8, seed=17, dtype=torch.float32)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    args = make_args(emb, labels)
+    query_index = args[5] if len(args) > 5 else None
     with pytest.raises(ValueError, match=message):
-        RecallAtKLoss()(*make_args(emb, labels))
+        RecallAtKLoss()(*args[:5], query_index=query_index)
 
 
 @pytest.mark.parametrize(
@@ -257,6 +265,9 @@ def test_bad_input_is_a_clear_value_error(make_args, message: str) -> None:
         ({"k": ()}, "k is empty"),
         ({"k": (1, 0)}, "positive integers"),
         ({"mixup": "yes"}, "SimilarityMixup"),
+        ({"tau_k": np.float32(-1)}, "tau_k must be a positive number"),
+        ({"k": torch.tensor([1, 0])}, "positive integers"),
+        ({"distance": LpDistance()}, "takes distance=CosineSimilarity"),
     ],
 )
 def test_bad_settings_are_clear_value_errors(kwargs, message: str) -> None:
@@ -267,3 +278,18 @@ def test_bad_settings_are_clear_value_errors(kwargs, message: str) -> None:
 def test_from_similarity_rejects_non_square() -> None:
     with pytest.raises(ValueError, match="square"):
         RecallAtKLoss().from_similarity(torch.zeros(3, 4), torch.tensor([0, 0, 1]))
+
+
+def test_k_and_temperatures_take_numpy_and_tensor_scalars() -> None:
+    emb, labels = unit(8, seed=18), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    plain = RecallAtKLoss(k=(1, 2), tau_rank=0.05, tau_k=(1.0, 0.5))
+    others = [
+        RecallAtKLoss(k=np.array([1, 2]), tau_rank=np.float32(0.05), tau_k=np.array([1.0, 0.5])),
+        RecallAtKLoss(k=torch.tensor([1, 2]), tau_rank=torch.tensor(0.05), tau_k=torch.tensor([1.0, 0.5])),
+        RecallAtKLoss(k=[np.int64(1), torch.tensor(2)], tau_rank=np.float64(0.05), tau_k=[1.0, np.float32(0.5)]),
+    ]
+    for other in others:
+        assert other.k == (1, 2) and all(type(v) is int for v in other.k)
+        assert other.tau_k == pytest.approx((1.0, 0.5)) and other.tau_rank == pytest.approx(0.05)
+        assert float(other(emb, labels)) == pytest.approx(float(plain(emb, labels)), rel=1e-6)
+    assert RecallAtKLoss(k=np.int32(4)).k == (4,) and RecallAtKLoss(tau_k=torch.tensor(2.0)).tau_k == (2.0,) * 5

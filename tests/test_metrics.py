@@ -226,6 +226,18 @@ def test_progress_bar_is_shown_when_asked(capsys):
     assert "kNN" in capsys.readouterr().err
     retrieval_metrics(embeddings, labels, progress=False)
     assert capsys.readouterr().err == ""
+    retrieval_metrics(embeddings, labels)  # a library call is quiet unless asked
+    assert capsys.readouterr().err == ""
+
+
+def test_k_takes_numpy_and_tensor_integers():
+    embeddings, labels = tied_embeddings(seed=4)
+    expected = retrieval_metrics(embeddings, labels, k=(1, 4))
+    for k in (np.array([1, 4]), torch.tensor([4, 1]), [np.int64(1), torch.tensor(4)]):
+        assert retrieval_metrics(embeddings, labels, k=k) == expected
+    assert retrieval_metrics(embeddings, labels, k=torch.tensor(4))["recall@4"] == expected["recall@4"]
+    with pytest.raises(ValueError, match="every k must be an integer"):
+        retrieval_metrics(embeddings, labels, k=torch.tensor([1.5]))
 
 
 # Validation ------------------------------------------------------------------------------------------------------

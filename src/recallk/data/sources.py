@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recallk.data.batch_transforms import RandomAffineBatch
 from recallk.data.factory import build_dataset
-from recallk.data.image_dataset import ImageDataset
+from recallk.data.image_dataset import ImageDataset, encode_labels
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
 from recallk.data.text import TEXT_READERS, load_text_split
@@ -174,12 +174,15 @@ class ArraySource:
 
 
 class TextSource:
-    """A split of labelled sentences; every batch is the token dict ``tokenize(texts)`` of its sentences."""
+    """A split of labelled sentences; every batch is the token dict ``tokenize(texts)`` of its sentences.
+
+    ``labels`` are integer class ids, or class names (strings), which are numbered in sorted order.
+    """
 
     def __init__(
         self,
         texts: Sequence[str],
-        labels: torch.Tensor,
+        labels: torch.Tensor | Sequence[str],
         item_ids: Sequence[str],
         tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]],
     ) -> None:
@@ -188,6 +191,8 @@ class TextSource:
         if len(texts) == 0:
             raise ValueError("the text split is empty")
         self.texts = list(texts)
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.from_numpy(encode_labels(list(labels))[0])
         self.labels = labels.long()
         self.item_ids = list(item_ids)
         self.num_classes = int(self.labels.max()) + 1
@@ -216,11 +221,13 @@ def build_source(
     data_dir: str | Path | None,
     seed: int = 0,
     tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
+    backbone: str | None = None,
 ) -> DatasetSource | ArraySource | TextSource:
     """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
 
     ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise
-    images are read from files by ``data.num_workers`` loader processes with ``data.transform``. Text data sets
+    images are read from files by ``data.num_workers`` loader processes with ``data.transform``
+    (``data.transform: timm`` takes its preprocessing from the timm model ``backbone``). Text data sets
     (clinc150, banking77) need the model's ``tokenize``.
     """
     if cfg.dataset in TEXT_READERS:
@@ -246,7 +253,7 @@ def build_source(
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("download", cfg.download)
     dataset = build_dataset(
-        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train),
+        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train, backbone),
         skip_bad_images=cfg.skip_bad_images, **kwargs,
     )
     return DatasetSource(dataset, cfg.num_workers)

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import timm
+import torch
 from PIL import Image
+from timm.data import resolve_model_data_config
+from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRANSFORM_KINDS = ("imagenet", "omniglot")
+TRANSFORM_KINDS = ("imagenet", "omniglot", "timm")
 
 
-def build_transforms(kind: str, image_size: int, train: bool) -> T.Compose:
+def build_transforms(kind: str, image_size: int, train: bool, backbone: str | None = None) -> T.Compose:
     """PIL image -> float tensor ``(C, image_size, image_size)``.
 
     ``imagenet``: train = RandomResizedCrop + horizontal flip, test = Resize(image_size * 256 / 224) + CenterCrop;
     both RGB, normalised with the ImageNet mean/std.
+    ``timm``: the same steps with the preprocessing of the timm model ``backbone`` (its pretrained weights' tag):
+    mean/std, interpolation and the test crop fraction from ``timm.data.resolve_model_data_config`` (augreg ViTs
+    expect mean = std = 0.5 and bicubic resizing with crop 0.9).
     ``omniglot``: one channel in [0, 1], resized to ``image_size``; train adds a small RandomAffine (rotation
     +-10 degrees, shift up to 10 %, scale 0.9-1.1) whose fill 0 matches recallk's inverted (dark) background.
     """
@@ -26,12 +35,43 @@ def build_transforms(kind: str, image_size: int, train: bool) -> T.Compose:
         else:
             steps = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
         return T.Compose([T.Lambda(_to_rgb), *steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if kind == "timm":
+        config = timm_data_config(backbone)
+        interpolation = str_to_interp_mode(config["interpolation"])
+        if train:
+            steps = [T.RandomResizedCrop(image_size, interpolation=interpolation), T.RandomHorizontalFlip()]
+        else:
+            resize = int(image_size / config["crop_pct"])  # timm's eval resize for crop_mode "center"
+            size = (resize, resize) if config.get("crop_mode") == "squash" else resize
+            steps = [T.Resize(size, interpolation=interpolation), T.CenterCrop(image_size)]
+        normalize = T.Normalize(config["mean"], config["std"])
+        return T.Compose([T.Lambda(_to_rgb), *steps, T.ToTensor(), normalize])
     if kind == "omniglot":
         steps = [T.Grayscale(num_output_channels=1), T.Resize((image_size, image_size))]
         if train:
             steps.append(T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=0))
         return T.Compose([*steps, T.ToTensor()])
     raise ValueError(f"unknown transform kind {kind!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
+
+
+def timm_data_config(backbone: str | None) -> dict[str, Any]:
+    """timm's preprocessing of ``backbone`` (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``).
+
+    The model is built on the meta device (no memory, no weights) only to resolve its pretrained config.
+    """
+    if backbone is None or not timm.is_model(backbone):
+        raise ValueError(
+            f"data.transform=timm takes its preprocessing from a timm backbone, but model.backbone is {backbone!r}; "
+            "set model.backbone to a timm model name or data.transform to imagenet/omniglot"
+        )
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, num_classes=0)
+    config = resolve_model_data_config(model)
+    if config.get("crop_mode", "center") not in ("center", "squash"):
+        raise ValueError(
+            f"timm crop_mode {config['crop_mode']!r} of {backbone} is not supported; use data.transform=imagenet"
+        )
+    return config
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

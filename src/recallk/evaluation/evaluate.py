@@ -50,7 +50,8 @@ def evaluate_run(
     root = data_dir if data_dir is not None else config.data.data_dir
     results = {}
     for name in [split] if split else list(config.data.split_test):
-        source = build_source(config.data, name, False, root, config.seed, getattr(model, "tokenize", None))
+        source = build_source(config.data, name, False, root, config.seed, getattr(model, "tokenize", None),
+                              config.model.backbone)
         embeddings = embed_source(
             model, source, config.eval.batch_size, torch_device, progress=progress, desc=f"embedding {name}"
         )
@@ -73,7 +74,8 @@ def export_embeddings(
     model, config, _ = load_trained_model(checkpoint, torch_device)
     data_cfg = config.data if dataset is None else dataclasses.replace(config.data, dataset=dataset, in_memory=False)
     root = data_dir if data_dir is not None else config.data.data_dir
-    source = build_source(data_cfg, split, False, root, config.seed, getattr(model, "tokenize", None))
+    source = build_source(data_cfg, split, False, root, config.seed, getattr(model, "tokenize", None),
+                          config.model.backbone)
     embeddings = embed_source(
         model, source, batch_size or config.eval.batch_size, torch_device, progress=progress,
         desc=f"embedding {split}",

@@ -62,8 +62,10 @@ def _as_labels(array: Tensor | np.ndarray, name: str, num_items: int, embeddings
 
 
 def _as_ks(k: int | Sequence[int]) -> list[int]:
-    """Check and sort the recall cut-offs."""
-    ks = [k] if isinstance(k, (int, np.integer)) else list(k)
+    """Check and sort the recall cut-offs (Python, numpy or tensor integers, alone or in a sequence)."""
+    if isinstance(k, (Tensor, np.ndarray)):
+        k = k.tolist()
+    ks = [k] if isinstance(k, (int, np.integer)) else [v.item() if isinstance(v, Tensor) else v for v in k]
     if not ks:
         raise ValueError("k is empty; pass at least one cut-off, e.g. k=(1, 2, 4, 8)")
     for value in ks:
@@ -80,7 +82,7 @@ def retrieval_metrics(
     ref_labels: Tensor | np.ndarray | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "torch",
-    progress: bool = True,
+    progress: bool = False,
 ) -> dict[str, float | int]:
     """Exact-kNN retrieval metrics of query embeddings against references.
 
@@ -99,7 +101,7 @@ def retrieval_metrics(
         ref_labels: ``(M,)`` integer class ids of the references; required with ``ref_embeddings``.
         chunk_size: queries per matrix product.
         backend: ``"torch"`` or ``"faiss"`` (exact ``IndexFlatIP`` on CPU; needs ``pip install faiss-cpu``).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (off by default: a library call stays quiet).
 
     Returns:
         ``{"recall@<k>": ... for each k, "precision@1", "r_precision", "map@r", "num_queries",

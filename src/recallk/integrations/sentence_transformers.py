@@ -23,8 +23,10 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
@@ -54,8 +56,13 @@ class CachedRecallAtKLoss(nn.Module):
         tau_rank, tau_k: sigmoid temperatures of the rank and of "rank <= k" (the paper's 0.01 and 1).
         mixup: SiMix: ``True`` or a :class:`~recallk.losses.simix.SimilarityMixup` to add mixed same-label items.
         rank_includes_query: count the query in its own ranks, as the authors' code does.
+        show_progress_bar: show a progress bar over the mini-batches of both embedding passes (named as in
+            sentence-transformers' cached losses; off by default).
 
-    Inputs: ``sentence_features`` with one features dict (N sentences) and ``labels`` (N,) of any integer values.
+    Inputs: ``sentence_features`` with one features dict (N sentences) and ``labels``: (N,) integers of any
+    values, or N strings (class names; only equality matters, so they are numbered per batch). A ``datasets``
+    column of strings must be numbered before sentence-transformers' collator sees it:
+    ``dataset.class_encode_column("label")``.
     """
 
     def __init__(
@@ -67,12 +74,14 @@ class CachedRecallAtKLoss(nn.Module):
         tau_k: float = 1.0,
         mixup: SimilarityMixup | bool | None = None,
         rank_includes_query: bool = False,
+        show_progress_bar: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
         self.model = model
         self.mini_batch_size = mini_batch_size
+        self.show_progress_bar = bool(show_progress_bar)
         self.loss = RecallAtKLoss(
             k, tau_rank, tau_k, rank_includes_query, SimilarityMixup() if mixup is True else (mixup or None)
         )
@@ -86,8 +95,11 @@ class CachedRecallAtKLoss(nn.Module):
             )
         if labels is None:
             raise ValueError("CachedRecallAtKLoss needs class labels: give the dataset a 'label' column")
+        labels = label_ids(labels)
         inputs = _tensor_features(features[0])
-        encoder = SentenceEncoder(self.model)  # copies the features dict and L2-normalises, as recallk's models do
+        encoder = _ProgressEncoder(  # copies the features dict and L2-normalises, as recallk's models do
+            SentenceEncoder(self.model), self.show_progress_bar, len(labels), self.mini_batch_size
+        )
         first = embed_without_graph(encoder, inputs, self.mini_batch_size)
         labels = labels.to(first.embeddings.device)
         embeddings = first.embeddings.to(torch.promote_types(first.embeddings.dtype, torch.float32))
@@ -111,6 +123,7 @@ class CachedRecallAtKLoss(nn.Module):
             "tau_k": list(self.loss.tau_k),
             "mixup": repr(self.loss.mixup),
             "rank_includes_query": self.loss.rank_includes_query,
+            "show_progress_bar": self.show_progress_bar,
         }
 
     @property
@@ -123,6 +136,41 @@ class CachedRecallAtKLoss(nn.Module):
     year={2022}
 }
 """
+
+
+def label_ids(labels: Tensor | Sequence[Any] | np.ndarray) -> Tensor:
+    """Labels as an integer tensor: tensors and integer sequences as they are, class names numbered.
+
+    Strings (or any hashable class keys) get the index of their sorted unique value; RS@k only compares labels
+    for equality, so numbering per batch is exact.
+    """
+    if isinstance(labels, Tensor):
+        return labels
+    values = np.asarray(labels)
+    if values.dtype.kind in "iu":
+        return torch.from_numpy(values.astype(np.int64))
+    if values.ndim != 1:
+        raise ValueError(f"labels must be one class per sentence (1-D), got shape {values.shape}")
+    _, ids = np.unique(values.astype(str) if values.dtype.kind in "OUS" else values, return_inverse=True)
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+class _ProgressEncoder(nn.Module):
+    """``encoder`` that advances a tqdm bar once per call, i.e. per mini-batch of either embedding pass."""
+
+    def __init__(self, encoder: nn.Module, enabled: bool, num_rows: int, mini_batch_size: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        passes = 2 if torch.is_grad_enabled() else 1  # the backward pass embeds every mini-batch again
+        total = passes * -(-num_rows // mini_batch_size)
+        self.bar = tqdm(total=total, desc="Embed mini-batches", unit="mini-batch", disable=not enabled, leave=False)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        output = self.encoder(features)
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
+        return output
 
 
 def _backward_hook(

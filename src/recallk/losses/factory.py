@@ -15,6 +15,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from torch import nn
 
+from recallk.losses.cross_batch_memory import CrossBatchRecallAtK
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
 
@@ -45,16 +46,26 @@ def build_loss(
     rank_includes_query: bool = False,
     simix: bool = False,
     simix_pairs_per_class: int | None = None,
+    memory_size: int = 0,
     params: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The loss called ``name`` (one of ``LOSS_NAMES``); ``params`` are extra constructor arguments.
 
     ``num_classes`` and ``embed_dim`` are needed by the proxy and softmax losses (one proxy per training class).
+    ``memory_size > 0`` wraps RS@k in a :class:`CrossBatchRecallAtK` memory of that many past embeddings (needs
+    ``embed_dim``).
     """
     params = dict(params or {})
+    if memory_size and name != "rsk":
+        raise ValueError(f"the cross-batch memory works with the rsk loss only, not {name!r}; set loss.memory_size: 0")
     if name == "rsk":
         mixup = SimilarityMixup(simix_pairs_per_class) if simix else None
-        return RecallAtKLoss(k, tau_rank, tau_k, rank_includes_query, mixup, **params)
+        loss = RecallAtKLoss(k, tau_rank, tau_k, rank_includes_query, mixup, **params)
+        if not memory_size:
+            return loss
+        if not embed_dim:
+            raise ValueError("the cross-batch memory needs embed_dim (the width of the stored embeddings)")
+        return CrossBatchRecallAtK(loss, embed_dim, memory_size)
     if simix:
         raise ValueError(f"SiMix works with the rsk loss only, not {name!r}; set loss.simix: false")
     if name == "contrastive":

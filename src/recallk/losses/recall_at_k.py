@@ -13,32 +13,49 @@ is what the authors' code does; k is clipped to the database size (which then in
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import nn
+from pytorch_metric_learning.distances import DotProductSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 
 from recallk.losses.simix import SimilarityMixup
 from recallk.losses.smooth_rank import DEFAULT_CHUNK_ELEMENTS, smooth_rank
-from recallk.losses.validation import check_embeddings, check_k, check_labels, check_temperature
+from recallk.losses.validation import (
+    check_distance,
+    check_embeddings,
+    check_k,
+    check_labels,
+    check_tau_k,
+    check_temperature,
+)
 
 
-class RecallAtKLoss(nn.Module):
-    """Smooth Recall@k surrogate loss (RS@k), optionally with SiMix.
+class RecallAtKLoss(BaseMetricLossFunction):
+    """Smooth Recall@k surrogate loss (RS@k), optionally with SiMix; a pytorch-metric-learning loss.
 
     Args:
-        k: the recall levels averaged by the loss.
+        k: the recall levels averaged by the loss (ints, or numpy/tensor integers).
         tau_rank: temperature of the sigmoid that smooths the rank.
         tau_k: temperature of the sigmoid that smooths "rank <= k"; one value or one per k.
         rank_includes_query: count the query in its own rank sums, as the authors' code does.
         mixup: a :class:`SimilarityMixup` to add virtual same-class items to the batch (square case only).
         chunk_elements: memory bound of the rank computation, in (pair x database) entries per chunk.
+        distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
+            L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
+            embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
+        reducer, embedding_regularizer, embedding_reg_weight, collect_stats: as in every PML loss. RS@k is one
+            value for the batch (PML's ``already_reduced``), so reducers pass it through unchanged.
 
-    Call as ``loss(embeddings, labels, ref_emb=None, ref_labels=None, query_index=None)``:
+    Call as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, query_index=None)``,
+    PML's ``forward`` with ``query_index`` as a keyword:
         embeddings: N x D, labels: N integers in any order and class sizes.
+        indices_tuple: must be None; RS@k ranks every pair of the batch, so miners do not apply.
         ref_emb / ref_labels: M x D database (default: the batch itself, each query left out of its own).
         query_index: N indices into ``ref_emb`` of the queries themselves, left out of their own database.
     Returns a scalar in the embeddings' dtype; computed in float32 (or float64) even under autocast.
+    Being a ``BaseMetricLossFunction``, it works in PML's ``DistributedLossWrapper`` (``efficient=False``, the
+    default) and ``MultipleLosses``. For a cross-batch memory use :class:`~recallk.losses.CrossBatchRecallAtK`.
     """
 
     def __init__(
@@ -49,14 +66,13 @@ class RecallAtKLoss(nn.Module):
         rank_includes_query: bool = False,
         mixup: SimilarityMixup | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        **pml_kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**pml_kwargs)
+        check_distance(self.distance)
         self.k = check_k(k)
         self.tau_rank = check_temperature(tau_rank, "tau_rank")
-        taus = (tau_k,) * len(self.k) if isinstance(tau_k, (int, float)) else tuple(tau_k)
-        if len(taus) != len(self.k):
-            raise ValueError(f"tau_k has {len(taus)} values for {len(self.k)} values of k; give one or one per k")
-        self.tau_k = tuple(check_temperature(t, "tau_k") for t in taus)
+        self.tau_k = check_tau_k(tau_k, len(self.k))
         self.rank_includes_query = bool(rank_includes_query)
         if mixup is not None and not isinstance(mixup, SimilarityMixup):
             raise ValueError(f"mixup must be a recallk.SimilarityMixup or None, got {type(mixup).__name__}")
@@ -65,20 +81,54 @@ class RecallAtKLoss(nn.Module):
             raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
 
+    def get_default_distance(self) -> DotProductSimilarity:
+        """Plain dot products: recallk's embeddings are already L2-normalised."""
+        return DotProductSimilarity(normalize_embeddings=False)
+
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, "
             f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}"
         )
 
-    def forward(
+    def forward(  # type: ignore[override]
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: tuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        *,
+        query_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if indices_tuple is not None:
+            raise ValueError(
+                f"RecallAtKLoss got an indices_tuple ({type(indices_tuple).__name__}), but RS@k ranks every pair of "
+                "the batch, so miners do not apply; call loss(embeddings, labels) (DistributedLossWrapper: keep "
+                "efficient=False)"
+            )
+        self.reset_stats()
+        raw_embeddings = embeddings
+        if self.distance.normalize_embeddings:
+            check_embeddings(embeddings)
+            embeddings = self.distance.normalize(embeddings)
+            if ref_emb is not None:
+                check_embeddings(ref_emb, "ref_emb")
+                ref_emb = self.distance.normalize(ref_emb)
+        loss = self._rs_at_k(embeddings, labels, ref_emb, ref_labels, query_index)
+        loss_dict = {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+        self.add_embedding_regularization_to_loss_dict(loss_dict, raw_embeddings)
+        return self.reducer(loss_dict, raw_embeddings, labels)
+
+    def _rs_at_k(
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-        query_index: torch.Tensor | None = None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+        query_index: torch.Tensor | None,
     ) -> torch.Tensor:
+        """RS@k of the queries ``embeddings`` against ``ref_emb`` (default: the batch itself); see the class doc."""
         check_embeddings(embeddings)
         check_labels(labels, len(embeddings))
         labels = labels.to(embeddings.device)

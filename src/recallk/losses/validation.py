@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
+from pytorch_metric_learning.distances import DotProductSimilarity
 
 
 def check_embeddings(emb: torch.Tensor, name: str = "embeddings") -> None:
@@ -36,9 +38,21 @@ def check_labels(labels: torch.Tensor, length: int, name: str = "labels") -> Non
         raise ValueError(f"{name} has {len(labels)} entries but there are {length} embeddings; they must match")
 
 
-def check_k(k: Sequence[int]) -> tuple[int, ...]:
-    """k must be a non-empty sequence of positive integers."""
-    values = (k,) if isinstance(k, int) else tuple(k)
+def _plain_number(value: object) -> object:
+    """A numpy scalar, 0-d array or one-element tensor as the Python number it holds; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
+        return value.item()
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    return value
+
+
+def check_k(k: int | Sequence[int] | torch.Tensor | np.ndarray) -> tuple[int, ...]:
+    """k must be a positive integer or a non-empty sequence of them (numpy and tensor scalars/arrays included)."""
+    k = _plain_number(k)
+    if isinstance(k, (torch.Tensor, np.ndarray)):
+        k = k.tolist()
+    values = (k,) if isinstance(k, (int, float)) else tuple(_plain_number(v) for v in k)
     if not values:
         raise ValueError("k is empty; give at least one positive integer, e.g. k=(1, 2, 4, 8, 16)")
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -47,7 +61,28 @@ def check_k(k: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_temperature(value: float, name: str) -> float:
-    """Temperatures divide the sigmoid argument and must be positive and finite."""
-    if not (isinstance(value, (int, float)) and 0 < float(value) < float("inf")):
+    """Temperatures divide the sigmoid argument and must be positive and finite (numpy/tensor scalars too)."""
+    value = _plain_number(value)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < float(value) < float("inf")):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def check_tau_k(tau_k: float | Sequence[float], num_k: int) -> tuple[float, ...]:
+    """One positive temperature per k: a single value (repeated) or exactly ``num_k`` values."""
+    tau_k = _plain_number(tau_k)
+    if isinstance(tau_k, (torch.Tensor, np.ndarray)):
+        tau_k = tau_k.tolist()
+    taus = (tau_k,) * num_k if isinstance(tau_k, (int, float)) else tuple(tau_k)
+    if len(taus) != num_k:
+        raise ValueError(f"tau_k has {len(taus)} values for {num_k} values of k; give one or one per k")
+    return tuple(check_temperature(t, "tau_k") for t in taus)
+
+
+def check_distance(distance: object) -> None:
+    """RS@k needs dot-product similarities: PML's ``DotProductSimilarity`` or ``CosineSimilarity``, power 1."""
+    if not isinstance(distance, DotProductSimilarity) or distance.power != 1:
+        raise ValueError(
+            f"RecallAtKLoss ranks by similarity and takes distance=CosineSimilarity() or DotProductSimilarity() "
+            f"(power 1) from pytorch_metric_learning.distances, got {distance!r}"
+        )

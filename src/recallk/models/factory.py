@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import sys
+import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,9 +209,7 @@ def _create_timm_backbone(
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     if pretrained_path is not None:
-        weights = _checked_weights_file(pretrained_path, name)
-        net = timm.create_model(name, pretrained=False, **kwargs)
-        _load_backbone_weights(net, weights, name)
+        net = _create_from_weights_file(name, _checked_weights_file(pretrained_path, name), kwargs)
     else:
         try:
             net = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -222,29 +221,55 @@ def _create_timm_backbone(
     return net
 
 
-def _load_backbone_weights(net: nn.Module, path: Path, name: str) -> None:
-    """Load a local weights file into a timm backbone, strictly except for the dropped classifier.
+class _LoadReport(logging.Handler):
+    """Collects the missing and unexpected keys that timm's weight loader reports in its log.
 
-    The file may be a plain state_dict or a training checkpoint (timm's ``load_state_dict`` unwraps it); the
-    model family's ``checkpoint_filter_fn`` (e.g. ViT position-embedding resizing) is applied when it has one.
+    timm loads non-strictly once it has dropped the classifier (``num_classes=0``), so a file of another
+    architecture would load partially without this check.
     """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.problems: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Missing keys", "Unexpected keys")):
+            self.problems.append(message.split(" discovered")[0].split(" found")[0])
+
+
+def _create_from_weights_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` loading ``path`` through timm's own pretrained path (``pretrained_cfg_overlay``).
+
+    timm reads ``.pth``/``.safetensors`` files (and ViTs' JAX ``.npz``), unwraps training checkpoints, applies the
+    family's filter (e.g. ViT position-embedding resizing) and
+    adapts the input convolution to ``in_chans`` (summing RGB filters for 1 channel), then drops the
+    classifier. Any other missing or unexpected key is an error.
+    """
+    logger, report = logging.getLogger("timm.models._builder"), _LoadReport()
+    level = logger.level
+    logger.addHandler(report)
+    logger.setLevel(logging.INFO)
     try:
-        state = timm.models.load_state_dict(str(path))
-        filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            state = filter_fn(state, net)
-        own = net.state_dict()
-        classifiers = net.pretrained_cfg.get("classifier") or ()
-        for classifier in (classifiers,) if isinstance(classifiers, str) else classifiers:
-            for key in (f"{classifier}.weight", f"{classifier}.bias"):
-                if key not in own:
-                    state.pop(key, None)
-        net.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError, KeyError) as err:
-        raise PretrainedWeightsError(
-            f"could not load pretrained weights for backbone '{name}' from '{path}' ({_one_line(err)}); "
-            "give a weights file of that exact architecture or set model.pretrained_path=null"
-        ) from err
+        # custom_load: timm's own loader for the original JAX .npz releases (ViTs); torch/safetensors otherwise
+        overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise PretrainedWeightsError(_weights_file_message(name, path, _one_line(err))) from err
+    finally:
+        logger.removeHandler(report)
+        logger.setLevel(level)
+    if report.problems:
+        reason = _one_line(RuntimeError("; ".join(report.problems)))
+        raise PretrainedWeightsError(_weights_file_message(name, path, reason))
+    return net
+
+
+def _weights_file_message(name: str, path: Path, reason: str) -> str:
+    return (
+        f"could not load pretrained weights for backbone '{name}' from '{path}' ({reason}); "
+        "give a weights file of that exact architecture or set model.pretrained_path=null"
+    )
 
 
 def _download_failure_message(name: str, err: BaseException) -> str:

