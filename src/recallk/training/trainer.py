@@ -284,9 +284,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def embed(self, source: Any, desc: str) -> torch.Tensor:
+        """Float32 embeddings of a split, whatever ``train.amp`` is (the path ``recallk evaluate`` takes too)."""
         return embed_source(
-            self.model, source, self.cfg.eval.batch_size, self.device, autocast_dtype=self.amp_dtype,
-            progress=self.progress and self.is_main, desc=desc,
+            self.model, source, self.cfg.eval.batch_size, self.device, progress=self.progress and self.is_main,
+            desc=desc,
         )
 
     def evaluate(self, source: Any, desc: str) -> tuple[dict[str, float | int], torch.Tensor]:
