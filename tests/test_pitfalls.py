@@ -3,14 +3,18 @@ and checks that the number reported is right, that a silent failure now says so,
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from recallk.data.generic import build_folder
+from recallk.data.generic import build_csv, build_folder
+from recallk.data.sources import build_source
 from recallk.evaluation.evaluate import evaluate_run
+from recallk.training.run_dir import read_metrics
 from recallk.training.trainer import train
 from test_trainer import make_glyph_folder, tiny_config
 
@@ -80,3 +84,60 @@ def test_every_pillow_mode_decodes_into_the_right_range(tmp_path: Path, image_mo
         left, right = expected[Path(name).name]
         assert np.abs(pixels[:, :2] - left).max() <= 1, (name, stored_mode, pixels[:, :2].ravel()[:4])
         assert np.abs(pixels[:, 2:] - right).max() <= 1, (name, stored_mode, pixels[:, 2:].ravel()[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. A model that does not train says so; folder/csv readers take the grayscale options
+
+
+STUCK_SETTINGS = dict(  # black-on-white glyphs, GroupNorm from scratch, batch 128: every similarity starts near 1
+    model__norm="group", model__freeze_batchnorm=False, model__layernorm=False, train__epochs=5, train__eval_every=0,
+    train__chunk_size=128, data__batch_size=128, data__samples_per_class=4, output__plots=False,
+    output__export_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def forty_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_glyph_folder(tmp_path_factory.mktemp("glyphs40"), classes=40, per_class=4)
+
+
+def test_a_model_that_does_not_train_is_reported_once(
+    tmp_path: Path, forty_classes: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="recallk"):
+        train(tiny_config(tmp_path, **STUCK_SETTINGS), tmp_path / "run", data_dir=forty_classes, progress=False)
+    losses = [float(row["train_loss"]) for row in read_metrics(tmp_path / "run" / "metrics.csv")]
+    assert max(losses) - min(losses) < 1e-4  # the situation is real: nothing trains
+    stuck = [r.getMessage() for r in caplog.records if "the model is not training" in r.getMessage()]
+    assert len(stuck) == 1, stuck
+    for fix in ("model.layernorm=true", "data.options.invert=true", "loss.tau_k", "model.pretrained"):
+        assert fix in stuck[0]
+
+
+def test_a_training_model_is_not_reported(tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="recallk"):
+        train(tiny_config(tmp_path, train__epochs=2, output__plots=False), tmp_path / "run", data_dir=data_dir,
+              progress=False)
+    assert not [r for r in caplog.records if "the model is not training" in r.getMessage()]
+
+
+def test_folder_and_csv_readers_take_grayscale_invert_and_normalisation(tmp_path: Path, data_dir: Path) -> None:
+    plain = build_folder(data_dir, "train")
+    inverted = build_folder(data_dir, "train", grayscale=True, invert=True)
+    original = np.asarray(plain.load_image(0).convert("L"), dtype=np.int64)
+    assert inverted.load_image(0).mode == "L"
+    np.testing.assert_array_equal(np.asarray(inverted.load_image(0), dtype=np.int64), 255 - original)
+    (tmp_path / "train.csv").write_text(
+        "path,label\n" + "".join(f"{data_dir / 'train' / name},{label}\n"
+                                 for name, label in zip(plain.item_ids, plain.labels)), encoding="utf-8"
+    )
+    from_csv = build_csv(tmp_path, "train", grayscale=True, invert=True)
+    np.testing.assert_array_equal(np.asarray(from_csv.load_image(0)), np.asarray(inverted.load_image(0)))
+    # through the config: data.options reach the reader, mean/std the transform
+    cfg = tiny_config(tmp_path, data__options={"invert": True, "mean": 0.5, "std": 0.25}).data
+    source = build_source(cfg, "train", False, data_dir)
+    first = next(iter(source.eval_batches(1)))[0, 0]
+    expected = (torch.from_numpy(255 - original).float() / 255).unsqueeze(0).unsqueeze(0)
+    expected = torch.nn.functional.interpolate(expected, size=16, mode="bilinear", antialias=True)[0, 0]
+    torch.testing.assert_close(first, (expected - 0.5) / 0.25, atol=0.05, rtol=0)

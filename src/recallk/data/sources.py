@@ -220,7 +220,8 @@ def build_source(
     """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
 
     ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise
-    images are read from files by ``data.num_workers`` loader processes with ``data.transform``. Text data sets
+    images are read from files by ``data.num_workers`` loader processes with ``data.transform``
+    (``data.options`` ``mean``/``std`` set its normalisation; the other options go to the reader). Text data sets
     (clinc150, banking77) need the model's ``tokenize``.
     """
     if cfg.dataset in TEXT_READERS:
@@ -241,12 +242,13 @@ def build_source(
         names = build_omniglot(root, split, val_classes=val_classes, seed=seed).item_ids  # same order as the arrays
         return ArraySource.omniglot(images, labels, names, train)
     kwargs = dict(cfg.options)
+    mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)  # transform options, not the reader's
     if cfg.dataset == "omniglot":
         kwargs.setdefault("val_classes", _val_classes(cfg))
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("download", cfg.download)
     dataset = build_dataset(
-        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train),
+        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train, mean, std),
         skip_bad_images=cfg.skip_bad_images, **kwargs,
     )
     return DatasetSource(dataset, cfg.num_workers)

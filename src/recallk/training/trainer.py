@@ -40,6 +40,7 @@ from recallk.models.factory import create_model_from_config
 from recallk.training.batchnorm import batchnorm_layers_in_training_mode
 from recallk.training.checkpoint import load_checkpoint, save_checkpoint
 from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
+from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.multistage import multistage_backward
 from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
@@ -160,6 +161,7 @@ class Trainer:
         # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf, "map@r": -math.inf}
         self.skipped_steps = 0
+        self.health = StuckTrainingCheck()
         self.seconds = 0.0
         self.events = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
@@ -276,6 +278,9 @@ class Trainer:
             self.skipped_steps += 1
             logger.warning("skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps)
         else:
+            if self.health.watching:
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+                self.health.observe(value, gradient_norm(self.model.parameters()) / scale)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
