@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
 from recallk.data.generic import build_csv, build_folder
+from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
 from recallk.evaluation.evaluate import evaluate_run
 from recallk.training.run_dir import read_metrics
@@ -141,3 +143,24 @@ def test_folder_and_csv_readers_take_grayscale_invert_and_normalisation(tmp_path
     expected = (torch.from_numpy(255 - original).float() / 255).unsqueeze(0).unsqueeze(0)
     expected = torch.nn.functional.interpolate(expected, size=16, mode="bilinear", antialias=True)[0, 0]
     torch.testing.assert_close(first, (expected - 0.5) / 0.25, atol=0.05, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. The sampler reshuffles on every iteration without set_epoch; an explicit set_epoch still wins
+
+
+def test_sampler_moves_to_a_new_epoch_on_each_iteration() -> None:
+    labels = np.repeat(np.arange(20), 5)
+    sampler = ClassBalancedBatchSampler(labels, batch_size=16, samples_per_class=4, seed=1)
+    first, second, third = list(sampler), list(sampler), list(sampler)
+    assert first != second and second != third and first != third
+    assert sampler.epoch == 2
+    assert second == [b.reshape(-1).tolist() for b in sampler.global_batches(1)]
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # explicit epochs (the trainer's exact resume) still repeat exactly
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    # a DataLoader iterates the batch sampler once per pass, as a PML user's loop does
+    loader = DataLoader(TensorDataset(torch.arange(len(labels))), batch_sampler=sampler)
+    passes = [[batch[0].tolist() for batch in loader] for _ in range(2)]
+    assert passes[0] != passes[1]
