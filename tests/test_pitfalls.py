@@ -4,6 +4,7 @@ and checks that the number reported is right, that a silent failure now says so,
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from recallk.data.generic import build_csv, build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
 from recallk.evaluation.evaluate import evaluate_run
+from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.unit_norm import UnnormalizedEmbeddingsWarning
 from recallk.training.run_dir import read_metrics
 from recallk.training.trainer import train
 from test_trainer import make_glyph_folder, tiny_config
@@ -164,3 +167,27 @@ def test_sampler_moves_to_a_new_epoch_on_each_iteration() -> None:
     loader = DataLoader(TensorDataset(torch.arange(len(labels))), batch_sampler=sampler)
     passes = [[batch[0].tolist() for batch in loader] for _ in range(2)]
     assert passes[0] != passes[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Unnormalised embeddings are not ranked silently
+
+
+def test_unnormalised_embeddings_warn_once_and_unit_ones_do_not() -> None:
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randn(32, 8, generator=generator) * 3
+    labels = torch.arange(8).repeat_interleave(4)
+    loss = RecallAtKLoss(k=(1, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        loss(raw, labels)
+        loss(raw * 2, labels)
+        loss(torch.nn.functional.normalize(raw, dim=1), labels, ref_emb=raw, ref_labels=labels)
+    unnormalised = [w for w in caught if issubclass(w.category, UnnormalizedEmbeddingsWarning)]
+    assert len(unnormalised) == 2, [str(w.message) for w in caught]  # once for embeddings, once for ref_emb
+    assert "torch.nn.functional.normalize" in str(unnormalised[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnnormalizedEmbeddingsWarning)
+        unit = torch.nn.functional.normalize(raw, dim=1)
+        loss(unit, labels)
+        loss(unit.bfloat16(), labels)  # rounding to bf16 is not "unnormalised"

@@ -20,6 +20,7 @@ from torch import nn
 
 from recallk.losses.simix import SimilarityMixup
 from recallk.losses.smooth_rank import DEFAULT_CHUNK_ELEMENTS, smooth_rank
+from recallk.losses.unit_norm import warn_if_not_unit_norm
 from recallk.losses.validation import check_embeddings, check_k, check_labels, check_temperature
 
 
@@ -80,6 +81,7 @@ class RecallAtKLoss(nn.Module):
         query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_embeddings(embeddings)
+        warn_if_not_unit_norm(embeddings)
         check_labels(labels, len(embeddings))
         labels = labels.to(embeddings.device)
         if ref_emb is None:
@@ -89,6 +91,7 @@ class RecallAtKLoss(nn.Module):
                 sim = emb @ emb.T
             return self.from_similarity(sim, labels).to(embeddings.dtype)
         check_embeddings(ref_emb, "ref_emb")
+        warn_if_not_unit_norm(ref_emb, "ref_emb")
         if ref_labels is None:
             raise ValueError("ref_emb was given without ref_labels; pass the labels of the reference rows")
         check_labels(ref_labels, len(ref_emb), "ref_labels")
