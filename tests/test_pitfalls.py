@@ -3,6 +3,7 @@ and checks that the number reported is right, that a silent failure now says so,
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from recallk.cli import format_metrics_table, main
+from recallk.config import config_to_dict
 from recallk.data.generic import build_csv, build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
@@ -191,3 +195,26 @@ def test_unnormalised_embeddings_warn_once_and_unit_ones_do_not() -> None:
         unit = torch.nn.functional.normalize(raw, dim=1)
         loss(unit, labels)
         loss(unit.bfloat16(), labels)  # rounding to bf16 is not "unnormalised"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. `recallk train` ends with the run directory and the test metrics; train.log_every logs the loss
+
+
+def test_train_prints_the_run_directory_and_the_test_table(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(tmp_path, output__plots=False))), encoding="utf-8")
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="recallk"):
+        status = main(["train", str(config), "--run-dir", str(run), "--data-dir", str(data_dir),
+                       "train.epochs=2", "train.log_every=2"])
+    assert status == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert f"run directory: {run}" in out
+    assert set(format_metrics_table(summary["splits"]).splitlines()) <= set(out.splitlines())
+    assert f"{summary['recall@1']:.4f}" in out
+    logged = [r.getMessage() for r in caplog.records if "mean of the last" in r.getMessage()]
+    assert [m.split(":")[0] for m in logged] == ["epoch 1 step 2", "epoch 1 step 4", "epoch 2 step 6", "epoch 2 step 8"]

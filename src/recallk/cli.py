@@ -219,7 +219,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return EXIT_OK
     trainer = _implementation("recallk.training.trainer", "training")
-    trainer.train(cfg, resume=args.resume is not None)
+    summary = trainer.train(cfg, resume=args.resume is not None)
+    if summary:  # empty on the non-main ranks of a torchrun job
+        print(format_metrics_table(summary["splits"]))
+        print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
     return EXIT_OK
 
 

@@ -122,7 +122,7 @@ class TrainConfig:
     amp: AmpMode = "auto"  # autocast precision of the network forward; auto: bf16 on CUDA, none on CPU
     eval_every: int = 1  # evaluate on the validation set every N epochs; 0: only after the last epoch
     checkpoint_every: int = 1  # save a checkpoint every N epochs; 0: only the final one
-    log_every: int = 10  # log training loss every N steps
+    log_every: int = 10  # log the mean training loss every N steps (INFO)
     device: Device = "auto"  # auto: cuda when available, else cpu
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
     nan_policy: NanPolicy = "stop"  # non-finite loss: stop with an error, or skip the step

@@ -323,6 +323,10 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     bar.set_postfix(loss=f"{value:.4f}")
+                    if self.is_main and self.step % cfg.train.log_every == 0:
+                        recent = self.epoch_losses[-cfg.train.log_every:]
+                        logger.info("epoch %d step %d: loss %.4f (mean of the last %d steps of this epoch)",
+                                    self.epoch + 1, self.step, float(np.nanmean(recent)), len(recent))
                     if self.events is not None:
                         self.events.add_scalar("train/loss", value, self.step)
                     if stop.requested or (max_steps and self.step >= max_steps):
