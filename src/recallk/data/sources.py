@@ -51,10 +51,12 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
             yield [(i, base + self.offset + j) for j, i in enumerate(indices)]
 
 
-def _ignore_ctrl_c(worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C (SIGINT reaches the terminal's whole process group): the main process decides
-    whether to stop after the current step, and shuts the workers down itself."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM (SIGINT reaches the terminal's whole process group; Slurm, ``timeout``
+    and ``kill -TERM -PGID`` send SIGTERM to every process): the main process decides whether to stop after the
+    current step, and shuts the workers down itself (they also exit when it dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _SeededItems(Dataset):
@@ -98,7 +100,7 @@ class DatasetSource:
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_ctrl_c,
+            worker_init_fn=_ignore_stop_signals,
         )
         for images, labels in loader:
             yield images, labels
@@ -107,7 +109,7 @@ class DatasetSource:
         """The whole split in order, in batches of ``batch_size`` transformed images."""
         loader = DataLoader(
             self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-            worker_init_fn=_ignore_ctrl_c,
+            worker_init_fn=_ignore_stop_signals,
         )
         for images, _ in loader:
             yield images
