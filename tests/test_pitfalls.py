@@ -218,3 +218,47 @@ def test_train_prints_the_run_directory_and_the_test_table(
     assert f"{summary['recall@1']:.4f}" in out
     logged = [r.getMessage() for r in caplog.records if "mean of the last" in r.getMessage()]
     assert [m.split(":")[0] for m in logged] == ["epoch 1 step 2", "epoch 1 step 4", "epoch 2 step 6", "epoch 2 step 8"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. --resume refuses a changed config, except keys that are safe to change, and records those
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("recallk:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture()
+def one_epoch_run(tmp_path: Path, data_dir: Path) -> Path:
+    config = tmp_path / "tiny.yaml"
+    raw = config_to_dict(tiny_config(tmp_path, train__epochs=1, output__plots=False))
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--data-dir", str(data_dir)]) == 0
+    return run
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(
+    one_epoch_run: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (one_epoch_run / "config.yaml").read_text()
+    capsys.readouterr()
+    status = main(["train", "--resume", str(one_epoch_run), "data.dataset=csv", "model.embed_dim=8",
+                   "train.epochs=2"])
+    assert status == 2
+    line = _error_line(capsys)
+    assert "data.dataset: 'folder' -> 'csv'" in line and "model.embed_dim: 16 -> 8" in line, line
+    assert "train.epochs" in line.split("keys that may change")[1] and "train.epochs: " not in line
+    assert (one_epoch_run / "config.yaml").read_text() == before
+
+
+def test_resume_accepts_and_records_safe_changes(one_epoch_run: Path, data_dir: Path) -> None:
+    assert main(["train", "--resume", str(one_epoch_run), "train.epochs=2", "optim.lr=1e-3"]) == 0
+    saved = yaml.safe_load((one_epoch_run / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["optim"]["lr"] == 1e-3
+    (entry,) = [json.loads(line) for line in (one_epoch_run / "config_changes.jsonl").read_text().splitlines()]
+    assert entry["epoch"] == 1 and entry["step"] == 4
+    assert entry["changes"] == {"optim.lr": {"old": 3e-3, "new": 1e-3}, "train.epochs": {"old": 1, "new": 2}}
+    assert len(read_metrics(one_epoch_run / "metrics.csv")) == 2

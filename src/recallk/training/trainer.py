@@ -42,6 +42,7 @@ from recallk.training.checkpoint import load_checkpoint, save_checkpoint
 from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.multistage import multistage_backward
+from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
 
@@ -105,6 +106,7 @@ class Trainer:
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
+        self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
         self.run_path = Path(run_dir)
         data_root = data_dir if data_dir is not None else config.data.data_dir
         _seed_everything(config.seed)
@@ -171,6 +173,10 @@ class Trainer:
             except BaseException:
                 self.close()  # release the run directory's lock (e.g. last.pt is not a recallk checkpoint)
                 raise
+            if self.resume_changes and self.run is not None:
+                record_resume_changes(self.run.path, config, self.resume_changes, self.epoch, self.step)
+                logger.info("resumed with changed %s", ", ".join(
+                    f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
         elif self.run is not None:
             self.run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         if config.train.tensorboard and self.run is not None:
