@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -262,3 +263,31 @@ def test_resume_accepts_and_records_safe_changes(one_epoch_run: Path, data_dir: 
     assert entry["epoch"] == 1 and entry["step"] == 4
     assert entry["changes"] == {"optim.lr": {"old": 3e-3, "new": 1e-3}, "train.epochs": {"old": 1, "new": 2}}
     assert len(read_metrics(one_epoch_run / "metrics.csv")) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. A bad image can be removed as the error says, and the run resumed
+
+
+def test_a_removed_bad_image_does_not_block_resume(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(tmp_path, train__epochs=1, output__plots=False))),
+                      encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--data-dir", str(data)]) == 0
+    bad = sorted((data / "train" / "class03").iterdir())[:2]
+    for image in bad:
+        image.write_bytes(b"")  # empty files: found by the listing, undecodable when loaded
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
+    line = _error_line(capsys)
+    assert "cannot decode image" in line and "--resume RUN_DIR" in line, line
+    for image in bad:
+        image.unlink()  # what the error says to do
+    with caplog.at_level(logging.WARNING, logger="recallk"):
+        assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    assert any("the training split has 70 items, 72 when" in r.getMessage() for r in caplog.records)
+    assert [int(row["step"]) for row in read_metrics(run / "metrics.csv")] == [4, 8]  # the same schedule

@@ -131,8 +131,10 @@ class ImageDataset(Dataset):
             raise
         except _DECODE_ERRORS as exc:
             raise BadImageError(
-                f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file, or build "
-                "the dataset with skip_bad_images=True (config: data.skip_bad_images=true) to drop undecodable images"
+                f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file and run the "
+                "same command again (or 'recallk train --resume RUN_DIR' if the run saved checkpoints/last.pt), or "
+                "build the dataset with skip_bad_images=True (config: data.skip_bad_images=true) to drop "
+                "undecodable images"
             ) from exc
         image = convert_image(image, self.image_mode)
         return ImageOps.invert(image) if self.invert else image

@@ -164,11 +164,17 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             "batches_per_epoch": self.batches_per_epoch,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], allow_new_items: bool = False) -> None:
         """Resume: the next iterator yields the batches of ``state["epoch"]`` after ``state["batches_done"]``.
 
         The global batch plan does not depend on ``world_size``, so a run may resume on a different number of ranks.
+        ``allow_new_items``: accept labels of another length (images removed from or added to the split since the
+        state was saved): the epoch length of the state is kept, so the schedule stays the same, and the remaining
+        batches are drawn from the current items (they differ from those an uninterrupted run would have drawn).
         """
+        if allow_new_items and state["num_samples"] != self.num_samples:
+            self.batches_per_epoch = int(state["batches_per_epoch"])
+            state = {**state, "num_samples": self.num_samples}
         for key in ("seed", "batch_size", "samples_per_class", "num_samples", "batches_per_epoch"):
             if state[key] != getattr(self, key):
                 raise ValueError(

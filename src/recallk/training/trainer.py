@@ -240,7 +240,15 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_settings()
         self.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
+        saved_items = state["sampler"]["num_samples"]
+        if saved_items != self.sampler.num_samples:
+            logger.warning(
+                "the training split has %d items, %d when this run saved its checkpoint (files removed or added, or "
+                "data.skip_bad_images); continuing on the current items with the same schedule, so the batches "
+                "from here on differ from those of an uninterrupted run", self.sampler.num_samples, saved_items,
+            )
+        self.sampler.load_state_dict(state["sampler"], allow_new_items=True)
+        self.steps_per_epoch = len(self.sampler)
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_losses = list(state["epoch_losses"])
         self.best, self.skipped_steps, self.seconds = state["best"], state["skipped_steps"], state["seconds"]
