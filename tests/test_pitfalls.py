@@ -291,3 +291,72 @@ def test_a_removed_bad_image_does_not_block_resume(
         assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
     assert any("the training split has 70 items, 72 when" in r.getMessage() for r in caplog.records)
     assert [int(row["step"]) for row in read_metrics(run / "metrics.csv")] == [4, 8]  # the same schedule
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. One line and exit 2, before training, and --dry-run catches what can be known without training
+
+
+@pytest.fixture()
+def tiny_yaml(tmp_path: Path) -> Path:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(tmp_path, train__epochs=1, output__plots=False))),
+                      encoding="utf-8")
+    return config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["loss.params={chunk_elementz: 5}"], ["loss.params", "chunk_elementz"]),
+        (["loss.name=contrastive", "loss.params={pos_margn: 0.1}"], ["loss.params", "pos_margn"]),
+        (["data.options={invrt: true}"], ["data.options", "invrt", "allowed: grayscale, invert, mean, std"]),
+        (["data.transform=imagenet"], ["3-channel", "model.in_chans=3", "data.transform=omniglot"]),
+        (["data.transform=omniglott"], ["unknown data.transform 'omniglott'"]),
+        (["data.dataset=foldr"], ["unknown data.dataset 'foldr'"]),
+        (["--data-dir", "/nonexistent/recallk-data"], ["data directory /nonexistent/recallk-data does not exist"]),
+    ],
+    ids=["rsk-param", "pml-param", "reader-option", "channels", "transform", "dataset", "data-dir"],
+)
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "train"])
+def test_config_mistakes_are_one_line_before_training(
+    tmp_path: Path, data_dir: Path, tiny_yaml: Path, capsys: pytest.CaptureFixture[str], overrides: list[str],
+    fragments: list[str], dry_run: bool,
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(tiny_yaml), "--run-dir", str(run), "--data-dir", str(data_dir), *overrides]
+    capsys.readouterr()
+    assert main([*args, *(["--dry-run"] if dry_run else [])]) == 2
+    line = _error_line(capsys)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not run.exists()
+
+
+def test_a_test_split_without_positives_fails_before_training(
+    tmp_path: Path, data_dir: Path, tiny_yaml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    for class_dir in (data / "test").iterdir():
+        for image in sorted(class_dir.iterdir())[1:]:
+            image.unlink()  # one image per class: no query has a positive
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", str(tiny_yaml), "--run-dir", str(run), "--data-dir", str(data)]) == 2
+    assert "split 'test' has no class with two or more items" in _error_line(capsys)
+    assert not (run / "metrics.csv").exists()
+
+
+def test_resume_with_another_model_is_one_line(
+    tmp_path: Path, data_dir: Path, tiny_yaml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = {}
+    for dim in (16, 8):
+        runs[dim] = tmp_path / f"run{dim}"
+        assert main(["train", str(tiny_yaml), "--run-dir", str(runs[dim]), "--data-dir", str(data_dir),
+                     f"model.embed_dim={dim}"]) == 0
+    shutil.copyfile(runs[8] / "checkpoints" / "last.pt", runs[16] / "checkpoints" / "last.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(runs[16]), "train.epochs=2"]) == 2
+    line = _error_line(capsys)
+    assert "holds another model or loss than this config builds" in line and "size mismatch" in line, line

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", metavar="DIR", help="output directory of this run (sets output.run_dir)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
     train.add_argument("--device", choices=DEVICES, help="where to train (sets train.device)")
-    train.add_argument("--dry-run", action="store_true", help="validate the config, print it as YAML and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config (data directory, dataset, transform, reader options, loss parameters, "
+                            "model/transform channels, resume changes), print it as YAML and exit")
 
     evaluate = _add_subcommand(
         subparsers, "evaluate", "compute retrieval metrics of a trained model", EVALUATE_EPILOG, _cmd_evaluate
@@ -216,6 +218,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         import yaml
 
+        checks = _implementation("recallk.training.preflight", "config checks")
+        checks.preflight(cfg)
+        if args.resume is not None:
+            _implementation("recallk.training.resume_config", "resume checks").check_resume_config(Path(run_dir), cfg)
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return EXIT_OK
     trainer = _implementation("recallk.training.trainer", "training")

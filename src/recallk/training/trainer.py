@@ -38,10 +38,11 @@ from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_emb
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 from recallk.training.batchnorm import batchnorm_layers_in_training_mode
-from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.multistage import multistage_backward
+from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
@@ -104,11 +105,12 @@ class Trainer:
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
+        data_root = data_dir if data_dir is not None else config.data.data_dir
+        preflight(config, data_root)
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
         self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
         self.run_path = Path(run_dir)
-        data_root = data_dir if data_dir is not None else config.data.data_dir
         _seed_everything(config.seed)
 
         model = create_model_from_config(config.model).to(self.device)
@@ -124,6 +126,9 @@ class Trainer:
             split: build_source(config.data, split, False, data_root, config.seed, tokenize)
             for split in config.data.split_test
         } if self.is_main else {}
+        for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
+            if source is not None:
+                _check_has_positives(source.labels, split)
         self.sampler = ClassBalancedBatchSampler(
             self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -234,8 +239,15 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.loss_fn.load_state_dict(state["loss"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.loss_fn.load_state_dict(state["loss"])
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise CheckpointError(
+                f"{path} holds another model or loss than this config builds ({first.rstrip('.')}); resume with the "
+                f"run's own model and loss settings ({self.run_path / 'config.yaml'}), or start a new run"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_settings()
@@ -468,6 +480,15 @@ def default_run_dir(config: Config) -> Path:
     if config.output.run_dir:
         return Path(config.output.run_dir)
     return Path(config.output.runs_root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_has_positives(labels: torch.Tensor, split: str | None) -> None:
+    """A split whose classes all hold one item has no query with a positive: say so before training, not after."""
+    if len(labels) == 0 or int(torch.bincount(labels).max()) < 2:
+        raise RecallkUsageError(
+            f"split {split!r} has no class with two or more items, so no query has a positive to retrieve; "
+            "use a split with several items per class (data.split_val / data.split_test)"
+        )
 
 
 def _seed_everything(seed: int) -> None:
