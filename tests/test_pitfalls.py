@@ -360,3 +360,17 @@ def test_resume_with_another_model_is_one_line(
     assert main(["train", "--resume", str(runs[16]), "train.epochs=2"]) == 2
     line = _error_line(capsys)
     assert "holds another model or loss than this config builds" in line and "size mismatch" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 12. `recallk evaluate RUN --split val` keeps the test results of evaluation.json
+
+
+def test_evaluating_another_split_keeps_the_earlier_results(one_epoch_run: Path, data_dir: Path) -> None:
+    assert main(["evaluate", str(one_epoch_run), "--device", "cpu"]) == 0
+    test_metrics = json.loads((one_epoch_run / "evaluation.json").read_text())["test"]
+    assert main(["evaluate", str(one_epoch_run), "--split", "train", "--device", "cpu"]) == 0
+    saved = json.loads((one_epoch_run / "evaluation.json").read_text())
+    assert sorted(saved) == ["test", "train"] and saved["test"] == test_metrics
+    table = (one_epoch_run / "evaluation.txt").read_text().splitlines()
+    assert table[0].split() == ["metric", "test", "train"]

@@ -72,7 +72,8 @@ examples:
   recallk evaluate runs/sop/last.pt --split test --data-dir /data
   recallk evaluate runs/omniglot --out results/omniglot.json
 
-The table is printed and saved as JSON (plus a .txt copy), by default in the run directory.
+The table is printed and saved as JSON (plus a .txt copy), by default in the run directory; splits
+evaluated earlier into the same file are kept (one entry per split).
 """
 
 EMBED_EPILOG = """\
@@ -240,14 +241,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     evaluation = _implementation("recallk.evaluation.evaluate", "evaluation")
     results = evaluation.evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
-    table = format_metrics_table(results)
-    print(table)
+    print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
+    merged = {**_earlier_results(out), **results}  # other splits evaluated before are kept
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".txt").write_text(table + "\n", encoding="utf-8")
-    print(f"saved {out} and {out.with_suffix('.txt')}")
+    out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".txt").write_text(format_metrics_table(merged) + "\n", encoding="utf-8")
+    print(f"saved {out} and {out.with_suffix('.txt')} (splits: {', '.join(merged)})")
     return EXIT_OK
+
+
+def _earlier_results(path: Path) -> dict[str, Any]:
+    """The ``{split: metrics}`` already in an evaluation JSON file (empty when absent or not such a file)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or not all(isinstance(v, dict) for v in earlier.values()):
+        return {}
+    return earlier
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
