@@ -33,7 +33,7 @@ from recallk.config import Config, config_to_dict
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
-from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
+from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
@@ -312,6 +312,24 @@ class Trainer:
         self.scheduler.step()
         return value
 
+    def _train_step_of_job(self, images: Inputs, labels: torch.Tensor) -> float:
+        """:meth:`_train_step`; under torchrun, a collective that fails because another rank died (gloo: connection
+        closed or reset; NCCL: error or timeout) becomes one clear :class:`PeerProcessFailed` naming the resume."""
+        if self.dist.world_size == 1:
+            return self._train_step(images, labels)
+        try:
+            return self._train_step(images, labels)
+        except RuntimeError as err:
+            if not _is_collective_failure(err):
+                raise
+            cause = " ".join(str(err).split("] ", 1)[-1].split(". ")[0].split())
+            raise PeerProcessFailed(
+                f"rank {self.dist.rank}: another process of this torchrun job (world size {self.dist.world_size}) "
+                f"died or lost its connection during step {self.step + 1} (epoch {self.epoch + 1}): {cause}; the "
+                f"last checkpoint is kept in {self.run_path / 'checkpoints'}: check the other ranks' logs, then "
+                f"rerun the same torchrun command with 'train --resume {self.run_path}'"
+            ) from err
+
     # ------------------------------------------------------------------ evaluation
 
     def embed(self, source: Any, desc: str) -> torch.Tensor:
@@ -344,7 +362,7 @@ class Trainer:
                     desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not (self.progress and self.is_main),
                 )
                 for images, labels in bar:
-                    value = self._train_step(images, labels)
+                    value = self._train_step_of_job(images, labels)
                     self.epoch_losses.append(value)
                     self.step += 1
                     self.batch_in_epoch += 1
@@ -480,6 +498,14 @@ def default_run_dir(config: Config) -> Path:
     if config.output.run_dir:
         return Path(config.output.run_dir)
     return Path(config.output.runs_root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    """Whether ``err`` comes from a torch.distributed collective whose peer is gone (gloo, NCCL or c10d)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
 
 
 def _check_has_positives(labels: torch.Tensor, split: str | None) -> None:
