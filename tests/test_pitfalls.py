@@ -42,6 +42,7 @@ def test_bf16_training_reports_the_float32_metrics_of_recallk_evaluate(tmp_path:
     evaluated = evaluate_run(run, data_dir=data_dir, device="cpu", progress=False)["test"]
     for metric in ("recall@1", "recall@2", "map@r"):
         assert abs(summary[metric] - evaluated[metric]) <= 1e-3, (metric, summary[metric], evaluated[metric])
+    assert summary["validation"] == {"images": 72, "classes": 12}  # item 3: the validation database size is reported
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -129,6 +129,13 @@ class Trainer:
         for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
             if source is not None:
                 _check_has_positives(source.labels, split)
+        self.val_size: dict[str, int] | None = None  # database size of the split that chooses best.pt
+        if self.val_source is not None and self.is_main:
+            self.val_size = {"images": len(self.val_source.labels), "classes": len(self.val_source.labels.unique())}
+            logger.info(
+                "validation split %r: %d images of %d classes (each image a query against the other %d)",
+                config.data.split_val, self.val_size["images"], self.val_size["classes"], self.val_size["images"] - 1,
+            )
         self.sampler = ClassBalancedBatchSampler(
             self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -443,6 +450,7 @@ class Trainer:
             **primary,
             "splits": splits,
             "best_epoch": self.best["epoch"],
+            "validation": self.val_size,
             "epochs": self.epoch,
             "steps": self.step,
             "skipped_steps": self.skipped_steps,
