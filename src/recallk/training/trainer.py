@@ -322,12 +322,10 @@ class Trainer:
     def _train_step_of_job(self, images: Inputs, labels: torch.Tensor) -> float:
         """:meth:`_train_step`; under torchrun, a collective that fails because another rank died (gloo: connection
         closed or reset; NCCL: error or timeout) becomes one clear :class:`PeerProcessFailed` naming the resume."""
-        if self.dist.world_size == 1:
-            return self._train_step(images, labels)
         try:
             return self._train_step(images, labels)
         except RuntimeError as err:
-            if not _is_collective_failure(err):
+            if self.dist.world_size == 1 or not _is_collective_failure(err):
                 raise
             cause = " ".join(str(err).split("] ", 1)[-1].split(". ")[0].split())
             raise PeerProcessFailed(
