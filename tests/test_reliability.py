@@ -157,7 +157,7 @@ def test_bad_config_creates_nothing(
 
 
 def _missing_data_dir(root: Path, data_dir: Path) -> tuple[Path, list[str], list[str]]:
-    return root / "nowhere", [], [str(root / "nowhere" / "train"), "not found"]
+    return root / "nowhere", [], [f"data directory {root / 'nowhere'} does not exist", "--data-dir"]
 
 
 def _split_file_names_missing_images(root: Path, data_dir: Path) -> tuple[Path, list[str], list[str]]:

@@ -132,10 +132,6 @@ class Trainer:
         self.val_size: dict[str, int] | None = None  # database size of the split that chooses best.pt
         if self.val_source is not None and self.is_main:
             self.val_size = {"images": len(self.val_source.labels), "classes": len(self.val_source.labels.unique())}
-            logger.info(
-                "validation split %r: %d images of %d classes (each image a query against the other %d)",
-                config.data.split_val, self.val_size["images"], self.val_size["classes"], self.val_size["images"] - 1,
-            )
         self.sampler = ClassBalancedBatchSampler(
             self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -354,6 +350,11 @@ class Trainer:
         """Train for ``train.epochs`` epochs (or ``train.max_steps`` steps), then evaluate; returns the summary."""
         cfg, stop = self.cfg, _StopRequests()
         max_steps = cfg.train.max_steps
+        if self.val_size is not None:
+            logger.info(
+                "validation split %r: %d images of %d classes (each image a query against the other %d)",
+                cfg.data.split_val, self.val_size["images"], self.val_size["classes"], self.val_size["images"] - 1,
+            )
         with stop.installed():
             while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
                 started = time.perf_counter()
