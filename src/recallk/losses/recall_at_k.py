@@ -91,7 +91,6 @@ class RecallAtKLoss(nn.Module):
                 sim = emb @ emb.T
             return self.from_similarity(sim, labels).to(embeddings.dtype)
         check_embeddings(ref_emb, "ref_emb")
-        warn_if_not_unit_norm(ref_emb, "ref_emb")
         if ref_labels is None:
             raise ValueError("ref_emb was given without ref_labels; pass the labels of the reference rows")
         check_labels(ref_labels, len(ref_emb), "ref_labels")
@@ -104,6 +103,7 @@ class RecallAtKLoss(nn.Module):
                 "SiMix needs the whole batch as queries and database; call the loss without ref_emb "
                 "(gather the global batch first when training on several GPUs)"
             )
+        warn_if_not_unit_norm(ref_emb, "ref_emb")
         self_col = self._self_columns(query_index, len(embeddings), len(ref_emb), embeddings.device)
         with _float32(embeddings) as emb, _float32(ref_emb) as ref:
             loss = self._loss(emb @ ref.T, labels, ref_labels.to(embeddings.device), self_col)
