@@ -64,6 +64,10 @@ class Child:
         """Send SIGINT to the child's process group, as pressing Ctrl-C in its terminal does."""
         os.killpg(self.pid, signal.SIGINT)
 
+    def terminate(self) -> None:
+        """Send SIGTERM to the child's process group, as Slurm, ``timeout`` or ``kill -TERM -PGID`` do."""
+        os.killpg(self.pid, signal.SIGTERM)
+
     def wait(self, timeout: float = 180.0) -> Finished:
         status = self.launcher._ask({"wait": self.pid, "timeout": timeout})["status"]
         return Finished(status, self._stdout.read_text(errors="replace"), self._stderr.read_text(errors="replace"))

@@ -71,7 +71,10 @@ def test_save_pretrained_round_trip(trained_run: Path, tmp_path: Path) -> None:
         assert set(weights.keys()) == set(model.network.state_dict())
     config = json.loads((folder / "config.json").read_text())
     assert config["format"] == "recallk-pretrained-v1" and config["recallk_version"] == recallk.__version__
-    assert config["preprocessing"] == {"transform": "omniglot", "image_size": 16, "invert": False}
+    assert config["preprocessing"] == {
+        "transform": "omniglot", "image_size": 16, "invert": False, "grayscale": False, "backbone": "omniglot_cnn",
+        "mean": None, "std": None,
+    }
     assert config["config"]["model"]["backbone"] == "omniglot_cnn"
     summary = json.loads((trained_run / "summary.json").read_text())
     card = (folder / "README.md").read_text()

@@ -157,7 +157,7 @@ def test_bad_config_creates_nothing(
 
 
 def _missing_data_dir(root: Path, data_dir: Path) -> tuple[Path, list[str], list[str]]:
-    return root / "nowhere", [], [str(root / "nowhere" / "train"), "not found"]
+    return root / "nowhere", [], [f"data directory {root / 'nowhere'} does not exist", "--data-dir"]
 
 
 def _split_file_names_missing_images(root: Path, data_dir: Path) -> tuple[Path, list[str], list[str]]:
@@ -241,10 +241,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(
     assert json.loads((run / "summary.json").read_text())["steps"] == EPOCHS * STEPS_PER_EPOCH
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(
-    tmp_path: Path, launcher: Launcher, config: Path, data_dir: Path, reference: Path
+    tmp_path: Path, launcher: Launcher, config: Path, data_dir: Path, reference: Path, signal_name: str
 ) -> None:
-    """Ctrl-C (SIGINT to the process group, loader worker included) in the middle of epoch 2."""
+    """Ctrl-C (SIGINT to the process group, loader worker included) or SIGTERM to the process group (Slurm,
+    ``timeout``) in the middle of epoch 2."""
     run, pause = tmp_path / "run", tmp_path / "pause"
     pause.mkdir()
     child = launcher.start(
@@ -252,7 +254,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(
         faults={"pause_at_step": [6, str(pause)]},
     )
     wait_for(pause / "paused")
-    child.ctrl_c()
+    child.ctrl_c() if signal_name == "SIGINT" else child.terminate()
     (pause / "go").touch()
     result = child.wait()
     assert result.returncode == 130, result.stderr

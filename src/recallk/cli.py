@@ -80,7 +80,8 @@ examples:
   recallk evaluate runs/sop/last.pt --split test --data-dir /data
   recallk evaluate runs/omniglot --out results/omniglot.json
 
-The table is printed and saved as JSON (plus a .txt copy), by default in the run directory.
+The table is printed and saved as JSON (plus a .txt copy), by default in the run directory; splits
+evaluated earlier into the same file are kept (one entry per split).
 """
 
 EMBED_EPILOG = """\
@@ -185,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", metavar="DIR", help="output directory of this run (sets output.run_dir)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
     train.add_argument("--device", choices=DEVICES, help="where to train (sets train.device)")
-    train.add_argument("--dry-run", action="store_true", help="validate the config, print it as YAML and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config (data directory, dataset, transform, reader options, loss parameters, "
+                            "model/transform channels, resume changes), print it as YAML and exit")
 
     evaluate = _add_subcommand(
         subparsers, "evaluate", "compute retrieval metrics of a trained model", EVALUATE_EPILOG, _cmd_evaluate
@@ -299,10 +302,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         import yaml
 
+        checks = _implementation("recallk.training.preflight", "config checks")
+        checks.preflight(cfg)
+        if args.resume is not None:
+            _implementation("recallk.training.resume_config", "resume checks").check_resume_config(Path(run_dir), cfg)
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return EXIT_OK
     trainer = _implementation("recallk.training.trainer", "training")
-    trainer.train(cfg, resume=args.resume is not None)
+    summary = trainer.train(cfg, resume=args.resume is not None)
+    if summary:  # empty on the non-main ranks of a torchrun job
+        print(format_metrics_table(summary["splits"]))
+        print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
     return EXIT_OK
 
 
@@ -314,14 +324,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     evaluation = _implementation("recallk.evaluation.evaluate", "evaluation")
     results = evaluation.evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
-    table = format_metrics_table(results)
-    print(table)
+    print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
+    merged = {**_earlier_results(out), **results}  # other splits evaluated before are kept
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".txt").write_text(table + "\n", encoding="utf-8")
-    print(f"saved {out} and {out.with_suffix('.txt')}")
+    out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".txt").write_text(format_metrics_table(merged) + "\n", encoding="utf-8")
+    print(f"saved {out} and {out.with_suffix('.txt')} (splits: {', '.join(merged)})")
     return EXIT_OK
+
+
+def _earlier_results(path: Path) -> dict[str, Any]:
+    """The ``{split: metrics}`` already in an evaluation JSON file (empty when absent or not such a file)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or not all(isinstance(v, dict) for v in earlier.values()):
+        return {}
+    return earlier
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

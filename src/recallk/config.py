@@ -138,7 +138,7 @@ class TrainConfig:
     amp: AmpMode = _key("auto", "autocast precision of the network forward; auto: bf16 on CUDA, none on CPU")
     eval_every: int = _key(1, "evaluate on the validation split every N epochs; 0: only after the last epoch")
     checkpoint_every: int = _key(1, "save a checkpoint every N epochs; 0: only the final one")
-    log_every: int = _key(10, "log the training loss every N steps")
+    log_every: int = _key(10, "log the mean training loss every N steps (INFO)")
     device: Device = _key("auto", "auto: cuda when available, else cpu")
     max_steps: int | None = _key(None, "stop after this many optimiser steps (smoke tests); null: no limit")
     nan_policy: NanPolicy = _key("stop", "non-finite loss: stop with an error, or skip the step")

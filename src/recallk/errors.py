@@ -32,3 +32,7 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf (with ``train.nan_policy: stop``); the message names the step."""
+
+
+class PeerProcessFailed(RuntimeError):
+    """Under torchrun, another process of the job died or lost its connection during a collective operation."""

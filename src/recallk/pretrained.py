@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from recallk import __version__
 from recallk.config import Config, config_from_dict, config_to_dict
+from recallk.data.image_dataset import convert_image
 from recallk.data.transforms import build_transforms
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
@@ -49,26 +50,40 @@ ImageItem = str | Path | Image.Image | Tensor
 class Preprocessing:
     """What turns an image file or PIL image into the network's input tensor ``(C, image_size, image_size)``.
 
-    ``invert`` mirrors readers such as Omniglot's that invert the grayscale image first; ``transform`` and
-    ``image_size`` are ``data.transform`` and ``data.image_size`` (:func:`recallk.data.build_transforms`, eval mode).
+    The same decoding as the training data's reader: ``grayscale`` and ``invert`` mirror the readers' options
+    (Omniglot's reader inverts, ink bright on dark; ``folder``/``csv`` take ``data.options.grayscale/invert``),
+    then :func:`recallk.data.build_transforms` in eval mode with ``data.transform``, ``data.image_size``, the timm
+    ``backbone`` (``data.transform: timm``) and ``data.options.mean/std``.
     """
 
     transform: str
     image_size: int
     invert: bool = False
+    grayscale: bool = False
+    backbone: str | None = None
+    mean: Any = None
+    std: Any = None
 
     @classmethod
     def from_config(cls, config: Config) -> Preprocessing:
-        data = config.data
-        return cls(data.transform, data.image_size, data.dataset in INVERTED_DATASETS)
+        data, options = config.data, config.data.options
+        return cls(
+            data.transform, data.image_size,
+            invert=data.dataset in INVERTED_DATASETS or bool(options.get("invert", False)),
+            grayscale=bool(options.get("grayscale", False)), backbone=config.model.backbone,
+            mean=options.get("mean"), std=options.get("std"),
+        )
 
     def __call__(self, image: str | Path | Image.Image) -> Tensor:
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        image = image.convert("L" if self.transform == "omniglot" else "RGB")
+        image = convert_image(image, "L" if self.transform == "omniglot" or self.grayscale else "RGB")
         if self.invert:
             image = ImageOps.invert(image)
-        return build_transforms(self.transform, self.image_size, train=False)(image)
+        transform = build_transforms(
+            self.transform, self.image_size, False, self.backbone, mean=self.mean, std=self.std
+        )
+        return transform(image)
 
     @property
     def channels(self) -> int:

@@ -18,7 +18,12 @@ Transform = Callable[[Image.Image], Any] | None
 
 
 def build_folder(
-    root: str | Path, split: str = "all", transform: Transform = None, skip_bad_images: bool = False
+    root: str | Path,
+    split: str = "all",
+    transform: Transform = None,
+    skip_bad_images: bool = False,
+    grayscale: bool = False,
+    invert: bool = False,
 ) -> ImageDataset:
     """Images in ``<root>/<split>/<class>/...`` (any depth below the class folder), or in ``<root>/<class>/...`` when
     ``split`` is ``"all"`` and ``<root>/all`` does not exist.
@@ -56,7 +61,8 @@ def build_folder(
         keys += [class_dir.name] * len(files)
     labels, classes = encode_labels(keys)
     return ImageDataset(
-        DirectoryStore(tree), names, labels, classes, transform=transform, skip_bad_images=skip_bad_images
+        DirectoryStore(tree), names, labels, classes, transform=transform, image_mode="L" if grayscale else "RGB",
+        invert=invert, skip_bad_images=skip_bad_images,
     )
 
 
@@ -66,12 +72,14 @@ def build_csv(
     transform: Transform = None,
     skip_bad_images: bool = False,
     csv_file: str | Path | None = None,
+    grayscale: bool = False,
+    invert: bool = False,
 ) -> ImageDataset:
     """Images listed in a CSV with a header holding the columns ``path`` and ``label``.
 
     The file is ``csv_file`` if given, else ``root`` itself when it is a ``.csv`` file, else ``<root>/<split>.csv``.
     Relative paths are relative to the CSV's folder. Labels are any text; when all are integers they are ordered
-    numerically, else as text.
+    numerically, else as text. ``grayscale`` and ``invert`` as in :func:`build_folder`.
     """
     root = Path(root)
     path = Path(csv_file) if csv_file is not None else root if root.suffix.lower() == ".csv" else root / f"{split}.csv"
@@ -87,5 +95,5 @@ def build_csv(
     labels, classes = encode_labels(class_keys([label for _, label in rows]))
     return ImageDataset(
         DirectoryStore(path.parent), [p for p, _ in rows], labels, classes, transform=transform,
-        skip_bad_images=skip_bad_images, missing_hint=f"paths in {path} are relative to {path.parent}",
+        image_mode="L" if grayscale else "RGB", invert=invert, skip_bad_images=skip_bad_images, missing_hint=f"paths in {path} are relative to {path.parent}",
     )

@@ -23,6 +23,33 @@ class BadImageError(RecallkUsageError):
     """An image file exists but cannot be decoded (a data set problem the user fixes: the CLI exits with status 2)."""
 
 
+# Modes holding more than 8 bits per pixel: Pillow's convert("L"/"RGB") clips them at 255 instead of rescaling.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` ("L" or "RGB") with its pixel values mapped onto 0-255, for every mode Pillow reads.
+
+    - 16-bit integers (``I;16*``, and ``I``, which Pillow uses for 16-bit PNGs and 32-bit TIFFs) are scaled by
+      255/65535 (``I`` values outside 0-65535 are clipped);
+    - floats (``F``) are taken as 0-1 when no value exceeds 1, else as 0-255, and clipped to that range;
+    - images with transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour) are composited onto white;
+    - ``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ... go through Pillow's own conversion.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if pixels.size and pixels.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), "L")
+    elif image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert(mode)
+
+
 def encode_labels(keys: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
     """Map class keys to contiguous labels ``0..C-1`` in sorted key order.
 
@@ -94,7 +121,7 @@ class ImageDataset(Dataset):
         return image, int(self.labels[index])
 
     def load_image(self, index: int) -> Image.Image:
-        """The untransformed image ``index`` in ``image_mode`` (inverted when ``invert``)."""
+        """The untransformed image ``index`` in ``image_mode`` (:func:`convert_image`; inverted when ``invert``)."""
         name = self.item_ids[index]
         try:
             with self.store.open(name) as f:
@@ -104,10 +131,12 @@ class ImageDataset(Dataset):
             raise
         except _DECODE_ERRORS as exc:
             raise BadImageError(
-                f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file, or build "
-                "the dataset with skip_bad_images=True (config: data.skip_bad_images=true) to drop undecodable images"
+                f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file and run the "
+                "same command again (or 'recallk train --resume RUN_DIR' if the run saved checkpoints/last.pt), or "
+                "build the dataset with skip_bad_images=True (config: data.skip_bad_images=true) to drop "
+                "undecodable images"
             ) from exc
-        image = image.convert(self.image_mode)
+        image = convert_image(image, self.image_mode)
         return ImageOps.invert(image) if self.invert else image
 
     def _check_exist(self, names: Sequence[str], hint: str) -> None:

@@ -30,8 +30,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     Within a class, indices are drawn from a reshuffled cycle through its items, never twice in one batch; a class
     with fewer than ``m`` items contributes all of them plus random repeats (drawn with replacement) up to ``m``.
 
-    An epoch has ``batches_per_epoch`` batches (default ``len(labels) // batch_size``, at least 1). Call
-    :meth:`set_epoch` before each epoch. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch: the next
+    An epoch has ``batches_per_epoch`` batches (default ``len(labels) // batch_size``, at least 1). Each new
+    iteration moves to the next epoch by itself (as pytorch-metric-learning's ``MPerClassSampler`` reshuffles every
+    time it is iterated); :meth:`set_epoch` (or :meth:`load_state_dict`) before an iteration chooses its epoch
+    instead, as DDP samplers do, and always wins. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch: the next
     iterator yields exactly the batches after ``batches_done``. A ``DataLoader`` with workers pulls batches ahead
     of training, so pass the number of batches actually trained: ``state_dict(batches_done=step_in_epoch)``.
     """
@@ -84,18 +86,23 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.batches_done = 0
         self._resume_at = 0
+        self._epoch_chosen = True  # the first iteration is epoch 0; later ones advance unless set_epoch chose one
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; moving to another epoch drops a pending mid-epoch resume."""
+        """Select the epoch the next iteration yields; moving to another epoch drops a pending mid-epoch resume."""
+        self._epoch_chosen = True
         if epoch != self.epoch:
             self.epoch = epoch
             self._resume_at = 0
             self.batches_done = 0
 
     def __iter__(self) -> Iterator[list[int]]:
+        if not self._epoch_chosen:
+            self.set_epoch(self.epoch + 1)
+        self._epoch_chosen = False
         start, self._resume_at = self._resume_at, 0
         plan = self.global_batches(self.epoch)
         share = plan.shape[1] // self.world_size
@@ -157,11 +164,17 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             "batches_per_epoch": self.batches_per_epoch,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], allow_new_items: bool = False) -> None:
         """Resume: the next iterator yields the batches of ``state["epoch"]`` after ``state["batches_done"]``.
 
         The global batch plan does not depend on ``world_size``, so a run may resume on a different number of ranks.
+        ``allow_new_items``: accept labels of another length (images removed from or added to the split since the
+        state was saved): the epoch length of the state is kept, so the schedule stays the same, and the remaining
+        batches are drawn from the current items (they differ from those an uninterrupted run would have drawn).
         """
+        if allow_new_items and state["num_samples"] != self.num_samples:
+            self.batches_per_epoch = int(state["batches_per_epoch"])
+            state = {**state, "num_samples": self.num_samples}
         for key in ("seed", "batch_size", "samples_per_class", "num_samples", "batches_per_epoch"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -170,3 +183,4 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 )
         self.epoch = int(state["epoch"])
         self._resume_at = self.batches_done = int(state["batches_done"])
+        self._epoch_chosen = True

@@ -7,6 +7,7 @@ sees exactly the images an uninterrupted run would have seen, whatever the numbe
 
 from __future__ import annotations
 
+import inspect
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,12 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recallk.data.batch_transforms import RandomAffineBatch
-from recallk.data.factory import build_dataset
+from recallk.data.factory import READERS, build_dataset
 from recallk.data.image_dataset import ImageDataset, encode_labels
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
 from recallk.data.text import TEXT_READERS, load_text_split
-from recallk.data.transforms import build_transforms
+from recallk.data.transforms import TRANSFORM_KINDS, build_transforms
 
 if TYPE_CHECKING:
     from recallk.config import DataConfig
@@ -51,10 +52,12 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
             yield [(i, base + self.offset + j) for j, i in enumerate(indices)]
 
 
-def _ignore_ctrl_c(worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C (SIGINT reaches the terminal's whole process group): the main process decides
-    whether to stop after the current step, and shuts the workers down itself."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM (SIGINT reaches the terminal's whole process group; Slurm, ``timeout``
+    and ``kill -TERM -PGID`` send SIGTERM to every process): the main process decides whether to stop after the
+    current step, and shuts the workers down itself (they also exit when it dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _SeededItems(Dataset):
@@ -98,7 +101,7 @@ class DatasetSource:
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_ctrl_c,
+            worker_init_fn=_ignore_stop_signals,
         )
         for images, labels in loader:
             yield images, labels
@@ -107,7 +110,7 @@ class DatasetSource:
         """The whole split in order, in batches of ``batch_size`` transformed images."""
         loader = DataLoader(
             self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-            worker_init_fn=_ignore_ctrl_c,
+            worker_init_fn=_ignore_stop_signals,
         )
         for images, _ in loader:
             yield images
@@ -214,6 +217,50 @@ class TextSource:
         return self.texts[index]
 
 
+TRANSFORM_OPTIONS = ("mean", "std")  # data.options that set the transform's normalisation, not the reader's
+_SET_BY_BUILD_SOURCE = ("root", "split", "transform", "skip_bad_images", "val_classes", "seed", "download")
+
+
+def check_data_config(cfg: DataConfig, data_dir: str | Path | None) -> None:
+    """What can be known about ``cfg`` without reading data: the data set and transform names, the reader options
+    (``data.options``) and, unless the reader may download, that the data root exists. One-line errors."""
+    if cfg.dataset in TEXT_READERS:
+        if cfg.options:
+            raise ValueError(f"data.options {sorted(cfg.options)} are not used by the text data set {cfg.dataset!r}; "
+                             "remove data.options")
+    elif cfg.dataset not in READERS:
+        raise ValueError(
+            f"unknown data.dataset {cfg.dataset!r}; choose one of {', '.join([*READERS, *TEXT_READERS])}"
+        )
+    elif cfg.in_memory:
+        if cfg.dataset != "omniglot":
+            raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")
+        if cfg.options:
+            raise ValueError(f"data.options {sorted(cfg.options)} are not used with data.in_memory=true; remove them")
+    else:
+        if cfg.transform not in TRANSFORM_KINDS:
+            raise ValueError(f"unknown data.transform {cfg.transform!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
+        allowed = [*reader_options(cfg.dataset), *TRANSFORM_OPTIONS]
+        unknown = sorted(set(cfg.options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {', '.join(unknown)} in data.options for data set {cfg.dataset!r}; allowed: "
+                f"{', '.join(allowed)}"
+            )
+    root = resolve_data_dir(data_dir)
+    if not cfg.download and not root.is_dir():
+        raise FileNotFoundError(
+            f"data directory {root} does not exist; pass --data-dir (data.data_dir) or set $RECALLK_DATA to the "
+            "folder holding your data sets"
+        )
+
+
+def reader_options(dataset: str) -> list[str]:
+    """Keyword arguments the reader of image data set ``dataset`` takes through ``data.options``."""
+    parameters = inspect.signature(READERS[dataset]).parameters
+    return [name for name in parameters if name not in _SET_BY_BUILD_SOURCE]
+
+
 def build_source(
     cfg: DataConfig,
     split: str,
@@ -227,9 +274,11 @@ def build_source(
 
     ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise
     images are read from files by ``data.num_workers`` loader processes with ``data.transform``
-    (``data.transform: timm`` takes its preprocessing from the timm model ``backbone``). Text data sets
+    (``data.transform: timm`` takes its preprocessing from the timm model ``backbone``; ``data.options``
+    ``mean``/``std`` set its normalisation; the other options go to the reader). Text data sets
     (clinc150, banking77) need the model's ``tokenize``.
     """
+    check_data_config(cfg, data_dir)
     if cfg.dataset in TEXT_READERS:
         if tokenize is None:
             raise ValueError(
@@ -239,8 +288,6 @@ def build_source(
         part = load_text_split(cfg.dataset, split, data_dir, cfg.val_classes, seed)
         return TextSource(part.texts, torch.from_numpy(part.labels), part.item_ids, tokenize)
     if cfg.in_memory:
-        if cfg.dataset != "omniglot":
-            raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")
         root, val_classes = resolve_data_dir(data_dir), _val_classes(cfg)
         images, labels = load_omniglot_arrays(
             root, split, cfg.image_size, val_classes=val_classes, seed=seed, download=cfg.download
@@ -248,12 +295,14 @@ def build_source(
         names = build_omniglot(root, split, val_classes=val_classes, seed=seed).item_ids  # same order as the arrays
         return ArraySource.omniglot(images, labels, names, train)
     kwargs = dict(cfg.options)
+    mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)  # transform options, not the reader's
     if cfg.dataset == "omniglot":
         kwargs.setdefault("val_classes", _val_classes(cfg))
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("download", cfg.download)
     dataset = build_dataset(
-        cfg.dataset, data_dir, split, transform=build_transforms(cfg.transform, cfg.image_size, train, backbone),
+        cfg.dataset, data_dir, split,
+        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
         skip_bad_images=cfg.skip_bad_images, **kwargs,
     )
     return DatasetSource(dataset, cfg.num_workers)

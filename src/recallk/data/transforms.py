@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import timm
@@ -16,8 +17,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORM_KINDS = ("imagenet", "omniglot", "timm")
 
 
-def build_transforms(kind: str, image_size: int, train: bool, backbone: str | None = None) -> T.Compose:
+def build_transforms(
+    kind: str,
+    image_size: int,
+    train: bool,
+    backbone: str | None = None,
+    *,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+) -> T.Compose:
     """PIL image -> float tensor ``(C, image_size, image_size)``.
+
+    ``mean``/``std`` (one value, or one per channel) normalise the tensor as ``(x - mean) / std``; they replace the
+    ImageNet statistics of ``imagenet`` and add a normalisation to ``omniglot`` (which has none by default).
 
     ``imagenet``: train = RandomResizedCrop + horizontal flip, test = Resize(image_size * 256 / 224) + CenterCrop;
     both RGB, normalised with the ImageNet mean/std.
@@ -34,7 +46,8 @@ def build_transforms(kind: str, image_size: int, train: bool, backbone: str | No
             steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
         else:
             steps = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
-        return T.Compose([T.Lambda(_to_rgb), *steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        normalize = T.Normalize(*_statistics(mean, std, IMAGENET_MEAN, IMAGENET_STD))
+        return T.Compose([T.Lambda(_to_rgb), *steps, T.ToTensor(), normalize])
     if kind == "timm":
         config = timm_data_config(backbone)
         interpolation = str_to_interp_mode(config["interpolation"])
@@ -44,12 +57,14 @@ def build_transforms(kind: str, image_size: int, train: bool, backbone: str | No
             resize = int(image_size / config["crop_pct"])  # timm's eval resize for crop_mode "center"
             size = (resize, resize) if config.get("crop_mode") == "squash" else resize
             steps = [T.Resize(size, interpolation=interpolation), T.CenterCrop(image_size)]
-        normalize = T.Normalize(config["mean"], config["std"])
+        normalize = T.Normalize(*_statistics(mean, std, config["mean"], config["std"]))
         return T.Compose([T.Lambda(_to_rgb), *steps, T.ToTensor(), normalize])
     if kind == "omniglot":
         steps = [T.Grayscale(num_output_channels=1), T.Resize((image_size, image_size))]
         if train:
             steps.append(T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=0))
+        if mean is not None or std is not None:
+            return T.Compose([*steps, T.ToTensor(), T.Normalize(*_statistics(mean, std, (0.0,), (1.0,)))])
         return T.Compose([*steps, T.ToTensor()])
     raise ValueError(f"unknown transform kind {kind!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
 
@@ -72,6 +87,21 @@ def timm_data_config(backbone: str | None) -> dict[str, Any]:
             f"timm crop_mode {config['crop_mode']!r} of {backbone} is not supported; use data.transform=imagenet"
         )
     return config
+
+
+def _statistics(
+    mean: Sequence[float] | float | None, std: Sequence[float] | float | None,
+    default_mean: tuple[float, ...], default_std: tuple[float, ...],
+) -> tuple[list[float], list[float]]:
+    """``(mean, std)`` as lists (defaults where not given); a non-positive std is a ``ValueError``."""
+    means = default_mean if mean is None else [mean] if isinstance(mean, (int, float)) else mean
+    stds = default_std if std is None else [std] if isinstance(std, (int, float)) else std
+    if not all(isinstance(v, (int, float)) for v in [*means, *stds]) or any(s <= 0 for s in stds):
+        raise ValueError(
+            f"normalisation mean {mean!r} and std {std!r} must be numbers (std > 0), one or one per channel; "
+            "set e.g. data.options.mean=0.5 and data.options.std=0.5"
+        )
+    return [float(v) for v in means], [float(v) for v in stds]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

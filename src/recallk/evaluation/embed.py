@@ -1,9 +1,14 @@
-"""Embedding a whole split with a model, and evaluating retrieval on it."""
+"""Embedding a whole split with a model, and evaluating retrieval on it.
+
+:func:`embed_source` is the one code path that turns a split into evaluation embeddings: training-time validation
+and test, ``recallk evaluate`` and ``recallk embed`` all call it. It always runs the model in float32, outside any
+autocast region, so metrics do not depend on the training precision (``train.amp``): bf16 embeddings of a network
+trained under bf16 autocast can rank neighbours very differently from its float32 embeddings.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +28,21 @@ def embed_batches(
     batches: Iterable[Inputs],
     device: torch.device,
     total: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: bool = True,
     desc: str = "embedding",
 ) -> torch.Tensor:
-    """Run ``model`` (in eval mode) over ``batches`` of inputs (image tensors or token dicts); returns float32
-    embeddings (N, D) on the CPU.
+    """Run ``model`` (in eval mode, in float32 with autocast disabled) over ``batches`` of inputs (image tensors or
+    token dicts); returns float32 embeddings (N, D) on the CPU.
 
     ``total`` is the number of items, for the progress bar. The model's train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
     out = []
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     try:
-        with tqdm(total=total, desc=desc, unit="item", disable=not progress, leave=False) as bar, autocast:
+        with tqdm(total=total, desc=desc, unit="item", disable=not progress, leave=False) as bar, \
+                torch.autocast(device.type, enabled=False):
             for inputs in batches:
                 out.append(model(to_device(inputs, device, channels_last)).float().cpu())
                 bar.update(batch_rows(inputs))
@@ -52,14 +56,12 @@ def embed_source(
     source: Any,
     batch_size: int,
     device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "embedding",
 ) -> torch.Tensor:
-    """:func:`embed_batches` over a whole split (a :mod:`recallk.data.sources` source), in order."""
+    """:func:`embed_batches` over a whole split (a :mod:`recallk.data.sources` source), in order: float32 (N, D)."""
     return embed_batches(
-        model, source.eval_batches(batch_size), device, total=len(source.labels), autocast_dtype=autocast_dtype,
-        progress=progress, desc=desc,
+        model, source.eval_batches(batch_size), device, total=len(source.labels), progress=progress, desc=desc
     )
 
 

@@ -29,6 +29,7 @@ from recallk.losses.validation import (
     check_tau_k,
     check_temperature,
 )
+from recallk.losses.unit_norm import warn_if_not_unit_norm
 
 
 class RecallAtKLoss(BaseMetricLossFunction):
@@ -130,6 +131,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
     ) -> torch.Tensor:
         """RS@k of the queries ``embeddings`` against ``ref_emb`` (default: the batch itself); see the class doc."""
         check_embeddings(embeddings)
+        warn_if_not_unit_norm(embeddings)
         check_labels(labels, len(embeddings))
         labels = labels.to(embeddings.device)
         if ref_emb is None:
@@ -151,6 +153,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
                 "SiMix needs the whole batch as queries and database; call the loss without ref_emb "
                 "(gather the global batch first when training on several GPUs)"
             )
+        warn_if_not_unit_norm(ref_emb, "ref_emb")
         self_col = self._self_columns(query_index, len(embeddings), len(ref_emb), embeddings.device)
         with _float32(embeddings) as emb, _float32(ref_emb) as ref:
             loss = self._loss(emb @ ref.T, labels, ref_labels.to(embeddings.device), self_col)

@@ -33,14 +33,17 @@ from recallk.config import Config, config_to_dict
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
-from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
+from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 from recallk.training.batchnorm import batchnorm_layers_in_training_mode
-from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
+from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.multistage import multistage_backward
+from recallk.training.preflight import preflight
+from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
 
@@ -102,10 +105,12 @@ class Trainer:
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
+        data_root = data_dir if data_dir is not None else config.data.data_dir
+        preflight(config, data_root)
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
+        self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
         self.run_path = Path(run_dir)
-        data_root = data_dir if data_dir is not None else config.data.data_dir
         _seed_everything(config.seed)
 
         model = create_model_from_config(config.model).to(self.device)
@@ -123,6 +128,12 @@ class Trainer:
             split: build_source(config.data, split, False, data_root, config.seed, tokenize, backbone)
             for split in config.data.split_test
         } if self.is_main else {}
+        for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
+            if source is not None:
+                _check_has_positives(source.labels, split)
+        self.val_size: dict[str, int] | None = None  # database size of the split that chooses best.pt
+        if self.val_source is not None and self.is_main:
+            self.val_size = {"images": len(self.val_source.labels), "classes": len(self.val_source.labels.unique())}
         self.sampler = ClassBalancedBatchSampler(
             self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
             seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -163,6 +174,7 @@ class Trainer:
         # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf, "map@r": -math.inf}
         self.skipped_steps = 0
+        self.health = StuckTrainingCheck()
         self.seconds = 0.0
         self.events = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
@@ -172,6 +184,10 @@ class Trainer:
             except BaseException:
                 self.close()  # release the run directory's lock (e.g. last.pt is not a recallk checkpoint)
                 raise
+            if self.resume_changes and self.run is not None:
+                record_resume_changes(self.run.path, config, self.resume_changes, self.epoch, self.step)
+                logger.info("resumed with changed %s", ", ".join(
+                    f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
         elif self.run is not None:
             self.run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         if config.train.tensorboard and self.run is not None:
@@ -229,13 +245,28 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.loss_fn.load_state_dict(state["loss"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.loss_fn.load_state_dict(state["loss"])
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise CheckpointError(
+                f"{path} holds another model or loss than this config builds ({first.rstrip('.')}); resume with the "
+                f"run's own model and loss settings ({self.run_path / 'config.yaml'}), or start a new run"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_settings()
         self.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
+        saved_items = state["sampler"]["num_samples"]
+        if saved_items != self.sampler.num_samples:
+            logger.warning(
+                "the training split has %d items, %d when this run saved its checkpoint (files removed or added, or "
+                "data.skip_bad_images); continuing on the current items with the same schedule, so the batches "
+                "from here on differ from those of an uninterrupted run", self.sampler.num_samples, saved_items,
+            )
+        self.sampler.load_state_dict(state["sampler"], allow_new_items=True)
+        self.steps_per_epoch = len(self.sampler)
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_losses = list(state["epoch_losses"])
         self.best, self.skipped_steps, self.seconds = state["best"], state["skipped_steps"], state["seconds"]
@@ -279,17 +310,37 @@ class Trainer:
             self.skipped_steps += 1
             logger.warning("skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps)
         else:
+            if self.health.watching:
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+                self.health.observe(value, gradient_norm(self.model.parameters()) / scale)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
         return value
 
+    def _train_step_of_job(self, images: Inputs, labels: torch.Tensor) -> float:
+        """:meth:`_train_step`; under torchrun, a collective that fails because another rank died (gloo: connection
+        closed or reset; NCCL: error or timeout) becomes one clear :class:`PeerProcessFailed` naming the resume."""
+        try:
+            return self._train_step(images, labels)
+        except RuntimeError as err:
+            if self.dist.world_size == 1 or not _is_collective_failure(err):
+                raise
+            cause = " ".join(str(err).split("] ", 1)[-1].split(". ")[0].split())
+            raise PeerProcessFailed(
+                f"rank {self.dist.rank}: another process of this torchrun job (world size {self.dist.world_size}) "
+                f"died or lost its connection during step {self.step + 1} (epoch {self.epoch + 1}): {cause}; the "
+                f"last checkpoint is kept in {self.run_path / 'checkpoints'}: check the other ranks' logs, then "
+                f"rerun the same torchrun command with 'train --resume {self.run_path}'"
+            ) from err
+
     # ------------------------------------------------------------------ evaluation
 
     def embed(self, source: Any, desc: str) -> torch.Tensor:
+        """Float32 embeddings of a split, whatever ``train.amp`` is (the path ``recallk evaluate`` takes too)."""
         return embed_source(
-            self.model, source, self.cfg.eval.batch_size, self.device, autocast_dtype=self.amp_dtype,
-            progress=self.progress and self.is_main, desc=desc,
+            self.model, source, self.cfg.eval.batch_size, self.device, progress=self.progress and self.is_main,
+            desc=desc,
         )
 
     def evaluate(self, source: Any, desc: str) -> tuple[dict[str, float | int], torch.Tensor]:
@@ -302,6 +353,11 @@ class Trainer:
         """Train for ``train.epochs`` epochs (or ``train.max_steps`` steps), then evaluate; returns the summary."""
         cfg, stop = self.cfg, _StopRequests()
         max_steps = cfg.train.max_steps
+        if self.val_size is not None:
+            logger.info(
+                "validation split %r: %d images of %d classes (each image a query against the other %d)",
+                cfg.data.split_val, self.val_size["images"], self.val_size["classes"], self.val_size["images"] - 1,
+            )
         with stop.installed():
             while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
                 started = time.perf_counter()
@@ -315,11 +371,15 @@ class Trainer:
                     desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not (self.progress and self.is_main),
                 )
                 for images, labels in bar:
-                    value = self._train_step(images, labels)
+                    value = self._train_step_of_job(images, labels)
                     self.epoch_losses.append(value)
                     self.step += 1
                     self.batch_in_epoch += 1
                     bar.set_postfix(loss=f"{value:.4f}")
+                    if self.is_main and self.step % cfg.train.log_every == 0:
+                        recent = self.epoch_losses[-cfg.train.log_every:]
+                        logger.info("epoch %d step %d: loss %.4f (mean of the last %d steps of this epoch)",
+                                    self.epoch + 1, self.step, float(np.nanmean(recent)), len(recent))
                     if self.events is not None:
                         self.events.add_scalar("train/loss", value, self.step)
                     if stop.requested or (max_steps and self.step >= max_steps):
@@ -392,6 +452,7 @@ class Trainer:
             **primary,
             "splits": splits,
             "best_epoch": self.best["epoch"],
+            "validation": self.val_size,
             "epochs": self.epoch,
             "steps": self.step,
             "skipped_steps": self.skipped_steps,
@@ -421,7 +482,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed)
             model = create_model_from_config(self.cfg.model).to(self.device)
         embeddings = embed_source(
-            model, source, self.cfg.eval.batch_size, self.device, autocast_dtype=self.amp_dtype, progress=False,
+            model, source, self.cfg.eval.batch_size, self.device, progress=False,
         )
         return evaluate_embeddings(embeddings, source.labels, self.cfg.eval.k, progress=False)
 
@@ -465,6 +526,23 @@ def default_run_dir(config: Config) -> Path:
     if config.output.run_dir:
         return Path(config.output.run_dir)
     return Path(config.output.runs_root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    """Whether ``err`` comes from a torch.distributed collective whose peer is gone (gloo, NCCL or c10d)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
+
+
+def _check_has_positives(labels: torch.Tensor, split: str | None) -> None:
+    """A split whose classes all hold one item has no query with a positive: say so before training, not after."""
+    if len(labels) == 0 or int(torch.bincount(labels).max()) < 2:
+        raise RecallkUsageError(
+            f"split {split!r} has no class with two or more items, so no query has a positive to retrieve; "
+            "use a split with several items per class (data.split_val / data.split_test)"
+        )
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,65 @@
+"""Checks run before a training run starts (and by ``recallk train --dry-run``): everything about a config that can
+be known without training, each a one-line error with exit status 2 instead of a raw error minutes later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recallk.config import Config
+from recallk.data.sources import check_data_config
+from recallk.errors import RecallkUsageError
+from recallk.losses.factory import build_loss
+from recallk.models.factory import SMALL_CNN
+from recallk.models.text import PREFIX as TEXT_PREFIX
+
+TRANSFORM_CHANNELS = {"imagenet": 3, "omniglot": 1}  # channels of the tensors each data.transform produces
+
+
+def preflight(config: Config, data_dir: str | Path | None = None) -> None:
+    """Check the data set, transform, reader options and data root (:func:`~recallk.data.sources.check_data_config`),
+    the loss parameters and that the model takes as many input channels as the transform produces."""
+    check_data_config(config.data, data_dir if data_dir is not None else config.data.data_dir)
+    check_loss_params(config)
+    check_channels(config)
+
+
+def check_loss_params(config: Config) -> None:
+    """Build the loss once with ``loss.params`` (cheap: two classes) so that a misspelt parameter fails now."""
+    loss = config.loss
+    try:
+        build_loss(
+            loss.name, num_classes=2, embed_dim=config.model.embed_dim, k=loss.k, tau_rank=loss.tau_rank,
+            tau_k=loss.tau_k, rank_includes_query=loss.rank_includes_query, simix=loss.simix,
+            simix_pairs_per_class=loss.simix_pairs_per_class, params=loss.params,
+        )
+    except TypeError as err:
+        raise RecallkUsageError(
+            f"loss.params {loss.params} do not fit loss {loss.name!r} ({err}); fix or remove the parameter"
+        ) from None
+
+
+def model_in_channels(config: Config) -> int | None:
+    """Input channels of the configured image model (None for text models)."""
+    model = config.model
+    if model.backbone.startswith(TEXT_PREFIX):
+        return None
+    if model.in_chans is not None:
+        return model.in_chans
+    return 1 if model.backbone == SMALL_CNN else 3
+
+
+def check_channels(config: Config) -> None:
+    """The model's input channels must match the channels of ``data.transform`` (the in-memory Omniglot: 1)."""
+    wanted = model_in_channels(config)
+    if wanted is None:
+        return
+    data = config.data
+    given = 1 if data.in_memory else TRANSFORM_CHANNELS.get(data.transform)
+    if given is not None and given != wanted:
+        source = "data.in_memory=true (Omniglot arrays)" if data.in_memory else f"data.transform={data.transform}"
+        fix = {1: "data.transform=omniglot", 3: "data.transform=imagenet"}[wanted] if not data.in_memory else ""
+        raise RecallkUsageError(
+            f"{source} gives {given}-channel images but model.backbone={config.model.backbone} takes {wanted} "
+            f"channel(s); set model.in_chans={given}" + (f" or {fix}" if fix else "")
+        )
+
