@@ -2,6 +2,5 @@
 
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup, same_class_pairs
-from recallk.losses.smooth_rank import smooth_rank
 
-__all__ = ["RecallAtKLoss", "SimilarityMixup", "same_class_pairs", "smooth_rank"]
+__all__ = ["RecallAtKLoss", "SimilarityMixup", "same_class_pairs"]
