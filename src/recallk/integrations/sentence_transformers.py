@@ -11,7 +11,11 @@ engine (:mod:`recallk.training.multistage`):
    backpropagates its rows of ``G * grad_output`` (so loss scaling and gradient accumulation apply).
 
 The parameter gradient equals that of RS@k on the full batch embedded at once, while activation memory is that
-of one mini-batch: batches of thousands of sentences train in the memory of ``mini_batch_size``.
+of one mini-batch: batches of thousands of sentences train in the memory of ``mini_batch_size``. Re-embedded
+mini-batches other than the last run under DDP's ``no_sync()`` when the trainer has wrapped the model in
+DistributedDataParallel, so gradients are all-reduced once per step. With ``gather_across_devices=True`` (several
+processes) the loss is RS@k over the global batch of all devices, each device computing the terms of its own
+sentences against all of them (:func:`recallk.training.multistage.loss_and_embedding_grad`).
 
 Batches need several sentences per label; use ``batch_sampler=BatchSamplers.GROUP_BY_LABEL`` in the training
 arguments (or recallk's :class:`~recallk.data.sampler.ClassBalancedBatchSampler`).
@@ -29,7 +33,12 @@ from torch import Tensor, nn
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
 from recallk.models.text import SentenceEncoder
-from recallk.training.multistage import FirstPass, backward_through_chunks, embed_without_graph
+from recallk.training.multistage import (
+    FirstPass,
+    backward_through_chunks,
+    embed_without_graph,
+    loss_and_embedding_grad,
+)
 
 try:
     from sentence_transformers import SentenceTransformer
@@ -54,6 +63,9 @@ class CachedRecallAtKLoss(nn.Module):
         tau_rank, tau_k: sigmoid temperatures of the rank and of "rank <= k" (the paper's 0.01 and 1).
         mixup: SiMix: ``True`` or a :class:`~recallk.losses.simix.SimilarityMixup` to add mixed same-label items.
         rank_includes_query: count the query in its own ranks, as the authors' code does.
+        gather_across_devices: with several processes, compute RS@k over the batches of all devices (the
+            global batch) instead of each device's own. Evaluation without gradients stays per device.
+            SiMix draws from a generator seeded by ``torch.initial_seed()`` (the run seed) + the step number.
 
     Inputs: ``sentence_features`` with one features dict (N sentences) and ``labels`` (N,) of any integer values.
     """
@@ -67,12 +79,15 @@ class CachedRecallAtKLoss(nn.Module):
         tau_k: float = 1.0,
         mixup: SimilarityMixup | bool | None = None,
         rank_includes_query: bool = False,
+        gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
         self.model = model
         self.mini_batch_size = mini_batch_size
+        self.gather_across_devices = bool(gather_across_devices)
+        self.steps = 0
         self.loss = RecallAtKLoss(
             k, tau_rank, tau_k, rank_includes_query, SimilarityMixup() if mixup is True else (mixup or None)
         )
@@ -93,12 +108,12 @@ class CachedRecallAtKLoss(nn.Module):
         embeddings = first.embeddings.to(torch.promote_types(first.embeddings.dtype, torch.float32))
         if not torch.is_grad_enabled():
             return self.loss(embeddings, labels)
-        with torch.enable_grad():
-            leaf = embeddings.requires_grad_(True)
-            loss = self.loss(leaf, labels)
-            (grad,) = torch.autograd.grad(loss, leaf)
+        if self.loss.mixup is not None:
+            self.loss.mixup.seed(torch.initial_seed() + self.steps)  # run seed + step: one draw on every device
+        self.steps += 1
+        loss, grad = loss_and_embedding_grad(self.loss, embeddings, labels, all_gather=self.gather_across_devices)
         first.embeddings = first.embeddings[:0]
-        result = loss.detach().requires_grad_(True)
+        result = loss.detach().clone().requires_grad_(True)
         result.register_hook(partial(_backward_hook, encoder=encoder, inputs=inputs, first=first, grad=grad))
         return result
 
@@ -111,6 +126,7 @@ class CachedRecallAtKLoss(nn.Module):
             "tau_k": list(self.loss.tau_k),
             "mixup": repr(self.loss.mixup),
             "rank_includes_query": self.loss.rank_includes_query,
+            "gather_across_devices": self.gather_across_devices,
         }
 
     @property

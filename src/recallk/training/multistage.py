@@ -12,8 +12,8 @@ so three stages give the full-batch gradient while holding one chunk's activatio
 3. for each chunk: restore its RNG state, re-embed it with autograd and backpropagate G_c.
 
 The stages are public for callers whose own backward pass must trigger stage 3 (the sentence-transformers
-loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without_graph` is stage 1 and
-:func:`backward_through_chunks` stage 3.
+loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without_graph` is stage 1,
+:func:`loss_and_embedding_grad` stage 2 and :func:`backward_through_chunks` stage 3.
 
 Stage 3 replays stage 1 exactly when the model's randomness (dropout, augmentations inside `forward`) comes from
 torch's default CPU/CUDA generators and BatchNorm is frozen (`freeze_batchnorm`); `verify_replay=True` checks it.
@@ -122,7 +122,7 @@ def multistage_backward(
     the chunks once and computing the loss leaves it at (the replay in stage 3 does not advance it).
     """
     labels = labels.detach()
-    num_rows = _check_inputs(inputs, labels, chunk_size)
+    _check_inputs(inputs, labels, chunk_size)
     offending = batchnorm_layers_in_training_mode(model)
     if offending:
         raise ValueError(
@@ -133,27 +133,44 @@ def multistage_backward(
     first = embed_without_graph(model, inputs, chunk_size, autocast_dtype, keep_chunks=verify_replay)
     labels = labels.to(first.embeddings.device)
 
-    # Stage 2: the loss and its gradient with respect to the (local or global) embeddings.
-    if all_gather and get_world_size() > 1:
-        global_embeddings, row_counts = all_gather_rows(first.embeddings)
-        global_labels, _ = all_gather_rows(labels)
-        offset = sum(row_counts[: get_rank()])
-        rows = slice(offset, offset + num_rows)
-        if callable(getattr(loss_fn, "sharded_loss", None)):
-            loss, grad = _sharded_loss_and_embedding_grad(
-                loss_fn.sharded_loss, global_embeddings, global_labels, rows, loss_kwargs, scaler
-            )
-        else:
-            loss, grad = _loss_and_embedding_grad_on_rank0(
-                loss_fn, global_embeddings, global_labels, loss_kwargs, scaler
-            )
-        grad = grad[rows] * get_world_size()
-    else:
-        loss, grad = _loss_and_embedding_grad(loss_fn, first.embeddings, labels, loss_kwargs, scaler)
+    loss, grad = loss_and_embedding_grad(
+        loss_fn, first.embeddings, labels, all_gather=all_gather, loss_kwargs=loss_kwargs, scaler=scaler
+    )
     first.embeddings = first.embeddings[:0]  # free (N, D) before stage 3
 
     backward_through_chunks(model, inputs, first, grad, verify_replay=verify_replay)
     return loss
+
+
+def loss_and_embedding_grad(
+    loss_fn: LossFn,
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    all_gather: bool = False,
+    loss_kwargs: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stage 2: the detached loss and the gradient to backpropagate into this rank's rows ``embeddings`` (n, D).
+
+    With one process (or ``all_gather=False``): ``loss_fn(embeddings, labels)`` and ``s dL/dE``, s the scaler's
+    scale. With several processes and ``all_gather=True``: the loss of the global batch (sharded over ranks when
+    ``loss_fn`` has ``sharded_loss``, else on rank 0; see the module docstring) and this rank's rows of its
+    gradient times world_size, ready for DDP's averaging.
+    """
+    if not (all_gather and get_world_size() > 1):
+        return _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs, scaler)
+    global_embeddings, row_counts = all_gather_rows(embeddings)
+    global_labels, _ = all_gather_rows(labels)
+    offset = sum(row_counts[: get_rank()])
+    rows = slice(offset, offset + embeddings.shape[0])
+    if callable(getattr(loss_fn, "sharded_loss", None)):
+        loss, grad = _sharded_loss_and_embedding_grad(
+            loss_fn.sharded_loss, global_embeddings, global_labels, rows, loss_kwargs, scaler
+        )
+    else:
+        loss, grad = _loss_and_embedding_grad_on_rank0(loss_fn, global_embeddings, global_labels, loss_kwargs, scaler)
+    return loss, grad[rows] * get_world_size()
 
 
 @dataclass
@@ -333,12 +350,9 @@ def _cuda_devices(model: nn.Module, inputs: Inputs) -> list[torch.device]:
 
 
 def _as_ddp(model: nn.Module) -> DistributedDataParallel | None:
-    """The DistributedDataParallel module behind `model` (also through a `torch.compile` wrapper), if any."""
-    inner = getattr(model, "_orig_mod", model)
-    for candidate in (model, inner):
-        if isinstance(candidate, DistributedDataParallel):
-            return candidate
-    return None
+    """The outermost DistributedDataParallel module in `model` (itself, behind `torch.compile`, or inside a
+    wrapper such as recallk's SentenceEncoder around a DDP-wrapped SentenceTransformer), if any."""
+    return next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
 
 
 def _check_replay(first: Tensor, again: Tensor, start: int, stop: int) -> None:
