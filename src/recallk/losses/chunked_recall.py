@@ -19,11 +19,14 @@ a_ik = dterms/dH_ik = -[H_ik <= kappa_ik] / (K num_valid min(kappa_ik, |P(i)|)) 
     G_iz = dterms/ds_iz = sum_{x in P(i)} g_ix sigmoid'(t_iz - t_ix) / tau_rank      (z in D(i), z != x)
     G_ix -= g_ix sum_{z in D(i), z != x} sigmoid'(t_iz - t_ix) / tau_rank
 
-Forward and backward walk over chunks Q of ``query_chunk`` queries: ``S_Q = E_Q R^T``, then the chunk's
-(query, positive) pairs ``query_chunk`` at a time. Forward keeps only ``H`` (N x K); backward recomputes
-``S_Q`` from the saved embeddings and adds ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. Extra memory is about
-``4 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``, the positive mask) plus the (N + M) x D
-embedding gradients, whatever N is.
+The computation walks over chunks Q of ``query_chunk`` queries: ``S_Q = E_Q R^T``, then the chunk's
+(query, positive) pairs ``query_chunk`` at a time, once for H and once more (recomputing the sigmoids) for
+``G_Q``, which is immediately turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All of a query's pairs lie
+in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens during the forward pass
+(the loss is a scalar: backward only scales dE and dR by the incoming gradient), which costs three
+N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix is ever
+stored: extra memory is about ``4 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``, the positive
+mask) plus the (N + M) x D embedding gradients, whatever N is.
 """
 
 from __future__ import annotations
@@ -147,42 +150,49 @@ def _dsoft(soft: Tensor, side: QuerySide, num_valid: int, grad: Tensor) -> Tenso
     return torch.where(active, -grad / (soft.shape[1] * num_valid * side.norm.clamp(min=1.0)), 0.0)
 
 
+def _chunk_soft_and_grad(
+    scaled: Tensor, side: QuerySide, ref_labels: Tensor, settings: RankSettings, num_valid: int, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """H (n x K) of one chunk and, when ``need_grad``, G_Q = dterms/dS_Q (n x M; None if no query has a positive)."""
+    soft = _chunk(scaled, side, ref_labels, settings)
+    if not need_grad or not bool((side.num_pos > 0).any()):
+        return soft, None
+    dsoft = _dsoft(soft, side, num_valid, torch.ones((), dtype=soft.dtype, device=soft.device))
+    return soft, _chunk(scaled, side, ref_labels, settings, soft, dsoft)
+
+
 class _EmbeddingTerms(torch.autograd.Function):
-    """terms(E_Q R^T), chunk by chunk; saves the embeddings and H, recomputes S_Q in backward."""
+    """terms(E_Q R^T), chunk by chunk; the gradient is accumulated during the forward pass (no N x M is kept)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, queries: Tensor, database: Tensor, ref_labels: Tensor, side: QuerySide,
         settings: RankSettings, num_valid: int,
     ) -> Tensor:
+        need_queries, need_database = ctx.needs_input_grad[:2]
+        grad_queries = torch.zeros_like(queries) if need_queries else None
+        grad_database = torch.zeros_like(database) if need_database else None
         soft = queries.new_empty(len(queries), len(settings.k))
         for start in range(0, len(queries), settings.query_chunk):
             stop = min(start + settings.query_chunk, len(queries))
-            scaled = (queries[start:stop] / settings.tau_rank) @ database.T
-            soft[start:stop] = _chunk(scaled, side.rows(start, stop), ref_labels, settings)
-        ctx.save_for_backward(queries, database, ref_labels, soft)
-        ctx.side, ctx.settings, ctx.num_valid = side, settings, num_valid
+            rows = queries[start:stop]
+            scaled = (rows / settings.tau_rank) @ database.T
+            soft[start:stop], chunk_grad = _chunk_soft_and_grad(
+                scaled, side.rows(start, stop), ref_labels, settings, num_valid, need_queries or need_database
+            )
+            if chunk_grad is None:
+                continue
+            if grad_queries is not None:
+                grad_queries[start:stop] = chunk_grad @ database
+            if grad_database is not None:
+                grad_database.addmm_(chunk_grad.T, rows)
+        ctx.grads = grad_queries, grad_database
         return _terms_from_soft(soft, side, num_valid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        queries, database, ref_labels, soft = ctx.saved_tensors
-        settings, side = ctx.settings, ctx.side
-        dsoft = _dsoft(soft, side, ctx.num_valid, grad)
-        grad_queries = torch.zeros_like(queries) if ctx.needs_input_grad[0] else None
-        grad_database = torch.zeros_like(database) if ctx.needs_input_grad[1] else None
-        for start in range(0, len(queries), settings.query_chunk):
-            stop = min(start + settings.query_chunk, len(queries))
-            if not bool((side.num_pos[start:stop] > 0).any()):
-                continue
-            rows = queries[start:stop]
-            scaled = (rows / settings.tau_rank) @ database.T
-            chunk_grad = _chunk(scaled, side.rows(start, stop), ref_labels, settings, soft[start:stop], dsoft[start:stop])
-            if grad_queries is not None:
-                grad_queries[start:stop] = chunk_grad @ database
-            if grad_database is not None:
-                grad_database.addmm_(chunk_grad.T, rows)
+        grad_queries, grad_database = (None if g is None else g * grad for g in ctx.grads)
         return grad_queries, grad_database, None, None, None, None
 
 
@@ -193,29 +203,23 @@ class _SimilarityTerms(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, sim: Tensor, ref_labels: Tensor, side: QuerySide, settings: RankSettings, num_valid: int
     ) -> Tensor:
+        grad_sim = torch.zeros_like(sim) if ctx.needs_input_grad[0] else None
         soft = sim.new_empty(len(sim), len(settings.k))
         for start in range(0, len(sim), settings.query_chunk):
             stop = min(start + settings.query_chunk, len(sim))
-            scaled = sim[start:stop] / settings.tau_rank
-            soft[start:stop] = _chunk(scaled, side.rows(start, stop), ref_labels, settings)
-        ctx.save_for_backward(sim, ref_labels, soft)
-        ctx.side, ctx.settings, ctx.num_valid = side, settings, num_valid
+            soft[start:stop], chunk_grad = _chunk_soft_and_grad(
+                sim[start:stop] / settings.tau_rank, side.rows(start, stop), ref_labels, settings, num_valid,
+                grad_sim is not None,
+            )
+            if chunk_grad is not None:
+                grad_sim[start:stop] = chunk_grad
+        ctx.grad_sim = grad_sim
         return _terms_from_soft(soft, side, num_valid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        sim, ref_labels, soft = ctx.saved_tensors
-        settings, side = ctx.settings, ctx.side
-        dsoft = _dsoft(soft, side, ctx.num_valid, grad)
-        grad_sim = torch.empty_like(sim)
-        for start in range(0, len(sim), settings.query_chunk):
-            stop = min(start + settings.query_chunk, len(sim))
-            scaled = sim[start:stop] / settings.tau_rank
-            grad_sim[start:stop] = _chunk(
-                scaled, side.rows(start, stop), ref_labels, settings, soft[start:stop], dsoft[start:stop]
-            )
-        return grad_sim, None, None, None, None
+        return ctx.grad_sim * grad, None, None, None, None
 
 
 def embedding_terms(
