@@ -80,7 +80,7 @@ class RecallAtKLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, "
-            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}"
+            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}"
         )
 
     def forward(
