@@ -170,8 +170,9 @@ class _EmbeddingTerms(torch.autograd.Function):
         settings: RankSettings, num_valid: int,
     ) -> Tensor:
         need_queries, need_database = ctx.needs_input_grad[:2]
+        same = queries is database  # a batch ranked against itself: one gradient buffer for both roles
         grad_queries = torch.zeros_like(queries) if need_queries else None
-        grad_database = torch.zeros_like(database) if need_database else None
+        grad_database = grad_queries if same else torch.zeros_like(database) if need_database else None
         soft = queries.new_empty(len(queries), len(settings.k))
         for start in range(0, len(queries), settings.query_chunk):
             stop = min(start + settings.query_chunk, len(queries))
@@ -183,10 +184,10 @@ class _EmbeddingTerms(torch.autograd.Function):
             if chunk_grad is None:
                 continue
             if grad_queries is not None:
-                grad_queries[start:stop] = chunk_grad @ database
+                grad_queries[start:stop].addmm_(chunk_grad, database)
             if grad_database is not None:
                 grad_database.addmm_(chunk_grad.T, rows)
-        ctx.grads = grad_queries, grad_database
+        ctx.grads = grad_queries, None if same else grad_database  # the tensor passed twice gets it once
         return _terms_from_soft(soft, side, num_valid)
 
     @staticmethod
@@ -228,7 +229,8 @@ def embedding_terms(
     """The loss terms of ``queries`` (N x D) against ``database`` (M x D), differentiable w.r.t. both.
 
     ``side`` holds the queries' constants (:func:`query_side`); ``num_valid`` divides the sum (see the module
-    docstring). Pass the same tensor as queries and database for a batch ranked against itself.
+    docstring). Pass the same tensor as queries and database for a batch ranked against itself (one gradient
+    buffer then serves both).
     """
     return _EmbeddingTerms.apply(queries, database, ref_labels, side, settings, num_valid)
 

@@ -204,7 +204,10 @@ class RecallAtKLoss(nn.Module):
     ) -> torch.Tensor:
         """RS@k of the queries ``emb`` (N x D) against ``ref`` (M x D); ``self_col[i]`` is query i's column or -1."""
         database, db_labels, self_col, _ = self._with_virtual_items(emb, labels, ref, ref_labels, self_col)
-        queries = emb if database is ref else torch.cat([emb, database[len(ref):]])
+        if ref is emb:  # the batch against itself: the queries are the database (virtual items included)
+            queries = database
+        else:
+            queries = emb if database is ref else torch.cat([emb, database[len(ref):]])
         query_labels = torch.cat([labels, db_labels[len(ref):]])
         side = query_side(query_labels, db_labels, self_col, self._settings(), database.dtype)
         return embedding_terms(queries, database, db_labels, side, self._settings(), self._num_valid(side.num_pos))
