@@ -20,13 +20,18 @@ a_ik = dterms/dH_ik = -[H_ik <= kappa_ik] / (K num_valid min(kappa_ik, |P(i)|)) 
     G_ix -= g_ix sum_{z in D(i), z != x} sigmoid'(t_iz - t_ix) / tau_rank
 
 The computation walks over chunks Q of ``query_chunk`` queries: ``S_Q = E_Q R^T``, then the chunk's
-(query, positive) pairs ``query_chunk`` at a time, once for H and once more (recomputing the sigmoids) for
-``G_Q``, which is immediately turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All of a query's pairs lie
-in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens during the forward pass
-(the loss is a scalar: backward only scales dE and dR by the incoming gradient), which costs three
-N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix is ever
-stored: extra memory is about ``4 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``, the positive
-mask) plus the (N + M) x D embedding gradients, whatever N is.
+(query, positive) pairs in blocks of at most ``query_chunk`` pairs that hold whole queries. A block's sigmoids
+sigmoid(t_iz - t_ix) (pairs x M) are evaluated once: their row sums give r and then H, a and g of the block's
+queries, and the same block, turned in place into g_ix sigmoid'(t_iz - t_ix) / tau_rank, is added into ``G_Q``.
+Only a query with more than ``query_chunk`` positives spans several blocks; its sigmoids are evaluated twice,
+for H and then for the gradient. Terms of ``G_Q`` below the float's smallest normal number (1.2e-38 in float32)
+are set to zero: such subnormal operands make the CPU's matrix products several times slower, and they are far
+below the precision of dE and dR. ``G_Q`` is then turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All
+of a query's pairs lie in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens
+during the forward pass (the loss is a scalar: backward only scales dE and dR by the incoming gradient), which
+costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix
+is ever stored: extra memory is about ``3 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``) and
+``query_chunk * M`` bytes (the positive mask), plus the (N + M) x D embedding gradients, whatever N is.
 """
 
 from __future__ import annotations
@@ -39,12 +44,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 DEFAULT_QUERY_CHUNK = 256
-PAIR_BLOCK_FLOATS = 2**18
-
-
-def _pair_block_size(query_chunk: int, num_db: int) -> int:
-    """Pairs per block: at most ``query_chunk`` and at most ``PAIR_BLOCK_FLOATS`` sigmoids."""
-    return max(1, min(query_chunk, PAIR_BLOCK_FLOATS // max(num_db, 1)))
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ def _chunk_soft_and_grad(
     """H (n x K) of one chunk, ``scaled = S_Q / tau_rank`` (n x M), and, when ``need_grad``, G_Q = dterms/dS_Q
     (n x M; None if no query has a positive).
 
-    The pairs go in blocks of at most ``pair_block`` pairs holding whole queries, so that a block's H, and
+    The pairs go in blocks of at most ``query_chunk`` pairs holding whole queries, so that a block's H, and
     then its gradient, come from one evaluation of its sigmoids; only a query with more pairs than a block
     (its pairs span several blocks) has them evaluated twice, once for H and once for the gradient.
     """
@@ -191,7 +190,7 @@ def _chunk_soft_and_grad(
     pair_row, pair_col = _pairs(side, ref_labels)
     soft = scaled.new_zeros(n, len(settings.k))
     grad = torch.zeros_like(scaled) if need_grad and bool((side.num_pos > 0).any()) else None
-    size = _pair_block_size(settings.query_chunk, num_db)
+    size = settings.query_chunk  # pairs per block
     buffer = scaled.new_empty(min(size, len(pair_row)), num_db)
     one = torch.ones((), dtype=scaled.dtype, device=scaled.device)
     dsoft = torch.zeros_like(soft)
