@@ -31,7 +31,7 @@ of a query's pairs lie in its chunk, so ``G_Q`` is exact there. When the inputs 
 during the forward pass (the loss is a scalar: backward only scales dE and dR by the incoming gradient), which
 costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix
 is ever stored: extra memory is about ``3 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``) and
-``query_chunk * M`` bytes (the positive mask), plus the (N + M) x D embedding gradients, whatever N is.
+the (row, column) indices of the chunk's pairs, plus the (N + M) x D embedding gradients, whatever N is.
 """
 
 from __future__ import annotations
@@ -97,11 +97,19 @@ def query_side(
 
 
 def _pairs(side: QuerySide, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, column) of every (query, positive) pair of a chunk, row-major."""
-    positives = side.labels[:, None] == ref_labels[None, :]
-    own = torch.nonzero(side.self_col >= 0).squeeze(1)
-    positives[own, side.self_col[own]] = False
-    return positives.nonzero(as_tuple=True)
+    """(row, column) of every (query, positive) pair of a chunk, row-major with ascending columns.
+
+    From the database sorted by label (stable, so equal labels keep ascending columns): O(pairs + M log M)
+    instead of comparing every query with every column."""
+    ref_sorted, order = torch.sort(ref_labels.long(), stable=True)
+    query = side.labels.long()
+    first = torch.searchsorted(ref_sorted, query)
+    count = torch.searchsorted(ref_sorted, query, right=True) - first
+    row = torch.repeat_interleave(torch.arange(len(query), device=query.device), count)
+    rank_in_class = torch.arange(len(row), device=row.device) - (torch.cumsum(count, 0) - count)[row]
+    col = order[first[row] + rank_in_class]
+    keep = col != side.self_col[row]
+    return row[keep], col[keep]
 
 
 def _terms_from_soft(soft: Tensor, side: QuerySide, num_valid: int) -> Tensor:
