@@ -20,13 +20,18 @@ a_ik = dterms/dH_ik = -[H_ik <= kappa_ik] / (K num_valid min(kappa_ik, |P(i)|)) 
     G_ix -= g_ix sum_{z in D(i), z != x} sigmoid'(t_iz - t_ix) / tau_rank
 
 The computation walks over chunks Q of ``query_chunk`` queries: ``S_Q = E_Q R^T``, then the chunk's
-(query, positive) pairs ``query_chunk`` at a time, once for H and once more (recomputing the sigmoids) for
-``G_Q``, which is immediately turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All of a query's pairs lie
-in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens during the forward pass
-(the loss is a scalar: backward only scales dE and dR by the incoming gradient), which costs three
-N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix is ever
-stored: extra memory is about ``4 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``, the positive
-mask) plus the (N + M) x D embedding gradients, whatever N is.
+(query, positive) pairs in blocks of at most ``query_chunk`` pairs that hold whole queries. A block's sigmoids
+sigmoid(t_iz - t_ix) (pairs x M) are evaluated once: their row sums give r and then H, a and g of the block's
+queries, and the same block, turned in place into g_ix sigmoid'(t_iz - t_ix) / tau_rank, is added into ``G_Q``.
+Only a query with more than ``query_chunk`` positives spans several blocks; its sigmoids are evaluated twice,
+for H and then for the gradient. Terms of ``G_Q`` below the float's smallest normal number (1.2e-38 in float32)
+are set to zero: such subnormal operands make the CPU's matrix products several times slower, and they are far
+below the precision of dE and dR. ``G_Q`` is then turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All
+of a query's pairs lie in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens
+during the forward pass (the loss is a scalar: backward only scales dE and dR by the incoming gradient), which
+costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix
+is ever stored: extra memory is about ``3 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``) and
+the (row, column) indices of the chunk's pairs, plus the (N + M) x D embedding gradients, whatever N is.
 """
 
 from __future__ import annotations
@@ -92,48 +97,19 @@ def query_side(
 
 
 def _pairs(side: QuerySide, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, column) of every (query, positive) pair of a chunk, row-major."""
-    positives = side.labels[:, None] == ref_labels[None, :]
-    own = torch.nonzero(side.self_col >= 0).squeeze(1)
-    positives[own, side.self_col[own]] = False
-    return positives.nonzero(as_tuple=True)
+    """(row, column) of every (query, positive) pair of a chunk, row-major with ascending columns.
 
-
-def _chunk(
-    scaled: Tensor, side: QuerySide, ref_labels: Tensor, settings: RankSettings,
-    soft: Tensor | None = None, dsoft: Tensor | None = None,
-) -> Tensor:
-    """One chunk of queries, ``scaled = S_Q / tau_rank`` (n x M).
-
-    Without ``dsoft``: returns H (n x K). With ``dsoft`` = dterms/dH (n x K) and ``soft`` = H of the forward
-    pass: returns G_Q = dterms/dS_Q (n x M).
-    """
-    n, num_db = scaled.shape
-    tau_k = torch.tensor(settings.tau_k, dtype=scaled.dtype, device=scaled.device)
-    pair_row, pair_col = _pairs(side, ref_labels)
-    out = scaled.new_zeros(n, len(settings.k)) if dsoft is None else torch.zeros_like(scaled)
-    flat = out.view(-1)
-    for start in range(0, len(pair_row), settings.query_chunk):
-        row, col = pair_row[start : start + settings.query_chunk], pair_col[start : start + settings.query_chunk]
-        anchor = scaled[row, col]  # B: t_ix
-        block = scaled.index_select(0, row).sub_(anchor[:, None]).sigmoid_()  # B x M
-        excluded = side.excluded[row]
-        has_excluded = excluded >= 0
-        excluded_sig = torch.sigmoid(scaled[row, excluded.clamp(min=0)] - anchor) * has_excluded
-        rank = 0.5 + block.sum(1) - excluded_sig  # B
-        hits = torch.sigmoid((side.kappa[row] - rank[:, None]) / tau_k)  # B x K
-        if dsoft is None:
-            out.index_add_(0, row, hits)
-            continue
-        weight = -(dsoft[row] * hits * (1.0 - hits) / tau_k).sum(1) / settings.tau_rank  # g_ix / tau_rank
-        slope = block.addcmul_(block, block, value=-1.0)  # sigmoid' = s (1 - s), in place
-        excluded_slope = excluded_sig * (1.0 - excluded_sig)
-        rank_slope = slope.sum(1) - 0.25 - excluded_slope  # sum over D(i) without x
-        out.index_add_(0, row, slope.mul_(weight[:, None]))
-        # undo the z = x (sigmoid'(0) = 1/4) and z = e_i terms added above; the positive's own column
-        flat.index_add_(0, row * num_db + col, -weight * (0.25 + rank_slope))
-        flat.index_add_(0, (row * num_db + excluded.clamp(min=0))[has_excluded], -(weight * excluded_slope)[has_excluded])
-    return out
+    From the database sorted by label (stable, so equal labels keep ascending columns): O(pairs + M log M)
+    instead of comparing every query with every column."""
+    ref_sorted, order = torch.sort(ref_labels.long(), stable=True)
+    query = side.labels.long()
+    first = torch.searchsorted(ref_sorted, query)
+    count = torch.searchsorted(ref_sorted, query, right=True) - first
+    row = torch.repeat_interleave(torch.arange(len(query), device=query.device), count)
+    rank_in_class = torch.arange(len(row), device=row.device) - (torch.cumsum(count, 0) - count)[row]
+    col = order[first[row] + rank_in_class]
+    keep = col != side.self_col[row]
+    return row[keep], col[keep]
 
 
 def _terms_from_soft(soft: Tensor, side: QuerySide, num_valid: int) -> Tensor:
@@ -150,15 +126,98 @@ def _dsoft(soft: Tensor, side: QuerySide, num_valid: int, grad: Tensor) -> Tenso
     return torch.where(active, -grad / (soft.shape[1] * num_valid * side.norm.clamp(min=1.0)), 0.0)
 
 
+@dataclass
+class _PairBlock:
+    """The sigmoids of a block of B (query, positive) pairs (row i, column x): ``sig`` (B x M) =
+    sigmoid(t_i - t_ix), ``excluded_sig`` (B) = sigmoid(t_ie - t_ix) at the excluded column e_i (``excluded``;
+    column 0 and a sigmoid of 0 for queries without one) and the soft hits h (B x K)."""
+
+    row: Tensor
+    col: Tensor
+    excluded: Tensor
+    sig: Tensor
+    excluded_sig: Tensor
+    hits: Tensor
+
+
+def _pair_block(
+    scaled: Tensor, side: QuerySide, row: Tensor, col: Tensor, tau_k: Tensor, buffer: Tensor
+) -> _PairBlock:
+    """The sigmoids and soft hits of the pairs (row, col), ``sig`` written into ``buffer`` (B x M)."""
+    anchor = scaled[row, col]  # B: t_ix
+    sig = torch.index_select(scaled, 0, row, out=buffer).sub_(anchor[:, None]).sigmoid_()
+    excluded = side.excluded[row].clamp(min=0)
+    excluded_sig = torch.sigmoid(scaled[row, excluded] - anchor) * (side.excluded[row] >= 0)
+    rank = 0.5 + sig.sum(1) - excluded_sig  # B
+    hits = torch.sigmoid((side.kappa[row] - rank[:, None]) / tau_k)  # B x K
+    return _PairBlock(row, col, excluded, sig, excluded_sig, hits)
+
+
+def _add_gradient(grad: Tensor, block: _PairBlock, dsoft: Tensor, tau_k: Tensor, tau_rank: float) -> None:
+    """grad += the block's part of G_Q = dterms/dS_Q, given dsoft = dterms/dH of its rows; overwrites block.sig."""
+    weight = -(dsoft[block.row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / tau_rank  # g_ix / tau_rank
+    slope = block.sig.addcmul_(block.sig, block.sig, value=-1.0)  # sigmoid' = s (1 - s), in place
+    excluded_slope = block.excluded_sig * (1.0 - block.excluded_sig)
+    rank_slope = slope.sum(1) - 0.25 - excluded_slope  # sum over D(i) without x
+    # g_ix sigmoid' >= 0; its subnormal terms (below the float's smallest normal number, nothing next to the
+    # precision of dE and dR) are set to zero: they make the CPU's matrix products with G_Q several times slower
+    terms = torch.nn.functional.threshold_(slope.mul_(weight[:, None]), torch.finfo(slope.dtype).tiny, 0.0)
+    grad.index_add_(0, block.row, terms)
+    # undo the z = x (sigmoid'(0) = 1/4) and z = e_i terms added above (the latter is -0.0 without e_i)
+    flat, num_db = grad.view(-1), grad.shape[1]
+    flat.index_add_(0, block.row * num_db + block.col, -weight * (0.25 + rank_slope))
+    flat.index_add_(0, block.row * num_db + block.excluded, -weight * excluded_slope)
+
+
+def _query_groups(num_pos: list[int], pair_block: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive queries whose pairs fit in ``pair_block``: (first row, end row, first pair, end pair) each.
+
+    A query with more pairs than ``pair_block`` is a group of its own (its pairs then go in several blocks)."""
+    groups, first_row, first_pair, pairs = [], 0, 0, 0
+    for row, count in enumerate(num_pos):
+        if pairs + count > pair_block and row > first_row:
+            groups.append((first_row, row, first_pair, first_pair + pairs))
+            first_row, first_pair, pairs = row, first_pair + pairs, 0
+        pairs += count
+    groups.append((first_row, len(num_pos), first_pair, first_pair + pairs))
+    return groups
+
+
 def _chunk_soft_and_grad(
     scaled: Tensor, side: QuerySide, ref_labels: Tensor, settings: RankSettings, num_valid: int, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """H (n x K) of one chunk and, when ``need_grad``, G_Q = dterms/dS_Q (n x M; None if no query has a positive)."""
-    soft = _chunk(scaled, side, ref_labels, settings)
-    if not need_grad or not bool((side.num_pos > 0).any()):
-        return soft, None
-    dsoft = _dsoft(soft, side, num_valid, torch.ones((), dtype=soft.dtype, device=soft.device))
-    return soft, _chunk(scaled, side, ref_labels, settings, soft, dsoft)
+    """H (n x K) of one chunk, ``scaled = S_Q / tau_rank`` (n x M), and, when ``need_grad``, G_Q = dterms/dS_Q
+    (n x M; None if no query has a positive).
+
+    The pairs go in blocks of at most ``query_chunk`` pairs holding whole queries, so that a block's H, and
+    then its gradient, come from one evaluation of its sigmoids; only a query with more pairs than a block
+    (its pairs span several blocks) has them evaluated twice, once for H and once for the gradient.
+    """
+    n, num_db = scaled.shape
+    tau_k = torch.tensor(settings.tau_k, dtype=scaled.dtype, device=scaled.device)
+    pair_row, pair_col = _pairs(side, ref_labels)
+    soft = scaled.new_zeros(n, len(settings.k))
+    grad = torch.zeros_like(scaled) if need_grad and bool((side.num_pos > 0).any()) else None
+    size = settings.query_chunk  # pairs per block
+    buffer = scaled.new_empty(min(size, len(pair_row)), num_db)
+    one = torch.ones((), dtype=scaled.dtype, device=scaled.device)
+    dsoft = torch.zeros_like(soft)
+    for first_row, end_row, first_pair, end_pair in _query_groups(side.num_pos.tolist(), size):
+        starts = range(first_pair, end_pair, size)
+
+        def block(start: int) -> _PairBlock:
+            stop = min(start + size, end_pair)
+            return _pair_block(scaled, side, pair_row[start:stop], pair_col[start:stop], tau_k, buffer[: stop - start])
+
+        for start in starts:
+            kept = block(start)
+            soft.index_add_(0, kept.row, kept.hits)
+        if grad is None:
+            continue
+        dsoft[first_row:end_row] = _dsoft(soft[first_row:end_row], side.rows(first_row, end_row), num_valid, one)
+        for start in starts:  # the kept block when the group is one block, else recomputed block by block
+            _add_gradient(grad, kept if len(starts) == 1 else block(start), dsoft, tau_k, settings.tau_rank)
+    return soft, grad
 
 
 class _EmbeddingTerms(torch.autograd.Function):
