@@ -222,5 +222,5 @@ def test_norm_option_is_checked() -> None:
         load_config(None, ["model.norm=layer"])
     with pytest.raises(RecallkUsageError, match="omniglot_cnn only"):
         create_model("resnet18", norm="group")
-    with pytest.raises(ValueError, match="unknown SmallCNN norm"):
+    with pytest.raises(ValueError, match="unknown norm"):
         SmallCNN(1, (8,), norm="layer")

@@ -12,7 +12,7 @@ from recallk.config import ConfigError
 from recallk.losses import CrossBatchRecallAtK, RecallAtKLoss, SimilarityMixup
 from recallk.losses.factory import build_loss
 from recallk.training.checkpoint import load_checkpoint
-from recallk.training.run_dir import read_metrics
+from recallk.files import read_metrics
 from recallk.training.trainer import Trainer, train
 from test_trainer import make_glyph_folder, tiny_config
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from recallk.training.checkpoint import FORMAT, load_checkpoint
-from recallk.training.run_dir import read_metrics
+from recallk.files import read_metrics
 from reliability_helpers import Finished, Launcher
 from test_trainer import make_glyph_folder
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from recallk.config import config_from_dict
 from recallk.errors import RecallkUsageError
 from recallk.training.checkpoint import load_checkpoint
-from recallk.training.run_dir import read_metrics
+from recallk.files import read_metrics
 from recallk.training.trainer import Trainer, TrainingDiverged, train
 
 

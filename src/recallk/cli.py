@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from recallk import __version__
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
+from recallk.files import atomic_write_text, write_json
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -327,9 +328,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
     merged = {**_earlier_results(out), **results}  # other splits evaluated before are kept
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".txt").write_text(format_metrics_table(merged) + "\n", encoding="utf-8")
+    write_json(out, merged, sort_keys=False)
+    atomic_write_text(out.with_suffix(".txt"), format_metrics_table(merged) + "\n")
     print(f"saved {out} and {out.with_suffix('.txt')} (splits: {', '.join(merged)})")
     return EXIT_OK
 

@@ -21,7 +21,8 @@ from recallk.evaluation.embed import raw_pixel_embeddings
 from recallk.evaluation.metrics import retrieval_metrics
 from recallk.evaluation.plots import plot_recall_curves
 from recallk.errors import RecallkUsageError
-from recallk.training.run_dir import run_dir_in_use, write_json
+from recallk.files import write_json
+from recallk.training.run_dir import run_dir_in_use
 from recallk.training.trainer import train
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from recallk.data.transforms import build_transforms
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
 from recallk.models.factory import create_model_from_config
-from recallk.training.checkpoint import atomic_write_text
+from recallk.files import atomic_write_text
 
 FORMAT = "recallk-pretrained-v1"
 WEIGHTS_FILE = "model.safetensors"

@@ -11,7 +11,9 @@ from recallk.data.generic import build_csv, build_folder
 from recallk.data.image_dataset import ImageDataset
 from recallk.data.omniglot import build_omniglot
 from recallk.data.paths import resolve_data_dir
+from recallk.registry import DATASETS
 
+# The reader of each name in recallk.registry.DATASETS (tests/test_registry.py checks that they match).
 READERS: dict[str, Callable[..., ImageDataset]] = {
     "omniglot": build_omniglot,
     "sop": build_sop,
@@ -40,5 +42,5 @@ def build_dataset(
     """
     reader = READERS.get(name)
     if reader is None:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
+        raise ValueError(DATASETS.unknown(name))
     return reader(resolve_data_dir(root), split, transform=transform, skip_bad_images=skip_bad_images, **kwargs)

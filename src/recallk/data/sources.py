@@ -24,7 +24,8 @@ from recallk.data.image_dataset import ImageDataset, encode_labels
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
 from recallk.data.text import TEXT_READERS, load_text_split
-from recallk.data.transforms import TRANSFORM_KINDS, build_transforms
+from recallk.registry import DATASETS, TEXT_DATASETS, TRANSFORMS
+from recallk.data.transforms import build_transforms
 
 if TYPE_CHECKING:
     from recallk.config import DataConfig
@@ -229,17 +230,15 @@ def check_data_config(cfg: DataConfig, data_dir: str | Path | None) -> None:
             raise ValueError(f"data.options {sorted(cfg.options)} are not used by the text data set {cfg.dataset!r}; "
                              "remove data.options")
     elif cfg.dataset not in READERS:
-        raise ValueError(
-            f"unknown data.dataset {cfg.dataset!r}; choose one of {', '.join([*READERS, *TEXT_READERS])}"
-        )
+        raise ValueError(DATASETS.unknown(cfg.dataset, TEXT_DATASETS))
     elif cfg.in_memory:
         if cfg.dataset != "omniglot":
             raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")
         if cfg.options:
             raise ValueError(f"data.options {sorted(cfg.options)} are not used with data.in_memory=true; remove them")
     else:
-        if cfg.transform not in TRANSFORM_KINDS:
-            raise ValueError(f"unknown data.transform {cfg.transform!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
+        if cfg.transform not in TRANSFORMS:
+            raise ValueError(TRANSFORMS.unknown(cfg.transform))
         allowed = [*reader_options(cfg.dataset), *TRANSFORM_OPTIONS]
         unknown = sorted(set(cfg.options) - set(allowed))
         if unknown:

@@ -12,9 +12,10 @@ from timm.data import resolve_model_data_config
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
+from recallk.registry import TRANSFORMS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRANSFORM_KINDS = ("imagenet", "omniglot", "timm")
 
 
 def build_transforms(
@@ -66,7 +67,7 @@ def build_transforms(
         if mean is not None or std is not None:
             return T.Compose([*steps, T.ToTensor(), T.Normalize(*_statistics(mean, std, (0.0,), (1.0,)))])
         return T.Compose([*steps, T.ToTensor()])
-    raise ValueError(f"unknown transform kind {kind!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
+    raise ValueError(TRANSFORMS.unknown(kind))
 
 
 def timm_data_config(backbone: str | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from recallk.data.inputs import Inputs, batch_rows, to_device
 from recallk.evaluation.metrics import retrieval_metrics
-from recallk.training.checkpoint import atomic_write
+from recallk.files import atomic_write
 
 
 @torch.no_grad()

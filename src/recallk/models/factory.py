@@ -21,9 +21,10 @@ from torch import nn
 
 from recallk.errors import PretrainedWeightsError, RecallkUsageError
 from recallk.models.heads import EmbeddingHead
-from recallk.models.small_cnn import NORMS, SmallCNN
+from recallk.models.small_cnn import SmallCNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
 from recallk.models.text import SentenceEncoder, create_sentence_encoder
+from recallk.registry import NORMS, POOLINGS
 from recallk.training.batchnorm import freeze_batchnorm as _freeze_batchnorm
 
 if TYPE_CHECKING:
@@ -108,10 +109,10 @@ def create_model(
         RecallkUsageError: unknown backbone, a pooling that does not fit the backbone, or an unknown norm.
         PretrainedWeightsError: weights requested but not downloadable or not loadable.
     """
-    if pooling not in ("gem", "avg", "cls"):
-        raise RecallkUsageError(f"unknown pooling {pooling!r}; set model.pooling to gem, avg or cls")
+    if pooling not in POOLINGS:
+        raise RecallkUsageError(POOLINGS.unknown(pooling))
     if norm not in NORMS:
-        raise RecallkUsageError(f"unknown norm {norm!r}; set model.norm to {' or '.join(NORMS)}")
+        raise RecallkUsageError(NORMS.unknown(norm))
     if backbone == SMALL_CNN:
         net: nn.Module = _create_small_cnn(in_chans or 1, widths, pretrained, pretrained_path, pooling, norm)
     else:

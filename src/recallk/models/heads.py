@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recallk.registry import POOLINGS
+
 
 class GeM(nn.Module):
     """Generalised-mean pooling over the spatial dimensions of a feature map.
@@ -62,7 +64,7 @@ class EmbeddingHead(nn.Module):
             raise ValueError(f"in_features and embed_dim must be > 0, got {in_features} and {embed_dim}")
         poolers = {"gem": lambda: GeM(gem_p, learnable=gem_learnable), "avg": GlobalAvgPool, "cls": nn.Identity}
         if pooling not in poolers:
-            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(poolers)}")
+            raise ValueError(POOLINGS.unknown(pooling))
         self.pooling = pooling
         self.pool = poolers[pooling]()
         self.norm = nn.LayerNorm(in_features) if layernorm else nn.Identity()

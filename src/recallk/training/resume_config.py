@@ -19,7 +19,7 @@ import yaml
 
 from recallk.config import Config, config_from_dict, config_to_dict
 from recallk.errors import ConfigError, RecallkUsageError
-from recallk.training.checkpoint import atomic_write_text
+from recallk.files import atomic_write_text
 
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.eval_every", "train.checkpoint_every", "train.log_every",
