@@ -269,7 +269,8 @@ def execute(run: PlannedRun, args: argparse.Namespace, command: str) -> dict[str
     """Train one run into ``<runs_dir>/<experiment>-<variant>-seed<seed>`` and return its record (run dir deleted)."""
     from recallk.config import load_config
     from recallk.errors import TrainingDiverged
-    from recallk.training.trainer import resolve_device, train
+    from recallk.training.assemble import resolve_device
+    from recallk.training.trainer import train
 
     config = load_config(args.config, [*run.overrides, *RUN_SETTINGS])
     run_dir = args.runs_dir / f"{run.experiment}-{run.variant.name}-seed{run.seed}"

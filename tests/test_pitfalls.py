@@ -21,7 +21,7 @@ from recallk.config import config_to_dict
 from recallk.data.generic import build_csv, build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
-from recallk.evaluation.evaluate import evaluate_run
+from recallk.training.evaluate_run import evaluate_run
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.unit_norm import UnnormalizedEmbeddingsWarning
 from recallk.files import read_metrics

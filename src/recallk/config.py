@@ -35,6 +35,7 @@ from recallk._typed_yaml import (
 )
 from recallk._typed_yaml import key as _key
 from recallk.errors import ConfigError
+from recallk.files import atomic_write_text
 from recallk.registry import AMP_MODES, DATASETS, LOSSES, NORMS, POOLINGS, SCHEDULES, TEXT_DATASETS, TRANSFORMS
 
 DatasetName = Annotated[str, Names(DATASETS, TEXT_DATASETS)]
@@ -381,11 +382,15 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def config_to_yaml(cfg: Config) -> str:
+    """The config as YAML text in declaration order (loadable again with :func:`load_config`)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (loadable again with :func:`load_config`) and return the path."""
+    """Write the resolved config as YAML (atomically) and return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, config_to_yaml(cfg))
     return path
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +44,17 @@ def build_dataset(
     if reader is None:
         raise ValueError(DATASETS.unknown(name))
     return reader(resolve_data_dir(root), split, transform=transform, skip_bad_images=skip_bad_images, **kwargs)
+
+
+def reader_decoding(name: str, options: Mapping[str, Any]) -> tuple[str, bool]:
+    """``(image_mode, invert)`` with which the reader of data set ``name`` (given ``data.options``) decodes images.
+
+    Omniglot reads grayscale ("L") and inverts (ink bright on a dark background); ``folder`` and ``csv`` follow
+    their ``grayscale`` and ``invert`` options; the other readers read RGB. (tests/test_registry.py checks this
+    against the readers.)
+    """
+    if name == "omniglot":
+        return "L", True
+    if name in ("folder", "csv"):
+        return ("L" if options.get("grayscale", False) else "RGB"), bool(options.get("invert", False))
+    return "RGB", False
