@@ -26,7 +26,8 @@ from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.unit_norm import UnnormalizedEmbeddingsWarning
 from recallk.files import read_metrics
 from recallk.training.trainer import train
-from test_trainer import make_glyph_folder, tiny_config
+from data_fixtures import make_glyph_folder
+from run_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import torch
 
 from recallk.config import save_config
 from recallk.training.checkpoint import load_checkpoint
-from test_trainer import make_glyph_folder, tiny_config
+from data_fixtures import make_glyph_folder
+from run_fixtures import tiny_config
 
 
 def free_port() -> int:
