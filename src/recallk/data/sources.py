@@ -11,7 +11,7 @@ import inspect
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 Batch = tuple[Inputs, torch.Tensor]  # (inputs, labels (B,))
 
 
+@runtime_checkable
 class BatchSource(Protocol):
     """A split that the trainer and the evaluation read batches from.
 
