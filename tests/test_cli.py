@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recallk.cli import format_metrics_table
+from recallk.evaluation.metrics import format_metrics_table
 from recallk.config import config_from_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,10 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from recallk.cli import format_metrics_table, main
+from recallk.cli import main
+from recallk.evaluation.metrics import format_metrics_table
 from recallk.config import config_to_dict
-from recallk.data.generic import build_csv, build_folder
+from recallk.data.folder_csv import build_csv, build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
 from recallk.training.evaluate_run import evaluate_run

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_fixtures import make_glyph_folder
-from recallk.data.generic import build_folder
+from recallk.data.folder_csv import build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler, PlannedBatch
 from recallk.data.sources import ArraySource, BatchSource, DatasetSource, TextSource
 from recallk.data.transforms import build_transforms

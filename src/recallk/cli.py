@@ -290,6 +290,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             check_resume_config(Path(run_dir), cfg)
         sys.stdout.write(config_to_yaml(cfg))
         return EXIT_OK
+    from recallk.evaluation.metrics import format_metrics_table
     from recallk.training.trainer import train
 
     summary = train(cfg, resume=args.resume is not None)
@@ -305,6 +306,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"run directory or checkpoint '{path}' does not exist; pass a run directory created by 'recallk train'"
         )
+    from recallk.evaluation.metrics import format_metrics_table
     from recallk.training.evaluate_run import evaluate_run
 
     results = evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
@@ -426,29 +428,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import recallk.demo as demo
     demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device)
     return EXIT_OK
-
-
-def format_metrics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Metrics of each split as a text table: one row per metric, one column per split.
-
-    Floats are shown with 4 decimals, integers (counts) as they are.
-    """
-    splits = list(results)
-    metrics: list[str] = []
-    for split in splits:
-        metrics.extend(m for m in results[split] if m not in metrics)
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return "-" if value is None else str(value)
-
-    rows = [["metric", *splits]] + [[m, *(cell(results[s].get(m)) for s in splits)] for m in metrics]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths)))
-        for row in rows
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class Config:
 # Cross-field validation
 
 
-def _nearest_multiples(value: int, step: int) -> str:
+def _multiples_around(value: int, step: int) -> str:
     lower = value // step * step
     return f"{lower} or {lower + step}" if lower > 0 else str(step * 2)
 
@@ -237,7 +237,7 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     if d.batch_size % d.samples_per_class:
         fail(("data.batch_size", "data.samples_per_class"),
              f"data.batch_size={d.batch_size} is not a multiple of data.samples_per_class={d.samples_per_class}",
-             f"use data.batch_size={_nearest_multiples(d.batch_size, d.samples_per_class)}")
+             f"use data.batch_size={_multiples_around(d.batch_size, d.samples_per_class)}")
     if d.batch_size // d.samples_per_class < 2:
         fail(("data.batch_size", "data.samples_per_class"),
              f"a batch of {d.batch_size} with {d.samples_per_class} samples per class holds a single class",

@@ -16,7 +16,8 @@ These equal pytorch-metric-learning's ``AccuracyCalculator`` (``avg_of_avgs=Fals
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -196,4 +197,31 @@ def _chunk_sums(hits: Tensor, num_positives: Tensor, ks: list[int]) -> Tensor:
             (hits_within_r.sum(dim=1) / r).sum(),
             ((precision_at_rank * hits_within_r).sum(dim=1) / r).sum(),
         ]
+    )
+
+
+def format_metrics_table(
+    results: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None
+) -> str:
+    """Metrics of each split (or named result) as a text table: one row per metric, one column per split.
+
+    ``metrics`` chooses the rows (default: every metric of any split, in order of appearance). Floats are shown
+    with 4 decimals, integers (counts) as they are, missing values as ``-``.
+    """
+    splits = list(results)
+    if metrics is None:
+        metrics = []
+        for split in splits:
+            metrics.extend(m for m in results[split] if m not in metrics)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "-" if value is None else str(value)
+
+    rows = [["metric", *splits]] + [[m, *(cell(results[s].get(m)) for s in splits)] for m in metrics]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths)))
+        for row in rows
     )
