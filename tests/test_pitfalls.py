@@ -17,16 +17,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from recallk.cli import main
-from recallk.evaluation.metrics import format_metrics_table
 from recallk.config import config_to_dict
 from recallk.data.folder_csv import build_csv, build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
-from recallk.training.evaluate_run import evaluate_run
+from recallk.evaluation.metrics import format_metrics_table
+from recallk.files import read_metrics
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.unit_norm import UnnormalizedEmbeddingsWarning
-from recallk.files import read_metrics
+from recallk.training.evaluate_run import evaluate_run
 from recallk.training.trainer import train
+
 from data_fixtures import make_glyph_folder
 from run_fixtures import tiny_config
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_fixtures import make_glyph_folder, make_omniglot_folder
 from recallk import registry
 from recallk.config import ConfigError, config_from_dict, explain_config
 from recallk.data.factory import READERS, build_dataset, reader_decoding
@@ -18,6 +17,8 @@ from recallk.models.heads import EmbeddingHead
 from recallk.models.small_cnn import SmallCNN
 from recallk.training.assemble import AMP_DTYPES
 from recallk.training.schedule import lr_multiplier
+
+from data_fixtures import make_glyph_folder, make_omniglot_folder
 
 
 def test_readers_are_the_registered_data_sets() -> None:

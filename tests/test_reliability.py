@@ -21,10 +21,11 @@ import pytest
 import torch
 import yaml
 
-from recallk.training.checkpoint import FORMAT, load_checkpoint
 from recallk.files import read_metrics
-from reliability_helpers import Finished, Launcher
+from recallk.training.checkpoint import FORMAT, load_checkpoint
+
 from data_fixtures import make_glyph_folder
+from reliability_helpers import Finished, Launcher
 
 # 12 classes x 6 glyphs per split; batches of 8 classes x 2 -> 4 steps per epoch, 8 steps in all.
 STEPS_PER_EPOCH, EPOCHS = 4, 2

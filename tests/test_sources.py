@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_fixtures import make_glyph_folder
 from recallk.data.folder_csv import build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler, PlannedBatch
 from recallk.data.sources import ArraySource, BatchSource, DatasetSource, TextSource
 from recallk.data.transforms import build_transforms
 
+from data_fixtures import make_glyph_folder
+
 CLASSES, PER_CLASS = 6, 4
 
 
 def _array_source() -> ArraySource:
-    images = torch.randint(0, 256, (CLASSES * PER_CLASS, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (CLASSES * PER_CLASS, 1, 12, 12), dtype=torch.uint8, generator=generator)
     labels = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
     return ArraySource.omniglot(images, labels, None, train=True)
 

@@ -16,6 +16,7 @@ import torch
 
 from recallk.config import save_config
 from recallk.training.checkpoint import load_checkpoint
+
 from data_fixtures import make_glyph_folder
 from run_fixtures import tiny_config
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from recallk.config import config_from_dict
 from recallk.errors import RecallkUsageError
-from recallk.training.checkpoint import load_checkpoint
 from recallk.files import read_metrics
+from recallk.training.checkpoint import load_checkpoint
 from recallk.training.trainer import Trainer, TrainingDiverged, train
+
 from data_fixtures import make_glyph_folder
 from run_fixtures import tiny_config
 

@@ -34,7 +34,7 @@ class Names:
         return [name for registry in self.registries for name in registry]
 
 
-def key(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+def key(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
     """A config field whose meaning is ``metadata["help"]`` (printed by ``recallk config --explain``)."""
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": help})
@@ -164,7 +164,7 @@ def _names_of(annotation: Any) -> Names | None:
     return next((m for m in get_args(annotation)[1:] if isinstance(m, Names)), None)
 
 
-def _coerce(value: Any, annotation: Any, key: str, sources: Provenance) -> Any:
+def _coerce(value: Any, annotation: Any, key: str, sources: Provenance) -> Any:  # noqa: C901 - one branch per type
     """Check ``value`` against a field annotation and return it in canonical form (tuples, floats)."""
     origin = get_origin(annotation)
     if annotation is Any:

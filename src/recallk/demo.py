@@ -17,10 +17,10 @@ from typing import Any
 from recallk.config import Config, load_config
 from recallk.data.paths import resolve_data_dir
 from recallk.data.sources import build_source
+from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import raw_pixel_embeddings
 from recallk.evaluation.metrics import format_metrics_table, retrieval_metrics
 from recallk.evaluation.plots import plot_recall_curves
-from recallk.errors import RecallkUsageError
 from recallk.files import write_json
 from recallk.training.run_dir import run_dir_in_use
 from recallk.training.trainer import train

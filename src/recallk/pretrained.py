@@ -31,8 +31,8 @@ from recallk import __version__
 from recallk.config import Config, config_from_dict, config_to_dict, config_to_yaml
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
-from recallk.training.assemble import build_network, decode_like_the_reader, eval_transform, reader_decoding_of
 from recallk.files import atomic_write_text
+from recallk.training.assemble import build_network, decode_like_the_reader, eval_transform, reader_decoding_of
 
 FORMAT = "recallk-pretrained-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -274,7 +274,9 @@ def _load_pretrained_folder(directory: Path) -> RecallkModel:
     try:
         document = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecallkUsageError(f"cannot read {config_file} ({err}); save the model again with save_pretrained")
+        raise RecallkUsageError(
+            f"cannot read {config_file} ({err}); save the model again with save_pretrained"
+        ) from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise RecallkUsageError(
             f"{config_file} is not a recallk model config (no format '{FORMAT}'); give a folder written by "

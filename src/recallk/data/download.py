@@ -37,9 +37,9 @@ def download_file(
     """Fetch ``url`` into ``dest`` and return ``dest``.
 
     The bytes go to a temporary file beside ``dest`` and are hashed on the way; only when ``checksum`` (``"md5:..."``
-    or ``"sha256:..."``, or ``None`` to skip) matches is the file renamed onto ``dest`` (:func:`recallk.files.atomic_write`), so
-    ``dest`` is never left half-written. Raises :class:`DownloadError` when the server cannot be reached and
-    ``ValueError`` on a checksum mismatch (nothing is saved in either case).
+    or ``"sha256:..."``, or ``None`` to skip) matches is the file renamed onto ``dest``
+    (:func:`recallk.files.atomic_write`), so ``dest`` is never left half-written. Raises :class:`DownloadError` when
+    the server cannot be reached and ``ValueError`` on a checksum mismatch (nothing is saved in either case).
     """
     dest = Path(dest)
     expected = parse_checksum(checksum) if checksum else None

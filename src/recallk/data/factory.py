@@ -6,11 +6,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from recallk.data.standard_datasets import build_cars, build_cub, build_inat2018, build_inshop, build_sop, build_vehicleid
 from recallk.data.folder_csv import build_csv, build_folder
 from recallk.data.image_dataset import ImageDataset
 from recallk.data.omniglot import build_omniglot
 from recallk.data.paths import resolve_data_dir
+from recallk.data.standard_datasets import (
+    build_cars,
+    build_cub,
+    build_inat2018,
+    build_inshop,
+    build_sop,
+    build_vehicleid,
+)
 from recallk.registry import DATASETS
 
 # The reader of each name in recallk.registry.DATASETS (tests/test_registry.py checks that they match).

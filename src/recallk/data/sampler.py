@@ -50,8 +50,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     An epoch has ``batches_per_epoch`` batches (default ``len(labels) // batch_size``, at least 1). Each new
     iteration moves to the next epoch by itself (as pytorch-metric-learning's ``MPerClassSampler`` reshuffles every
     time it is iterated); :meth:`set_epoch` (or :meth:`load_state_dict`) before an iteration chooses its epoch
-    instead, as DDP samplers do, and always wins. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch: the next
-    iterator yields exactly the batches after ``batches_done``. A ``DataLoader`` with workers pulls batches ahead
+    instead, as DDP samplers do, and always wins. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch: the
+    next iterator yields exactly the batches after ``batches_done``. A ``DataLoader`` with workers pulls batches ahead
     of training, so pass the number of batches actually trained: ``state_dict(batches_done=step_in_epoch)``.
     """
 

@@ -1,7 +1,8 @@
 """Batches for training and evaluation, from image files (DataLoader), decoded arrays in memory, or sentences.
 
-Every source follows :class:`BatchSource`. Training randomness is tied to the position in the schedule, not to a generator's history: the augmentation of
-batch b of epoch e uses seeds derived from ``(seed, e, b)``. A run resumed in the middle of an epoch therefore
+Every source follows :class:`BatchSource`. Training randomness is tied to the position in the schedule
+(:class:`~recallk.data.sampler.PlannedBatch`), not to a generator's history: the augmentation of batch b of epoch e
+uses seeds derived from ``(seed, e, b)``. A run resumed in the middle of an epoch therefore
 sees exactly the images an uninterrupted run would have seen, whatever the number of loader workers.
 """
 

@@ -41,7 +41,8 @@ def build_transforms(
     mean/std, interpolation and the test crop fraction from ``timm.data.resolve_model_data_config`` (augreg ViTs
     expect mean = std = 0.5 and bicubic resizing with crop 0.9).
     ``omniglot``: one channel in [0, 1], resized to ``image_size``; train adds the random affine of
-    ``OMNIGLOT_AUGMENTATION`` (rotation +-10 degrees, shift up to 10 %, scale 0.9-1.1, shear +-6 degrees) whose fill 0 matches recallk's inverted (dark) background.
+    ``OMNIGLOT_AUGMENTATION`` (rotation +-10 degrees, shift up to 10 %, scale 0.9-1.1, shear +-6 degrees) whose
+    fill 0 matches recallk's inverted (dark) background.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")

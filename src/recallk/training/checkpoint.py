@@ -1,8 +1,9 @@
 """Checkpoints that survive crashes and refuse files that are not ours.
 
 A checkpoint is a dict of tensors and plain Python values, tagged with ``FORMAT``. It is written with
-:func:`recallk.files.atomic_write`, so a process killed mid-write leaves the previous checkpoint intact. It is read with ``torch.load(weights_only=True)``, which never runs code from
-the file: a pickle crafted to execute something is refused instead of executed.
+:func:`recallk.files.atomic_write`, so a process killed mid-write leaves the previous checkpoint intact. It is read
+with ``torch.load(weights_only=True)``, which never runs code from the file: a pickle crafted to execute something
+is refused instead of executed.
 """
 
 from __future__ import annotations

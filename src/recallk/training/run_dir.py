@@ -59,7 +59,7 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RecallkUsageError(f"cannot create run directory {self.path}: {err.strerror}") from err
-        self._lock: TextIO | None = open(self.path / ".lock", "a")  # "a": never wipe a running owner's pid
+        self._lock: TextIO | None = open(self.path / ".lock", "a")  # noqa: SIM115 - held until close(); "a": never wipe a running owner's pid
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -286,7 +286,9 @@ class Trainer:
                     "train.nan_policy=skip to skip such steps"
                 )
             self.skipped_steps += 1
-            logger.warning("skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps)
+            logger.warning(
+                "skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps
+            )
         else:
             if self.health.watching:
                 scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
