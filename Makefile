@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 RECALLK_DATA ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export RECALLK_DATA
 
-.PHONY: setup demo lint test bench bench-speed bench-quality clean
+
+.PHONY: setup demo lint test bench bench-speed bench-quality bench-gpu clean
 
 $(BIN)/recallk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,11 @@ bench-speed: setup
 	$(BIN)/python benchmarks/multistage_memory.py --device $(DEVICE)
 	$(BIN)/python benchmarks/multistage_memory.py --setting omniglot --threads 2
 	$(BIN)/python benchmarks/eval_speed.py --device $(DEVICE) --header
+
+# The GPU suite (loss at 4k-64k with/without SiMix, ResNet-50 multistage, 60k kNN): ~8 minutes on one GPU;
+# writes benchmarks/results/gpu_suite/gpu_suite.{json,md}.
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu_suite.py
 
 bench-quality: setup
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment losses

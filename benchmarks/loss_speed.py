@@ -1,12 +1,21 @@
-"""RS@k forward+backward time and peak memory: recallk vs a naive vectorised loss vs a per-query loop.
+"""RS@k forward+backward time and peak extra memory, beside the compute floor, with and without SiMix.
 
 Each (implementation, N) runs in a fresh subprocess so that its peak memory is its own: peak RSS growth on the
 CPU, ``torch.cuda.max_memory_allocated`` growth on a GPU. Inputs: N L2-normalised d-dim embeddings, 4 samples
 per class in contiguous groups (the layout the authors' code requires), ``rank_includes_query=True`` so that all
-three compute the authors' values, which are printed side by side.
+implementations compute the authors' values, which are printed side by side. Implementations:
 
-    python benchmarks/loss_speed.py                       # CPU, N in 256 1024 4096
-    python benchmarks/loss_speed.py --device cuda --sizes 256 1024 4096 16384
+- ``recallk`` / ``recallk_simix``: RecallAtKLoss (query-chunked), without / with SiMix over all same-class pairs
+  (N + 1.5 N items);
+- ``floor`` / ``floor_simix``: the two matrix products every implementation needs, E R^T and G R with G of the
+  same size (N x N x d each; (2.5 N)^2 x d with SiMix), done in row chunks of 256 so that they fit at any N;
+- ``naive``: the whole N x P x N tensor of (query, positive, item) triples under autograd;
+- ``loop``: one query at a time, as in the authors' code;
+- ``baseline`` / ``baseline_simix``: RecallAtKLoss from another source tree (``--baseline-src DIR/src``), e.g. an
+  older recallk, for before/after tables.
+
+    python benchmarks/loss_speed.py                       # CPU, N in 1024 ... 32768
+    python benchmarks/loss_speed.py --device cuda --sizes 4096 16384 65536
 """
 
 from __future__ import annotations
@@ -23,14 +32,28 @@ import time
 import torch
 import torch.nn.functional as F
 
-from recallk import RecallAtKLoss
-
 K = (1, 2, 4, 8, 16)
 TAU_RANK, TAU_K = 0.01, 1.0
+FLOOR_CHUNK = 256
 
 
-def recallk_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return RecallAtKLoss(k=K, rank_includes_query=True)(emb, labels)
+def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
+    from recallk import RecallAtKLoss, SimilarityMixup  # from --baseline-src when that is first on sys.path
+
+    return RecallAtKLoss(k=K, rank_includes_query=True, mixup=SimilarityMixup() if simix else None)(emb, labels)
+
+
+def two_products(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
+    """The compute floor: S = E E^T and G E (G of S's size), chunk by chunk; E is (2.5 N) x d with SiMix."""
+    items = torch.cat([emb, emb, emb[: len(emb) // 2]]) if simix else emb
+    with torch.no_grad():
+        grad = torch.empty_like(items)
+        total = items.new_zeros(())
+        for start in range(0, len(items), FLOOR_CHUNK):
+            sim = items[start : start + FLOOR_CHUNK] @ items.T
+            grad[start : start + FLOOR_CHUNK] = sim @ items
+            total += sim[0, 0]
+    return (emb * grad[: len(emb)]).sum() * 0.0 + total
 
 
 def naive_vectorised(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,7 +95,16 @@ def per_query_loop(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 1.0 - total / n
 
 
-IMPLEMENTATIONS = {"recallk": recallk_loss, "naive": naive_vectorised, "loop": per_query_loop}
+IMPLEMENTATIONS = {
+    "floor": two_products,
+    "recallk": recallk_loss,
+    "baseline": recallk_loss,
+    "floor_simix": lambda e, y: two_products(e, y, simix=True),
+    "recallk_simix": lambda e, y: recallk_loss(e, y, simix=True),
+    "baseline_simix": lambda e, y: recallk_loss(e, y, simix=True),
+    "naive": naive_vectorised,
+    "loop": per_query_loop,
+}
 
 
 def rss_mb() -> float:
@@ -91,25 +123,29 @@ def measure(impl: str, n: int, dim: int, device: str, repeats: int) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         mem_before = torch.cuda.memory_allocated()
-    for _ in range(repeats + 1):  # the first run warms up
+    for _ in range(repeats + (n <= 4096)):  # small sizes get a warm-up run first
         emb = base.clone().requires_grad_()
         sync()
         start = time.perf_counter()
+        torch.manual_seed(0)  # the same SiMix draw for every implementation
         loss = fn(emb, labels)
         loss.backward()
         sync()
         times.append(time.perf_counter() - start)
         value = loss.item()
+        del emb, loss
     if device.startswith("cuda"):
         peak = (torch.cuda.max_memory_allocated() - mem_before) / 2**20
     else:
         peak = rss_mb() - rss_before
-    return {"impl": impl, "n": n, "seconds": min(times[1:]), "peak_mb": peak, "loss": value}
+    return {"impl": impl, "n": n, "seconds": min(times[n <= 4096 :]), "peak_mb": peak, "loss": value}
 
 
 def run_isolated(impl: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--single", impl, str(n), "--dim", str(args.dim), "--device", args.device,
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if impl.startswith("baseline"):
+        cmd += ["--baseline-src", args.baseline_src]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         reason = "out of memory" if "out of memory" in out.stderr.lower() else out.stderr.strip().splitlines()[-1]
@@ -120,32 +156,49 @@ def run_isolated(impl: str, n: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--loop-max-n", type=int, default=4096, help="skip the per-query loop above this N")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (the fastest is reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each measuring process (CPU)")
+    default_impls = ["floor", "recallk", "floor_simix", "recallk_simix", "naive", "loop"]
+    parser.add_argument("--impls", nargs="+", default=default_impls, choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--small-max-n", type=int, default=4096, help="skip naive and loop above this N")
+    parser.add_argument("--simix-max-n", type=int, default=8192, help="skip the SiMix rows above this N")
+    parser.add_argument("--baseline-max-n", type=int, default=16384, help="skip the baseline rows above this N")
+    parser.add_argument("--baseline-src", help="a source directory holding another recallk package (baseline rows)")
     parser.add_argument("--single", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
+        torch.set_num_threads(args.threads)
+        if args.single[0].startswith("baseline"):
+            sys.path.insert(0, args.baseline_src)
         print(json.dumps(measure(args.single[0], int(args.single[1]), args.dim, args.device, args.repeats)))
         return
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if any(i.startswith("baseline") for i in args.impls) and not args.baseline_src:
+        parser.error("the baseline rows need --baseline-src DIR (a directory holding a recallk package)")
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     print(f"Loss forward+backward, d={args.dim}, 4 samples/class, {args.device} ({machine}), torch {torch.__version__}, "
           f"{datetime.date.today()}; command: python benchmarks/loss_speed.py {' '.join(sys.argv[1:])}\n")
-    print("| N | implementation | time (s) | peak memory (MiB) | loss | speed-up of recallk | memory of recallk |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | implementation | time (s) | x floor | peak extra memory (MiB) | loss |")
+    print("|---|---|---|---|---|---|")
     for n in args.sizes:
-        rows = [run_isolated(i, n, args) for i in args.impls if not (i == "loop" and n > args.loop_max_n)]
-        ours = next((r for r in rows if r["impl"] == "recallk" and "error" not in r), None)
-        for r in rows:
-            if "error" in r:
-                print(f"| {n} | {r['impl']} | - | {r['error']} | - | - | - |")
+        floors: dict[str, float] = {}
+        for impl in args.impls:
+            simix = impl.endswith("simix")
+            if (impl in ("naive", "loop") and n > args.small_max_n) or (simix and n > args.simix_max_n):
                 continue
-            speed = f"{r['seconds'] / ours['seconds']:.1f}x" if ours else "-"
-            mem = f"{ours['peak_mb'] / r['peak_mb']:.2f}" if ours and r["peak_mb"] > 0 else "-"
-            print(f"| {n} | {r['impl']} | {r['seconds']:.4f} | {r['peak_mb']:.0f} | {r['loss']:.6f} | {speed} | {mem} |",
-                  flush=True)
+            if impl.startswith("baseline") and n > args.baseline_max_n:
+                continue
+            r = run_isolated(impl, n, args)
+            if "error" in r:
+                print(f"| {n} | {impl} | - | - | {r['error']} | - |", flush=True)
+                continue
+            if impl.startswith("floor"):
+                floors["simix" if simix else "plain"] = r["seconds"]
+            floor = floors.get("simix" if simix else "plain")
+            ratio = f"{r['seconds'] / floor:.2f}" if floor and not impl.startswith("floor") else "-"
+            loss = "-" if impl.startswith("floor") else f"{r['loss']:.6f}"
+            print(f"| {n} | {impl} | {r['seconds']:.3f} | {ratio} | {r['peak_mb']:.0f} | {loss} |", flush=True)
 
 
 if __name__ == "__main__":

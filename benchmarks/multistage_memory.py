@@ -2,8 +2,8 @@
 
 A step is forward + RS@k loss + backward + optimiser update on a batch of random images, 4 per class. With the
 multistage backward the model's memory depends on the chunk, not on the batch; what still grows with the batch is
-the batch itself, its N x D embeddings and the loss's O(N^2) similarity matrices, so the synthetic CPU setting
-also measures the RS@k loss alone (`loss`: forward + backward on N random embeddings) at the same N.
+the batch itself, its N x D embeddings and the loss's working memory (O(query_chunk x N)), so the synthetic CPU
+setting also measures the RS@k loss alone (`loss`: forward + backward on N random embeddings) at the same N.
 
 Settings (--setting):
   synthetic  CPU: a small CNN (3 conv blocks) on 32 px RGB, float32, frozen BatchNorm, 512-d, Adam; multistage

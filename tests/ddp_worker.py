@@ -1,8 +1,8 @@
-"""One rank of the two-process DDP check in test_distributed.py (run by torchrun, gloo backend, CPU).
+"""One rank of the DDP checks in test_distributed.py (run by torchrun with 2 or 3 processes, gloo, CPU).
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node=W tests/ddp_worker.py OUT_DIR
 
-For every scenario in SCENARIOS each rank takes its rows of the same global batch, runs one distributed
+For every scenario in SCENARIOS[W] each rank takes its rows of the same global batch, runs one distributed
 multistage step on a DDP-wrapped model and an SGD step, and writes OUT_DIR/<scenario>_rank<r>.pt with the loss,
 the gradients and the updated parameters. It also writes OUT_DIR/gather_rank<r>.pt, a check of
 all_gather_with_grad. The test recomputes each scenario in one process with `single_process_step`.
@@ -32,11 +32,20 @@ from recallk.training.multistage import multistage_backward
 GLOBAL_ROWS = 14
 CHUNK_SIZE = 3
 LOSS_SEED = 1234
-# scenario name -> (rows held by rank 0, rows held by rank 1, loss name)
+# world size -> scenario name -> (rows held by each rank, loss name). RS@k is sharded over ranks
+# (RecallAtKLoss.sharded_loss); the contrastive loss has no sharded form and runs on rank 0.
 SCENARIOS = {
-    "even_contrastive": (7, 7, "contrastive"),
-    "uneven_contrastive": (9, 5, "contrastive"),
-    "even_rsk_simix": (7, 7, "rsk_simix"),
+    2: {
+        "even_contrastive": ((7, 7), "contrastive"),
+        "uneven_contrastive": ((9, 5), "contrastive"),
+        "even_rsk_simix": ((7, 7), "rsk_simix"),
+        "uneven_rsk": ((9, 5), "rsk"),
+        "uneven_rsk_simix": ((10, 4), "rsk_simix"),
+    },
+    3: {
+        "uneven_rsk": ((6, 3, 5), "rsk"),
+        "uneven_rsk_simix": ((2, 7, 5), "rsk_simix"),
+    },
 }
 
 
@@ -50,9 +59,13 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def make_loss(name: str):
+    """The loss called ``name``; SiMix draws two pairs per class from a generator seeded by LOSS_SEED."""
     if name == "contrastive":
         return contrastive_loss
-    return RecallAtKLoss(k=(1, 2, 4), tau_rank=0.05, mixup=SimilarityMixup())
+    mixup = SimilarityMixup(pairs_per_class=2) if name == "rsk_simix" else None
+    if mixup is not None:
+        mixup.seed(LOSS_SEED)
+    return RecallAtKLoss(k=(1, 2, 4), tau_rank=0.05, mixup=mixup, query_chunk=4)
 
 
 def make_model() -> nn.Module:
@@ -99,7 +112,7 @@ def single_process_step(loss_name: str) -> dict[str, object]:
     return {"loss": loss.detach(), "grads": grads, "params": [p.detach().clone() for p in model.parameters()]}
 
 
-def distributed_step(rank: int, rows_per_rank: tuple[int, int], loss_name: str, context) -> dict[str, object]:
+def distributed_step(rank: int, rows_per_rank: tuple[int, ...], loss_name: str, context) -> dict[str, object]:
     model = wrap_ddp(Normalized(make_model()), context)
     inputs, labels = make_global_batch()
     start = sum(rows_per_rank[:rank])
@@ -125,11 +138,11 @@ def check_all_gather_with_grad(rank: int) -> dict[str, torch.Tensor]:
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     context = init_distributed("gloo")
-    if context.world_size != 2:
-        raise ValueError(f"run with --nproc_per_node=2, got world size {context.world_size}")
+    if context.world_size not in SCENARIOS:
+        raise ValueError(f"run with --nproc_per_node in {sorted(SCENARIOS)}, got world size {context.world_size}")
     assert is_main_process() == (context.rank == 0)
-    for name, (rows0, rows1, loss_name) in SCENARIOS.items():
-        result = distributed_step(context.rank, (rows0, rows1), loss_name, context)
+    for name, (rows_per_rank, loss_name) in SCENARIOS[context.world_size].items():
+        result = distributed_step(context.rank, rows_per_rank, loss_name, context)
         torch.save(result, out_dir / f"{name}_rank{context.rank}.pt")
     torch.save(check_all_gather_with_grad(context.rank), out_dir / f"gather_rank{context.rank}.pt")
     destroy_distributed()

@@ -1,4 +1,4 @@
-"""Two-process torchrun + DDP (gloo, CPU): the distributed multistage step equals a single-process step."""
+"""torchrun + DDP with 2 and 3 processes (gloo, CPU): the distributed multistage step equals a single-process step."""
 
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ from recallk.training.distributed import (
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.fixture(scope="module")
-def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out_dir = tmp_path_factory.mktemp("ddp")
+def run_workers(out_dir: Path, world_size: int) -> Path:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world_size}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(out_dir),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -38,24 +36,44 @@ def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir
 
 
-@pytest.mark.parametrize("scenario", sorted(ddp_worker.SCENARIOS))
-def test_ddp_gradient_equals_single_process_gradient(worker_outputs: Path, scenario: str) -> None:
-    expected = ddp_worker.single_process_step(ddp_worker.SCENARIOS[scenario][2])
-    for rank in (0, 1):
-        result = torch.load(worker_outputs / f"{scenario}_rank{rank}.pt")
+@pytest.fixture(scope="module")
+def worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_workers(tmp_path_factory.mktemp("ddp2"), 2)
+
+
+@pytest.fixture(scope="module")
+def three_worker_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_workers(tmp_path_factory.mktemp("ddp3"), 3)
+
+
+CASES = [(w, name) for w, scenarios in sorted(ddp_worker.SCENARIOS.items()) for name in sorted(scenarios)]
+
+
+def outputs_for(world_size: int, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("worker_outputs" if world_size == 2 else "three_worker_outputs")
+
+
+@pytest.mark.parametrize("world_size, scenario", CASES)
+def test_ddp_gradient_equals_single_process_gradient(world_size: int, scenario: str, request) -> None:
+    """Sharded RS@k (with and without SiMix, uneven rows) and the rank-0 path equal one process (float64)."""
+    out_dir = outputs_for(world_size, request)
+    expected = ddp_worker.single_process_step(ddp_worker.SCENARIOS[world_size][scenario][1])
+    for rank in range(world_size):
+        result = torch.load(out_dir / f"{scenario}_rank{rank}.pt")
         assert float(result["loss"]) == pytest.approx(float(expected["loss"]), rel=1e-12)
         for actual, reference in zip(result["grads"], expected["grads"], strict=True):
-            torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-12)
+            torch.testing.assert_close(actual, reference, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("scenario", sorted(ddp_worker.SCENARIOS))
-def test_parameters_identical_across_ranks_after_step(worker_outputs: Path, scenario: str) -> None:
-    rank0 = torch.load(worker_outputs / f"{scenario}_rank0.pt")["params"]
-    rank1 = torch.load(worker_outputs / f"{scenario}_rank1.pt")["params"]
-    expected = ddp_worker.single_process_step(ddp_worker.SCENARIOS[scenario][2])["params"]
-    for p0, p1, reference in zip(rank0, rank1, expected, strict=True):
-        assert torch.equal(p0, p1)
-        torch.testing.assert_close(p0, reference, rtol=1e-5, atol=1e-12)
+@pytest.mark.parametrize("world_size, scenario", CASES)
+def test_parameters_identical_across_ranks_after_step(world_size: int, scenario: str, request) -> None:
+    out_dir = outputs_for(world_size, request)
+    params = [torch.load(out_dir / f"{scenario}_rank{rank}.pt")["params"] for rank in range(world_size)]
+    expected = ddp_worker.single_process_step(ddp_worker.SCENARIOS[world_size][scenario][1])["params"]
+    for per_rank, reference in zip(zip(*params), expected, strict=True):
+        for p in per_rank:
+            assert torch.equal(p, per_rank[0])
+        torch.testing.assert_close(per_rank[0], reference, rtol=1e-9, atol=1e-12)
 
 
 def test_all_gather_with_grad_keeps_only_local_graph(worker_outputs: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import LpDistance
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loss_reference import clamped_sigmoid, rsk_loop
 from recallk import RecallAtKLoss, SimilarityMixup
@@ -37,7 +38,7 @@ LABELS = torch.tensor([3, 0, 1, 3, 0, 2, 1, 3, 0, 5, 3, 1, 0, 3, 2, 7])
 @pytest.mark.parametrize("tau_rank", [0.01, 0.2])
 def test_loss_and_gradient_match_loops(rank_includes_query: bool, tau_rank: float) -> None:
     emb = unit(len(LABELS), seed=1)
-    loss = RecallAtKLoss(tau_rank=tau_rank, rank_includes_query=rank_includes_query, chunk_elements=37)
+    loss = RecallAtKLoss(tau_rank=tau_rank, rank_includes_query=rank_includes_query, query_chunk=3)
     ours, grad = value_and_grad(lambda e: loss(e, LABELS), emb)
     ref, ref_grad = value_and_grad(
         lambda e: reference(e, LABELS, tau_rank=tau_rank, rank_includes_query=rank_includes_query), emb
@@ -67,7 +68,7 @@ def test_parity_with_authors_convention_equal_groups() -> None:
 def test_gradcheck_embeddings_and_similarity() -> None:
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
     emb = unit(len(labels), d=4, seed=4).requires_grad_()
-    loss = RecallAtKLoss(k=(1, 2, 4), tau_rank=0.1, chunk_elements=10)
+    loss = RecallAtKLoss(k=(1, 2, 4), tau_rank=0.1, query_chunk=2)
     assert torch.autograd.gradcheck(lambda e: loss(e, labels), (emb,))
     sim = (emb @ emb.T).detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda s: loss.from_similarity(s, labels), (sim,))
@@ -122,7 +123,7 @@ def test_per_k_temperatures_match_loop() -> None:
 def test_chunking_does_not_change_results() -> None:
     emb = unit(64, d=8, seed=10, dtype=torch.float32)
     labels = torch.randint(0, 12, (64,), generator=torch.Generator().manual_seed(1))
-    results = [value_and_grad(lambda e: RecallAtKLoss(chunk_elements=c)(e, labels), emb) for c in (1, 300, 1 << 22)]
+    results = [value_and_grad(lambda e: RecallAtKLoss(query_chunk=c)(e, labels), emb) for c in (1, 7, 256)]
     for value, grad in results[1:]:
         assert value == pytest.approx(results[0][0], abs=1e-6)
         torch.testing.assert_close(grad, results[0][1])
@@ -220,8 +221,101 @@ def test_simix_rejects_cross_class_pairs_and_wrong_alphas() -> None:
         SimilarityMixup().mix(sim, labels, pairs=torch.tensor([[0, 1]]), alphas=torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="pairs_per_class"):
         SimilarityMixup(pairs_per_class=0)
-    with pytest.raises(ValueError, match="without ref_emb"):
-        RecallAtKLoss(mixup=SimilarityMixup())(unit(4), labels, ref_emb=unit(4), ref_labels=labels)
+
+
+@pytest.mark.parametrize("pairs_per_class", [None, 2])
+def test_virtual_embeddings_equal_mixed_similarity_matrix(pairs_per_class) -> None:
+    """Appending alpha e_a + (1 - alpha) e_b to queries and database equals RS@k on M S M^T (value, gradient)."""
+    emb = unit(len(LABELS), seed=18)
+    mixup = SimilarityMixup(pairs_per_class)
+    mixup.seed(7)
+    ours, grad = value_and_grad(lambda e: RecallAtKLoss(mixup=mixup, query_chunk=4)(e, LABELS), emb)
+    pairs, alphas = SimilarityMixup(pairs_per_class).draw(LABELS, generator=torch.Generator().manual_seed(7))
+    plain = RecallAtKLoss(query_chunk=5)
+
+    def mixed_matrix_loss(e: torch.Tensor) -> torch.Tensor:
+        sim_ext, labels_ext = SimilarityMixup().mix(e @ e.T, LABELS, pairs=pairs, alphas=alphas)
+        return plain.from_similarity(sim_ext, labels_ext)
+
+    ref, ref_grad = value_and_grad(mixed_matrix_loss, emb)
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    mixup.seed(7)
+    assert RecallAtKLoss(mixup=mixup).from_similarity(emb @ emb.T, LABELS).item() == pytest.approx(ref, abs=1e-12)
+
+
+def test_simix_with_reference_rows_matches_loop() -> None:
+    """Virtual items mixed from the query rows join the queries and the reference database."""
+    emb = unit(len(LABELS), seed=19)
+    rows = torch.tensor([0, 1, 3, 4, 6, 8, 10, 11, 12, 13])
+    mixup = SimilarityMixup()
+    mixup.seed(3)
+    loss = RecallAtKLoss(mixup=mixup, query_chunk=4)
+    ours, grad = value_and_grad(lambda e: loss(e[rows], LABELS[rows], e, LABELS, query_index=rows), emb)
+    pairs, alphas = SimilarityMixup().draw(LABELS[rows], generator=torch.Generator().manual_seed(3))
+    alphas = alphas.double()[:, None]
+
+    def materialised(e: torch.Tensor) -> torch.Tensor:
+        q = e[rows]
+        virtual = alphas * q[pairs[:, 0]] + (1 - alphas) * q[pairs[:, 1]]
+        virtual_labels = LABELS[rows][pairs[:, 0]].tolist()
+        own = (len(e) + torch.arange(len(virtual))).tolist()
+        return rsk_loop(
+            torch.cat([q, virtual]) @ torch.cat([e, virtual]).T, LABELS[rows].tolist() + virtual_labels,
+            LABELS.tolist() + virtual_labels, self_index=rows.tolist() + own,
+        )
+
+    ref, ref_grad = value_and_grad(materialised, emb)
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("simix", [False, True])
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+def test_sharded_losses_add_up_to_the_full_batch_loss(simix: bool, rank_includes_query: bool) -> None:
+    """Shares of uneven row ranges, normalised by the global valid-query count, sum to the loss and gradient."""
+    emb = unit(len(LABELS), seed=20)
+    mixup = SimilarityMixup(2) if simix else None
+    loss = RecallAtKLoss(mixup=mixup, rank_includes_query=rank_includes_query, query_chunk=3)
+    if mixup:
+        mixup.seed(11)
+    full, full_grad = value_and_grad(lambda e: loss(e, LABELS), emb)
+    total, total_grad = 0.0, torch.zeros_like(emb)
+    for start, stop in [(0, 7), (7, 9), (9, 16)]:
+        if mixup:
+            mixup.seed(11)  # every rank sees the same draw
+        share, grad = value_and_grad(lambda e: loss.sharded_loss(e, LABELS, slice(start, stop)), emb)
+        total, total_grad = total + share, total_grad + grad
+    assert total == pytest.approx(full, abs=1e-12)
+    torch.testing.assert_close(total_grad, full_grad, rtol=1e-10, atol=1e-12)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation creates (forward and backward, temporaries included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("simix", [False, True])
+def test_no_operation_creates_a_queries_by_database_matrix(simix: bool) -> None:
+    """With query_chunk = 8 the largest tensor of forward + backward is about 8 x M, never N x M."""
+    n, chunk = 128, 8
+    emb = unit(n, d=8, seed=21).requires_grad_()
+    labels = torch.arange(n) // 4
+    loss = RecallAtKLoss(query_chunk=chunk, mixup=SimilarityMixup() if simix else None)
+    num_db = n + (n // 4 * 6 if simix else 0)  # 6 virtual items per class of 4
+    with LargestTensor() as largest:
+        loss(emb, labels).backward()
+    assert chunk * num_db <= largest.numel <= 2 * chunk * num_db <= num_db * num_db // 8
 
 
 # ---------------------------------------------------------------- bad input
@@ -268,6 +362,7 @@ def test_bad_input_is_a_clear_value_error(make_args, message: str) -> None:
         ({"tau_k": np.float32(-1)}, "tau_k must be a positive number"),
         ({"k": torch.tensor([1, 0])}, "positive integers"),
         ({"distance": LpDistance()}, "takes distance=CosineSimilarity"),
+        ({"query_chunk": 0}, "query_chunk must be a positive integer"),
     ],
 )
 def test_bad_settings_are_clear_value_errors(kwargs, message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from recallk.data.text import PROTOCOL_SEED, intent_halves, load_text_split  # n
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.losses import RecallAtKLoss, SimilarityMixup  # noqa: E402
 from recallk.models.text import create_sentence_encoder, resolve_sentence_model  # noqa: E402
+import st_ddp_worker  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -336,3 +338,33 @@ def test_a_pathlib_path_is_a_model_location() -> None:
 
     config = config_from_dict({"model": {"backbone": f"st:{directory}", "pretrained_path": directory}})
     assert config.model.pretrained_path == str(directory)
+
+
+# ------------------------------------------------------------------------------------------ two processes (torchrun)
+
+
+@pytest.fixture(scope="module")
+def two_process_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("st_ddp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(REPO / "tests" / "st_ddp_worker.py"), str(out_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return out_dir
+
+
+@pytest.mark.parametrize("scenario", sorted(st_ddp_worker.SCENARIOS))
+def test_cached_loss_on_two_processes_all_reduces_once_and_equals_one_process(
+    two_process_outputs: Path, scenario: str
+) -> None:
+    """gather_across_devices=True under a DDP-wrapped model: one all-reduce per step, the global-batch gradient."""
+    expected = st_ddp_worker.single_process_step(st_ddp_worker.SCENARIOS[scenario])
+    for rank in (0, 1):
+        result = torch.load(two_process_outputs / f"{scenario}_rank{rank}.pt")
+        assert result["all_reduces"] == 1, "chunks other than the last must run under DDP's no_sync()"
+        assert float(result["loss"]) == pytest.approx(float(expected["loss"]), rel=1e-12)
+        assert max_relative_error(result["grads"], expected["grads"]) < 1e-9

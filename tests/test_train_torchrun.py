@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from recallk.config import save_config
@@ -27,10 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("simix", [False, True])
+def test_two_process_training_matches_one_process(tmp_path: Path, simix: bool) -> None:
+    """RS@k sharded over two ranks (SiMix: one draw per step from run seed + step) trains the same weights."""
     data = make_glyph_folder(tmp_path / "data")
     config = save_config(
-        tiny_config(tmp_path, train__epochs=1, data__split_val=None, output__plots=False), tmp_path / "tiny.yaml"
+        tiny_config(
+            tmp_path, train__epochs=1, data__split_val=None, output__plots=False, loss__simix=simix,
+            loss__simix_pairs_per_class=1 if simix else None,
+        ),
+        tmp_path / "tiny.yaml",
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     common = ["-m", "recallk", "train", str(config), "--data-dir", str(data), "--device", "cpu"]

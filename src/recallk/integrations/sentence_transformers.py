@@ -11,7 +11,11 @@ engine (:mod:`recallk.training.multistage`):
    backpropagates its rows of ``G * grad_output`` (so loss scaling and gradient accumulation apply).
 
 The parameter gradient equals that of RS@k on the full batch embedded at once, while activation memory is that
-of one mini-batch: batches of thousands of sentences train in the memory of ``mini_batch_size``.
+of one mini-batch: batches of thousands of sentences train in the memory of ``mini_batch_size``. Re-embedded
+mini-batches other than the last run under DDP's ``no_sync()`` when the trainer has wrapped the model in
+DistributedDataParallel, so gradients are all-reduced once per step. With ``gather_across_devices=True`` (several
+processes) the loss is RS@k over the global batch of all devices, each device computing the terms of its own
+sentences against all of them (:func:`recallk.training.multistage.loss_and_embedding_grad`).
 
 Batches need several sentences per label; use ``batch_sampler=BatchSamplers.GROUP_BY_LABEL`` in the training
 arguments (or recallk's :class:`~recallk.data.sampler.ClassBalancedBatchSampler`).
@@ -31,7 +35,12 @@ from tqdm.auto import tqdm
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
 from recallk.models.text import SentenceEncoder
-from recallk.training.multistage import FirstPass, backward_through_chunks, embed_without_graph
+from recallk.training.multistage import (
+    FirstPass,
+    backward_through_chunks,
+    embed_without_graph,
+    loss_and_embedding_grad,
+)
 
 try:
     from sentence_transformers import SentenceTransformer
@@ -58,6 +67,9 @@ class CachedRecallAtKLoss(nn.Module):
         rank_includes_query: count the query in its own ranks, as the authors' code does.
         show_progress_bar: show a progress bar over the mini-batches of both embedding passes (named as in
             sentence-transformers' cached losses; off by default).
+        gather_across_devices: with several processes, compute RS@k over the batches of all devices (the
+            global batch) instead of each device's own. Evaluation without gradients stays per device.
+            SiMix draws from a generator seeded by ``torch.initial_seed()`` (the run seed) + the step number.
 
     Inputs: ``sentence_features`` with one features dict (N sentences) and ``labels``: (N,) integers of any
     values, or N strings (class names; only equality matters, so they are numbered per batch). A ``datasets``
@@ -75,6 +87,7 @@ class CachedRecallAtKLoss(nn.Module):
         mixup: SimilarityMixup | bool | None = None,
         rank_includes_query: bool = False,
         show_progress_bar: bool = False,
+        gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
@@ -82,6 +95,8 @@ class CachedRecallAtKLoss(nn.Module):
         self.model = model
         self.mini_batch_size = mini_batch_size
         self.show_progress_bar = bool(show_progress_bar)
+        self.gather_across_devices = bool(gather_across_devices)
+        self.steps = 0
         self.loss = RecallAtKLoss(
             k, tau_rank, tau_k, rank_includes_query, SimilarityMixup() if mixup is True else (mixup or None)
         )
@@ -105,12 +120,12 @@ class CachedRecallAtKLoss(nn.Module):
         embeddings = first.embeddings.to(torch.promote_types(first.embeddings.dtype, torch.float32))
         if not torch.is_grad_enabled():
             return self.loss(embeddings, labels)
-        with torch.enable_grad():
-            leaf = embeddings.requires_grad_(True)
-            loss = self.loss(leaf, labels)
-            (grad,) = torch.autograd.grad(loss, leaf)
+        if self.loss.mixup is not None:
+            self.loss.mixup.seed(torch.initial_seed() + self.steps)  # run seed + step: one draw on every device
+        self.steps += 1
+        loss, grad = loss_and_embedding_grad(self.loss, embeddings, labels, all_gather=self.gather_across_devices)
         first.embeddings = first.embeddings[:0]
-        result = loss.detach().requires_grad_(True)
+        result = loss.detach().clone().requires_grad_(True)
         result.register_hook(partial(_backward_hook, encoder=encoder, inputs=inputs, first=first, grad=grad))
         return result
 
@@ -124,6 +139,7 @@ class CachedRecallAtKLoss(nn.Module):
             "mixup": repr(self.loss.mixup),
             "rank_includes_query": self.loss.rank_includes_query,
             "show_progress_bar": self.show_progress_bar,
+            "gather_across_devices": self.gather_across_devices,
         }
 
     @property

@@ -3,6 +3,5 @@
 from recallk.losses.cross_batch_memory import CrossBatchRecallAtK
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup, same_class_pairs
-from recallk.losses.smooth_rank import smooth_rank
 
-__all__ = ["CrossBatchRecallAtK", "RecallAtKLoss", "SimilarityMixup", "same_class_pairs", "smooth_rank"]
+__all__ = ["CrossBatchRecallAtK", "RecallAtKLoss", "SimilarityMixup", "same_class_pairs"]

@@ -9,6 +9,10 @@ product of (L2-normalised) embeddings, P(q) the positives of q and D(q, x) the d
 
 With ``rank_includes_query=True`` the query itself stays in every rank sum (each rank about one higher), which
 is what the authors' code does; k is clipped to the database size (which then includes the query).
+
+The computation walks over chunks of ``query_chunk`` queries (:mod:`recallk.losses.chunked_recall`), so no N x M
+matrix is ever stored: extra memory is about ``4 * query_chunk * M`` floats plus the (N + M) x D embedding
+gradients. SiMix appends the virtual embeddings to the queries and to the database (O(V x D) more).
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
+from recallk.losses.chunked_recall import (
+    DEFAULT_QUERY_CHUNK,
+    RankSettings,
+    embedding_terms,
+    query_side,
+    similarity_terms,
+)
 from recallk.losses.simix import SimilarityMixup
-from recallk.losses.smooth_rank import DEFAULT_CHUNK_ELEMENTS, smooth_rank
 from recallk.losses.validation import (
     check_distance,
     check_embeddings,
@@ -40,8 +50,10 @@ class RecallAtKLoss(BaseMetricLossFunction):
         tau_rank: temperature of the sigmoid that smooths the rank.
         tau_k: temperature of the sigmoid that smooths "rank <= k"; one value or one per k.
         rank_includes_query: count the query in its own rank sums, as the authors' code does.
-        mixup: a :class:`SimilarityMixup` to add virtual same-class items to the batch (square case only).
-        chunk_elements: memory bound of the rank computation, in (pair x database) entries per chunk.
+        mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
+            queries and the database.
+        query_chunk: queries (and query-positive pairs) processed at a time: the memory knob, results do not
+            depend on it; extra memory is about ``4 * query_chunk * M`` floats.
         distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
             L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
             embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
@@ -66,7 +78,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
         tau_k: float | Sequence[float] = 1.0,
         rank_includes_query: bool = False,
         mixup: SimilarityMixup | None = None,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        query_chunk: int = DEFAULT_QUERY_CHUNK,
         **pml_kwargs: Any,
     ) -> None:
         super().__init__(**pml_kwargs)
@@ -78,9 +90,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
         if mixup is not None and not isinstance(mixup, SimilarityMixup):
             raise ValueError(f"mixup must be a recallk.SimilarityMixup or None, got {type(mixup).__name__}")
         self.mixup = mixup
-        if chunk_elements < 1:
-            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
-        self.chunk_elements = int(chunk_elements)
+        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
+            raise ValueError(f"query_chunk must be a positive integer, got {query_chunk!r}")
+        self.query_chunk = query_chunk
 
     def get_default_distance(self) -> DotProductSimilarity:
         """Plain dot products: recallk's embeddings are already L2-normalised."""
@@ -89,7 +101,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, "
-            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}"
+            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}"
         )
 
     def forward(  # type: ignore[override]
@@ -138,8 +150,8 @@ class RecallAtKLoss(BaseMetricLossFunction):
             if ref_labels is not None or query_index is not None:
                 raise ValueError("ref_labels and query_index only make sense together with ref_emb")
             with _float32(embeddings) as emb:
-                sim = emb @ emb.T
-            return self.from_similarity(sim, labels).to(embeddings.dtype)
+                self_col = torch.arange(len(emb), device=emb.device)
+                return self._embedding_loss(emb, labels, emb, labels, self_col).to(embeddings.dtype)
         check_embeddings(ref_emb, "ref_emb")
         if ref_labels is None:
             raise ValueError("ref_emb was given without ref_labels; pass the labels of the reference rows")
@@ -148,16 +160,37 @@ class RecallAtKLoss(BaseMetricLossFunction):
             raise ValueError(
                 f"embeddings have {embeddings.shape[1]} dims but ref_emb has {ref_emb.shape[1]}; they must match"
             )
-        if self.mixup is not None:
-            raise ValueError(
-                "SiMix needs the whole batch as queries and database; call the loss without ref_emb "
-                "(gather the global batch first when training on several GPUs)"
-            )
         warn_if_not_unit_norm(ref_emb, "ref_emb")
         self_col = self._self_columns(query_index, len(embeddings), len(ref_emb), embeddings.device)
         with _float32(embeddings) as emb, _float32(ref_emb) as ref:
-            loss = self._loss(emb @ ref.T, labels, ref_labels.to(embeddings.device), self_col)
+            loss = self._embedding_loss(emb, labels, ref, ref_labels.to(embeddings.device), self_col)
         return loss.to(embeddings.dtype)
+
+    def sharded_loss(self, embeddings: torch.Tensor, labels: torch.Tensor, rows: slice) -> torch.Tensor:
+        """This process's share of the loss of a global batch: the terms of the queries ``embeddings[rows]``.
+
+        ``embeddings`` (N x D) and ``labels`` (N) are the whole global batch, which is also the database. The
+        terms are normalised by the global count of queries with a positive, so the shares of disjoint ``rows``
+        covering the batch add up to ``self(embeddings, labels)``, and so do their gradients. With SiMix every
+        share must see the same draw (seed the mixup, :meth:`SimilarityMixup.seed`): the virtual items of all
+        pairs join the database, and those whose first item lies in ``rows`` are this share's queries.
+        """
+        check_embeddings(embeddings)
+        if self.distance.normalize_embeddings:
+            embeddings = self.distance.normalize(embeddings)
+        warn_if_not_unit_norm(embeddings)
+        check_labels(labels, len(embeddings))
+        labels = labels.to(embeddings.device)
+        with _float32(embeddings) as emb:
+            self_col = torch.arange(len(emb), device=emb.device)
+            database, db_labels, db_self, first = self._with_virtual_items(emb, labels, emb, labels, self_col)
+            owner = torch.cat([self_col, first])  # the batch row each query (real or virtual) belongs to
+            mine = torch.nonzero((owner >= rows.start) & (owner < rows.stop)).squeeze(1)
+            side_all = query_side(db_labels, db_labels, db_self, self._settings(), database.dtype)
+            num_valid = self._num_valid(side_all.num_pos)
+            side = query_side(db_labels[mine], db_labels, db_self[mine], self._settings(), database.dtype)
+            terms = embedding_terms(database[mine], database, db_labels, side, self._settings(), num_valid)
+        return terms.to(embeddings.dtype)
 
     def from_similarity(self, sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss on a square N x N similarity matrix whose row i and column i are item i.
@@ -174,7 +207,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
             if self.mixup is not None:
                 sim32, labels = self.mixup.mix(sim32, labels)
             self_col = torch.arange(len(sim32), device=sim.device)
-            return self._loss(sim32, labels, labels, self_col).to(sim.dtype)
+            side = query_side(labels, labels, self_col, self._settings(), sim32.dtype)
+            loss = similarity_terms(sim32, labels, side, self._settings(), self._num_valid(side.num_pos))
+        return loss.to(sim.dtype)
 
     @staticmethod
     def _self_columns(
@@ -188,35 +223,50 @@ class RecallAtKLoss(BaseMetricLossFunction):
             raise ValueError(f"query_index must hold row indices of ref_emb in [0, {num_refs}), got values outside")
         return query_index.long()
 
-    def _loss(
-        self, sim: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, self_col: torch.Tensor
-    ) -> torch.Tensor:
-        """RS@k on N x M similarities; ``self_col[i]`` is the database column of query i, or -1."""
-        num_q, num_db = sim.shape
-        has_self = self_col >= 0
-        positives = labels[:, None] == ref_labels[None, :]
-        rows = torch.arange(num_q, device=sim.device)
-        positives[rows[has_self], self_col[has_self]] = False
-        num_pos = positives.sum(1)
-        if not bool((num_pos > 0).any()):
+    def _settings(self) -> RankSettings:
+        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.query_chunk)
+
+    @staticmethod
+    def _num_valid(num_pos: torch.Tensor) -> int:
+        """The number of queries with a positive; a clear error when there is none."""
+        num_valid = int((num_pos > 0).sum())
+        if num_valid == 0:
             raise ValueError(
                 "no query in the batch has a positive (another item of its class), so the loss is undefined; "
                 "sample several items per class, e.g. with recallk.data.ClassBalancedBatchSampler"
             )
-        query, positive = positives.nonzero(as_tuple=True)
-        excluded = self_col if not self.rank_includes_query else torch.full_like(self_col, -1)
-        ranks = smooth_rank(sim, query, positive, excluded, self.tau_rank, self.chunk_elements)
+        return num_valid
 
-        db_size = num_db - (has_self & (not self.rank_includes_query)).long()  # N
-        k = torch.tensor(self.k, dtype=sim.dtype, device=sim.device)
-        k_eff = torch.minimum(k[None, :], db_size[:, None].to(sim.dtype))  # N x K
-        tau_k = torch.tensor(self.tau_k, dtype=sim.dtype, device=sim.device)
-        hits = torch.sigmoid((k_eff[query] - ranks[:, None]) / tau_k)  # P x K
-        soft_hits = torch.zeros(num_q, len(self.k), dtype=sim.dtype, device=sim.device).index_add(0, query, hits)
-        norm = torch.minimum(k_eff, num_pos[:, None].to(sim.dtype))
-        valid = num_pos > 0
-        recall = torch.minimum(soft_hits, k_eff)[valid] / norm[valid]
-        return 1.0 - recall.mean()
+    def _with_virtual_items(
+        self, emb: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
+        self_col: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SiMix's V virtual items (mixed from the query rows) appended to the database (M + V) x D.
+
+        Returns the database, its labels, the query columns extended by the virtual items' own columns
+        (N + V), and the query row of each virtual item's first pair member (V; empty without SiMix).
+        """
+        if self.mixup is None:
+            return ref, ref_labels, self_col, self_col[:0]
+        pairs, alphas = self.mixup.draw(labels)
+        virtual, virtual_labels = self.mixup.mix_embeddings(emb, labels, pairs, alphas)
+        own = len(ref) + torch.arange(len(virtual), device=ref.device)
+        database = torch.cat([ref, virtual])
+        return database, torch.cat([ref_labels, virtual_labels]), torch.cat([self_col, own]), pairs[:, 0]
+
+    def _embedding_loss(
+        self, emb: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
+        self_col: torch.Tensor,
+    ) -> torch.Tensor:
+        """RS@k of the queries ``emb`` (N x D) against ``ref`` (M x D); ``self_col[i]`` is query i's column or -1."""
+        database, db_labels, self_col, _ = self._with_virtual_items(emb, labels, ref, ref_labels, self_col)
+        if ref is emb:  # the batch against itself: the queries are the database (virtual items included)
+            queries = database
+        else:
+            queries = emb if database is ref else torch.cat([emb, database[len(ref):]])
+        query_labels = torch.cat([labels, db_labels[len(ref):]])
+        side = query_side(query_labels, db_labels, self_col, self._settings(), database.dtype)
+        return embedding_terms(queries, database, db_labels, side, self._settings(), self._num_valid(side.num_pos))
 
 
 class _float32:

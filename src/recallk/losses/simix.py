@@ -1,10 +1,15 @@
 """SiMix: similarity mixup (Patel et al., CVPR 2022, Sec. 3.4).
 
 For a same-class pair (a, b) and alpha ~ U(0, 1), the virtual embedding is ``e_m = alpha e_a + (1 - alpha) e_b``
-(not re-normalised). It never has to be materialised: with the mixing matrix ``M`` ((N + V) x N; the identity on
-top, then one row per pair holding alpha at column a and 1 - alpha at column b), the similarities of the
-extended batch are ``S_ext = M S M^T``, because dot products are bilinear. Only scalar similarities are touched,
-so SiMix costs O((N + V)^2) no matter the embedding size.
+(not re-normalised). :meth:`SimilarityMixup.mix_embeddings` materialises the V virtual embeddings (V x D, linear
+in E, so gradients flow back to the originals); the loss appends them to its queries and its database, at
+O(V x D) extra memory. :meth:`SimilarityMixup.mix` does the same on a similarity matrix: with the mixing matrix
+``M`` ((N + V) x N; the identity on top, then one row per pair holding alpha at column a and 1 - alpha at column
+b), the extended similarities are ``M S M^T``, because dot products are bilinear.
+
+Draws come from ``generator`` when one is given, else from the generator set by :meth:`SimilarityMixup.seed`,
+else from torch's default generator. Seeding per step (run seed + step) gives every rank of a distributed run
+the same pairs and alphas.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ class SimilarityMixup:
         if pairs_per_class is not None and (isinstance(pairs_per_class, bool) or pairs_per_class < 1):
             raise ValueError(f"pairs_per_class must be None (all pairs) or a positive int, got {pairs_per_class!r}")
         self.pairs_per_class = pairs_per_class
+        self.generator: torch.Generator | None = None
+
+    def seed(self, value: int) -> None:
+        """Draw the next pairs and alphas from a CPU generator seeded with ``value`` (e.g. run seed + step)."""
+        self.generator = torch.Generator().manual_seed(int(value))
 
     def __repr__(self) -> str:
         return f"SimilarityMixup(pairs_per_class={self.pairs_per_class})"
@@ -65,6 +75,38 @@ class SimilarityMixup:
         starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         rank_in_class = torch.arange(len(cls), device=cls.device) - starts
         return shuffled[rank_in_class < self.pairs_per_class]
+
+    def draw(
+        self,
+        labels: torch.Tensor,
+        pairs: torch.Tensor | None = None,
+        alphas: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs (V x 2, long, on ``labels.device``) and alphas (V, float32 on the CPU) to mix, checked.
+
+        ``pairs`` default to :meth:`sample_pairs`, ``alphas`` to U(0, 1) draws (pairs first, then alphas).
+        """
+        generator = generator if generator is not None else self.generator
+        if pairs is None:
+            pairs = self.sample_pairs(labels, generator)
+        pairs = torch.as_tensor(pairs, dtype=torch.long, device=labels.device).reshape(-1, 2)
+        if len(pairs) and bool((labels[pairs[:, 0]] != labels[pairs[:, 1]]).any()):
+            raise ValueError("SiMix pairs must join items of the same class; some given pairs do not")
+        if alphas is None:
+            alphas = torch.rand(len(pairs), generator=generator, device="cpu")
+        alphas = torch.as_tensor(alphas).reshape(-1)
+        if len(alphas) != len(pairs):
+            raise ValueError(f"got {len(alphas)} alphas for {len(pairs)} pairs; give one alpha per pair")
+        return pairs, alphas
+
+    def mix_embeddings(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, alphas: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The virtual items ``alpha e_a + (1 - alpha) e_b`` (V x D) of :meth:`draw`'s pairs, and their labels."""
+        a, b = pairs[:, 0], pairs[:, 1]
+        w = alphas.to(embeddings.device, embeddings.dtype)[:, None]
+        return w * embeddings[a] + (1 - w) * embeddings[b], labels[a]
 
     def mix(
         self,
@@ -88,16 +130,8 @@ class SimilarityMixup:
         """
         if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
             raise ValueError(f"SiMix needs a square N x N similarity matrix, got shape {tuple(sim.shape)}")
-        if pairs is None:
-            pairs = self.sample_pairs(labels, generator)
-        pairs = torch.as_tensor(pairs, dtype=torch.long, device=sim.device).reshape(-1, 2)
-        if len(pairs) and bool((labels[pairs[:, 0]] != labels[pairs[:, 1]]).any()):
-            raise ValueError("SiMix pairs must join items of the same class; some given pairs do not")
-        if alphas is None:
-            alphas = torch.rand(len(pairs), generator=generator, device="cpu")
-        alphas = torch.as_tensor(alphas, device=sim.device, dtype=sim.dtype).reshape(-1)
-        if len(alphas) != len(pairs):
-            raise ValueError(f"got {len(alphas)} alphas for {len(pairs)} pairs; give one alpha per pair")
+        pairs, alphas = self.draw(labels.to(sim.device), pairs, alphas, generator)
+        alphas = alphas.to(sim.device, sim.dtype)
         a, b, w = pairs[:, 0], pairs[:, 1], alphas
         rows = torch.cat([sim, w[:, None] * sim[a] + (1 - w[:, None]) * sim[b]])  # (N + V) x N
         cols = w[None, :] * rows[:, a] + (1 - w[None, :]) * rows[:, b]  # (N + V) x V

@@ -12,12 +12,12 @@ so three stages give the full-batch gradient while holding one chunk's activatio
 3. for each chunk: restore its RNG state, re-embed it with autograd and backpropagate G_c.
 
 The stages are public for callers whose own backward pass must trigger stage 3 (the sentence-transformers
-loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without_graph` is stage 1 and
-:func:`backward_through_chunks` stage 3.
+loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without_graph` is stage 1,
+:func:`loss_and_embedding_grad` stage 2 and :func:`backward_through_chunks` stage 3.
 
 Stage 3 replays stage 1 exactly when the model's randomness (dropout, augmentations inside `forward`) comes from
 torch's default CPU/CUDA generators and BatchNorm is frozen (`freeze_batchnorm`); `verify_replay=True` checks it.
-Peak memory is one chunk's activations plus E, G and the loss's own memory (O(N^2) for RS@k), independent of N
+Peak memory is one chunk's activations plus E, G and the loss's own memory (O(query_chunk x N) for RS@k), independent of N
 for the model. Compute is one extra forward pass: about 4/3 of a plain step if backward costs two forwards.
 
 Precision: `autocast_dtype` (e.g. `torch.bfloat16`) runs the model's forward passes under `torch.autocast`;
@@ -28,16 +28,20 @@ gradient is multiplied by the scale, exactly as `scaler.scale(loss).backward()` 
 receive their gradient in stage 2, as with a plain backward.
 
 Multiple processes (torchrun + DistributedDataParallel, `all_gather=True`): every rank embeds its own rows; the
-embeddings and labels are gathered (rank order) into the global batch; rank 0 computes the global loss and its
-gradient G (N_global, D) and broadcasts both, so a loss with randomness (similarity mixup) sees one draw; each
-rank backpropagates its own rows of G times world_size. DDP averages gradients over world_size ranks, so the
-result equals the single-process gradient on the global batch:
+embeddings and labels are gathered (rank order) into the global batch E (N_global, D). A loss with a
+`sharded_loss(E, labels, rows)` method (RS@k) is sharded: each rank computes the loss terms of its own queries
+`rows` against the whole global batch, normalised by the global number of valid queries, and its gradient with
+respect to all of E; the shares and the gradients are summed over ranks (all-reduce), giving the global loss and
+G = dL/dE, with no rank doing more than its share of the work. A loss with randomness must draw the same on every
+rank (RS@k's SiMix: seed it with run seed + step, `SimilarityMixup.seed`). Any other loss is computed on rank 0
+over the whole global batch and its value and G broadcast. Either way each rank backpropagates its own rows of G
+times world_size; DDP averages gradients over world_size ranks, so the result equals the single-process gradient
+on the global batch:
     (1 / W) * sum_r W * (d e_r / d theta)^T G_r = dL/dtheta.
-The loss costs O(N_global^2) on rank 0 (RS@k's mean over queries does not split over ranks when ranks hold
-different numbers of valid queries, so the whole loss is computed in one place). Only rank 0's `loss_kwargs`
-are used, and trainable parameters of the loss get a gradient on rank 0 only: give such a loss to DDP or
-broadcast its gradients yourself. With a GradScaler, rank 0's scale is used; scalers stay equal across ranks
-because they see the same all-reduced gradients. Chunks other than the last run under DDP's `no_sync()`, so gradients are all-reduced once per step.
+Only rank 0's `loss_kwargs` are used by an unsharded loss, and trainable parameters of such a loss get a gradient
+on rank 0 only: give such a loss to DDP or broadcast its gradients yourself. With a GradScaler, every rank scales
+by its own scale; scalers stay equal across ranks because they see the same all-reduced gradients. Chunks other
+than the last run under DDP's `no_sync()`, so gradients are all-reduced once per step.
 Ranks may hold different numbers of rows if DDP was built with `broadcast_buffers=False` (as `wrap_ddp` does);
 with DDP's default every forward pass broadcasts buffers, so every rank must run as many chunks.
 """
@@ -118,7 +122,7 @@ def multistage_backward(
     the chunks once and computing the loss leaves it at (the replay in stage 3 does not advance it).
     """
     labels = labels.detach()
-    num_rows = _check_inputs(inputs, labels, chunk_size)
+    _check_inputs(inputs, labels, chunk_size)
     offending = batchnorm_layers_in_training_mode(model)
     if offending:
         raise ValueError(
@@ -129,21 +133,44 @@ def multistage_backward(
     first = embed_without_graph(model, inputs, chunk_size, autocast_dtype, keep_chunks=verify_replay)
     labels = labels.to(first.embeddings.device)
 
-    # Stage 2: the loss and its gradient with respect to the (local or global) embeddings.
-    if all_gather and get_world_size() > 1:
-        global_embeddings, row_counts = all_gather_rows(first.embeddings)
-        global_labels, _ = all_gather_rows(labels)
-        loss, grad = _loss_and_embedding_grad_on_rank0(
-            loss_fn, global_embeddings, global_labels, loss_kwargs, scaler
-        )
-        offset = sum(row_counts[: get_rank()])
-        grad = grad[offset : offset + num_rows] * get_world_size()
-    else:
-        loss, grad = _loss_and_embedding_grad(loss_fn, first.embeddings, labels, loss_kwargs, scaler)
+    loss, grad = loss_and_embedding_grad(
+        loss_fn, first.embeddings, labels, all_gather=all_gather, loss_kwargs=loss_kwargs, scaler=scaler
+    )
     first.embeddings = first.embeddings[:0]  # free (N, D) before stage 3
 
     backward_through_chunks(model, inputs, first, grad, verify_replay=verify_replay)
     return loss
+
+
+def loss_and_embedding_grad(
+    loss_fn: LossFn,
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    all_gather: bool = False,
+    loss_kwargs: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stage 2: the detached loss and the gradient to backpropagate into this rank's rows ``embeddings`` (n, D).
+
+    With one process (or ``all_gather=False``): ``loss_fn(embeddings, labels)`` and ``s dL/dE``, s the scaler's
+    scale. With several processes and ``all_gather=True``: the loss of the global batch (sharded over ranks when
+    ``loss_fn`` has ``sharded_loss``, else on rank 0; see the module docstring) and this rank's rows of its
+    gradient times world_size, ready for DDP's averaging.
+    """
+    if not (all_gather and get_world_size() > 1):
+        return _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs, scaler)
+    global_embeddings, row_counts = all_gather_rows(embeddings)
+    global_labels, _ = all_gather_rows(labels)
+    offset = sum(row_counts[: get_rank()])
+    rows = slice(offset, offset + embeddings.shape[0])
+    if callable(getattr(loss_fn, "sharded_loss", None)):
+        loss, grad = _sharded_loss_and_embedding_grad(
+            loss_fn.sharded_loss, global_embeddings, global_labels, rows, loss_kwargs, scaler
+        )
+    else:
+        loss, grad = _loss_and_embedding_grad_on_rank0(loss_fn, global_embeddings, global_labels, loss_kwargs, scaler)
+    return loss, grad[rows] * get_world_size()
 
 
 @dataclass
@@ -270,6 +297,32 @@ def _loss_and_embedding_grad(
     return loss.detach().to(leaf.dtype), torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
 
 
+def _sharded_loss_and_embedding_grad(
+    sharded_loss: LossFn,
+    embeddings: Tensor,
+    labels: Tensor,
+    rows: slice,
+    loss_kwargs: Mapping[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[Tensor, Tensor]:
+    """Each rank's share `sharded_loss(E, labels, rows)` and its gradient w.r.t. all of E, summed over ranks.
+
+    Non-finite embeddings (a diverged model; every rank sees the same global batch) give a NaN loss and a zero
+    gradient on every rank, without calling the loss.
+    """
+    if not bool(torch.isfinite(embeddings).all()):
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        return torch.tensor(float("nan"), dtype=dtype, device=embeddings.device), torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
+
+    def share(leaf: Tensor, leaf_labels: Tensor, **kwargs: Any) -> Tensor:
+        return sharded_loss(leaf, leaf_labels, rows, **kwargs)
+
+    loss, grad = _loss_and_embedding_grad(share, embeddings, labels, loss_kwargs, scaler)
+    dist.all_reduce(grad)
+    dist.all_reduce(loss)
+    return loss, grad
+
+
 def _loss_and_embedding_grad_on_rank0(
     loss_fn: LossFn,
     embeddings: Tensor,
@@ -297,12 +350,9 @@ def _cuda_devices(model: nn.Module, inputs: Inputs) -> list[torch.device]:
 
 
 def _as_ddp(model: nn.Module) -> DistributedDataParallel | None:
-    """The DistributedDataParallel module behind `model` (also through a `torch.compile` wrapper), if any."""
-    inner = getattr(model, "_orig_mod", model)
-    for candidate in (model, inner):
-        if isinstance(candidate, DistributedDataParallel):
-            return candidate
-    return None
+    """The outermost DistributedDataParallel module in `model` (itself, behind `torch.compile`, or inside a
+    wrapper such as recallk's SentenceEncoder around a DDP-wrapped SentenceTransformer), if any."""
+    return next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
 
 
 def _check_replay(first: Tensor, again: Tensor, start: int, stop: int) -> None:

@@ -265,9 +265,15 @@ class Trainer:
         images = to_device(images, self.device)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        mixup = getattr(self.loss_fn, "mixup", None)
+        if mixup is not None:
+            mixup.seed(self.cfg.seed + self.step)  # one SiMix draw per step, the same on every rank
         if self.chunked:
+            # RS@k shards its queries over ranks (multistage handles non-finite embeddings on that path)
+            sharded = self.dist.world_size > 1 and hasattr(self.loss_fn, "sharded_loss")
             loss = multistage_backward(
-                self.train_model, self._guarded_loss, images, labels, self.cfg.train.chunk_size,
+                self.train_model, self.loss_fn if sharded else self._guarded_loss, images, labels,
+                self.cfg.train.chunk_size,
                 autocast_dtype=self.amp_dtype, scaler=self.scaler if self.scaler.is_enabled() else None,
                 all_gather=self.dist.world_size > 1,
             )
