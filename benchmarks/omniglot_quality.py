@@ -269,7 +269,7 @@ def execute(run: PlannedRun, args: argparse.Namespace, command: str) -> dict[str
     """Train one run into ``<runs_dir>/<experiment>-<variant>-seed<seed>`` and return its record (run dir deleted)."""
     from recallk.config import load_config
     from recallk.errors import TrainingDiverged
-    from recallk.training.assemble import resolve_device
+    from recallk.engine.distributed import resolve_device
     from recallk.training.trainer import train
 
     config = load_config(args.config, [*run.overrides, *RUN_SETTINGS])

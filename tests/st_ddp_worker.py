@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.models.text import resolve_sentence_model  # noqa: E402
-from recallk.training.distributed import destroy_distributed, init_distributed  # noqa: E402
+from recallk.engine.distributed import init_distributed  # noqa: E402
 
 TEXTS = [
     "book a flight to paris", "what's the weather", "play some jazz", "i need a plane ticket", "turn the volume up",
@@ -89,7 +89,7 @@ def main(out_dir: Path) -> None:
     context = init_distributed("gloo")
     for name, simix in SCENARIOS.items():
         torch.save(distributed_step(context.rank, simix), out_dir / f"{name}_rank{context.rank}.pt")
-    destroy_distributed()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from recallk.errors import ConfigError, RecallkUsageError
 from recallk.losses.factory import BASELINES, LOSS_NAMES
 from recallk.models import SmallCNN, create_model
 from recallk.models.small_cnn import group_count
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "omniglot_quality.py"

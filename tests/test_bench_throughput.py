@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.training.multistage import multistage_backward
+from recallk.engine.multistage import multistage_backward
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "multistage_memory.py"

@@ -13,8 +13,8 @@ from torchvision.transforms import v2
 
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode, freeze_batchnorm, is_frozen_batchnorm
-from recallk.training.multistage import multistage_backward
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode, freeze_batchnorm, is_frozen_batchnorm
+from recallk.engine.multistage import multistage_backward
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, query_index=None, temperature=0.5):

@@ -360,7 +360,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _resolved_device(name: str) -> str:
-    from recallk.training.assemble import resolve_device
+    from recallk.engine.distributed import resolve_device
 
     return str(resolve_device(name))
 

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+from recallk.engine.multistage import Inputs
+
+__all__ = ["Inputs", "batch_rows", "to_device"]
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:

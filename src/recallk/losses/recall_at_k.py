@@ -31,7 +31,7 @@ from recallk.losses.chunked_recall import (
     similarity_terms,
 )
 from recallk.losses.simix import SimilarityMixup
-from recallk.losses.validation import (
+from recallk.losses.input_checks import (
     check_distance,
     check_embeddings,
     check_k,

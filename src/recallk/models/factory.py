@@ -25,7 +25,7 @@ from recallk.models.small_cnn import SmallCNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
 from recallk.models.text import SentenceEncoder, create_sentence_encoder
 from recallk.registry import NORMS, POOLINGS
-from recallk.training.batchnorm import freeze_batchnorm as _freeze_batchnorm
+from recallk.engine.batchnorm import freeze_batchnorm as _freeze_batchnorm
 
 if TYPE_CHECKING:
     from recallk.config import ModelConfig

@@ -21,7 +21,6 @@ from recallk.data.image_dataset import convert_image
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import BatchSource, build_source
 from recallk.data.transforms import build_transforms
-from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 
@@ -33,20 +32,10 @@ __all__ = [
     "decode_like_the_reader",
     "eval_transform",
     "reader_decoding_of",
-    "resolve_device",
     "resolve_precision",
 ]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` as a torch device: ``auto`` is cuda when available, else cpu; ``cuda`` needs a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RecallkUsageError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
-    return torch.device(name)
 
 
 def build_network(config: Config, weights_follow: bool = False) -> nn.Module:

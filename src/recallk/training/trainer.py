@@ -38,14 +38,13 @@ from recallk.training.assemble import (
     build_network,
     build_sampler,
     build_split,
-    resolve_device,
     resolve_precision,
 )
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
+from recallk.engine.distributed import DistributedContext, init_distributed, resolve_device, wrap_ddp
 from recallk.training.health import StuckTrainingCheck, gradient_norm
-from recallk.training.multistage import multistage_backward
+from recallk.engine.multistage import multistage_backward
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir
