@@ -268,8 +268,8 @@ def log(message: str) -> None:
 def execute(run: PlannedRun, args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Train one run into ``<runs_dir>/<experiment>-<variant>-seed<seed>`` and return its record (run dir deleted)."""
     from recallk.config import load_config
-    from recallk.errors import TrainingDiverged
     from recallk.engine.distributed import resolve_device
+    from recallk.errors import TrainingDiverged
     from recallk.training.trainer import train
 
     config = load_config(args.config, [*run.overrides, *RUN_SETTINGS])

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.losses.simix import SimilarityMixup
 from recallk.engine.batchnorm import freeze_batchnorm
 from recallk.engine.distributed import all_gather_rows, init_distributed, wrap_ddp
 from recallk.engine.multistage import multistage_backward
+from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.simix import SimilarityMixup
 
 GLOBAL_ROWS = 14
 CHUNK_SIZE = 3

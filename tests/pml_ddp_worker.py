@@ -18,10 +18,11 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-from ddp_worker import make_global_batch, make_model
-from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.engine.distributed import init_distributed, wrap_ddp
 from recallk.engine.multistage import multistage_backward
+from recallk.losses.recall_at_k import RecallAtKLoss
+
+from ddp_worker import make_global_batch, make_model
 
 ROWS_PER_RANK = 7
 

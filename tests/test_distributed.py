@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddp_worker
-from run_fixtures import free_port
 from recallk.engine.distributed import (
     all_gather_rows,
     get_rank,
@@ -19,6 +17,9 @@ from recallk.engine.distributed import (
     init_distributed,
     is_distributed,
 )
+
+import ddp_worker
+from run_fixtures import free_port
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from pytorch_metric_learning.distances import LpDistance
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loss_reference import clamped_sigmoid, rsk_loop
 from recallk import RecallAtKLoss, SimilarityMixup
 from recallk.losses import same_class_pairs
+
+from loss_reference import clamped_sigmoid, rsk_loop
 
 
 def unit(n: int, d: int = 6, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -123,7 +124,7 @@ def test_per_k_temperatures_match_loop() -> None:
 def test_chunking_does_not_change_results() -> None:
     emb = unit(64, d=8, seed=10, dtype=torch.float32)
     labels = torch.randint(0, 12, (64,), generator=torch.Generator().manual_seed(1))
-    results = [value_and_grad(lambda e: RecallAtKLoss(query_chunk=c)(e, labels), emb) for c in (1, 7, 256)]
+    results = [value_and_grad(lambda e, c=c: RecallAtKLoss(query_chunk=c)(e, labels), emb) for c in (1, 7, 256)]
     for value, grad in results[1:]:
         assert value == pytest.approx(results[0][0], abs=1e-6)
         torch.testing.assert_close(grad, results[0][1])
@@ -284,7 +285,7 @@ def test_sharded_losses_add_up_to_the_full_batch_loss(simix: bool, rank_includes
     for start, stop in [(0, 7), (7, 9), (9, 16)]:
         if mixup:
             mixup.seed(11)  # every rank sees the same draw
-        share, grad = value_and_grad(lambda e: loss.sharded_loss(e, LABELS, slice(start, stop)), emb)
+        share, grad = value_and_grad(lambda e, part=slice(start, stop): loss.sharded_loss(e, LABELS, part), emb)
         total, total_grad = total + share, total_grad + grad
     assert total == pytest.approx(full, abs=1e-12)
     torch.testing.assert_close(total_grad, full_grad, rtol=1e-10, atol=1e-12)

@@ -20,6 +20,7 @@ from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 import pml_ddp_worker
 from recallk import RecallAtKLoss
 from recallk.losses import CrossBatchRecallAtK
+
 from run_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]

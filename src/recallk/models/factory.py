@@ -19,13 +19,13 @@ import timm
 import torch
 from torch import nn
 
+from recallk.engine.batchnorm import freeze_batchnorm as _freeze_batchnorm
 from recallk.errors import PretrainedWeightsError, RecallkUsageError
 from recallk.models.heads import EmbeddingHead, backbone_and_head_groups
 from recallk.models.small_cnn import SmallCNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
 from recallk.models.text import SentenceEncoder, create_sentence_encoder
 from recallk.registry import NORMS, POOLINGS
-from recallk.engine.batchnorm import freeze_batchnorm as _freeze_batchnorm
 
 if TYPE_CHECKING:
     from recallk.config import ModelConfig

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from recallk.config import Config, config_from_dict
-from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.engine.distributed import resolve_device
+from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.training.assemble import build_network, build_split
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
 

@@ -31,6 +31,9 @@ from tqdm.auto import tqdm
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sources import BatchSource
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
+from recallk.engine.distributed import DistributedContext, init_distributed, resolve_device, wrap_ddp
+from recallk.engine.multistage import multistage_backward
 from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.training.assemble import (
@@ -40,11 +43,8 @@ from recallk.training.assemble import (
     build_split,
     resolve_precision,
 )
-from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recallk.engine.distributed import DistributedContext, init_distributed, resolve_device, wrap_ddp
 from recallk.training.health import StuckTrainingCheck, gradient_norm
-from recallk.engine.multistage import multistage_backward
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir
