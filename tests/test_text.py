@@ -324,7 +324,8 @@ def test_show_progress_bar_as_in_the_cached_losses(minilm: SentenceTransformer, 
     loss = CachedRecallAtKLoss(minilm, mini_batch_size=8, show_progress_bar=True)
     loss([features], labels).backward()
     err = capsys.readouterr().err
-    assert "Embed mini-batches" in err and "6/6" in err  # 18 sentences: 3 mini-batches, embedded twice
+    # 18 sentences: 3 mini-batches, embedded twice (tqdm may skip drawing the last step before it clears the bar)
+    assert "Embed mini-batches" in err and "/6 [" in err
     assert loss.get_config_dict()["show_progress_bar"] is True
     minilm.zero_grad()
 
