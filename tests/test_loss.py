@@ -252,7 +252,9 @@ def test_simix_with_reference_rows_matches_loop() -> None:
     mixup = SimilarityMixup()
     mixup.seed(3)
     loss = RecallAtKLoss(mixup=mixup, query_chunk=4)
-    ours, grad = value_and_grad(lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb)
+    ours, grad = value_and_grad(
+        lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb
+    )
     pairs, alphas = SimilarityMixup().draw(LABELS[rows], generator=torch.Generator().manual_seed(3))
     alphas = alphas.double()[:, None]
 
