@@ -62,6 +62,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.engine.distributed import all_gather_rows, get_rank, get_world_size
+from recallk.losses.input_checks import check_labels
 
 Inputs = Tensor | Mapping[str, Tensor]  # images (B, C, H, W), or token tensors (B, L) by name
 LossFn = Callable[..., Tensor]
@@ -243,8 +244,7 @@ def _check_inputs(inputs: Inputs, labels: Tensor, chunk_size: int) -> int:
     """Validate shapes and return the number of rows N."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
+    check_labels(labels, labels.shape[0] if labels.dim() else 0)
     num_rows = labels.shape[0]
     if num_rows == 0:
         raise ValueError("the batch is empty: labels has 0 rows")

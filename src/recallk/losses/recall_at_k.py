@@ -155,7 +155,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
         check_embeddings(ref_emb, "ref_emb")
         if ref_labels is None:
             raise ValueError("ref_emb was given without ref_labels; pass the labels of the reference rows")
-        check_labels(ref_labels, len(ref_emb), "ref_labels")
+        check_labels(ref_labels, len(ref_emb), "ref_labels", of="ref_emb")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(
                 f"embeddings have {embeddings.shape[1]} dims but ref_emb has {ref_emb.shape[1]}; they must match"
