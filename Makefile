@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 RECALLK_DATA ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export RECALLK_DATA
 
-.PHONY: setup demo test bench bench-speed bench-quality bench-gpu clean
+
+.PHONY: setup demo lint test bench bench-speed bench-quality bench-gpu clean
 
 $(BIN)/recallk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,10 @@ setup: $(BIN)/recallk
 demo: setup
 	$(BIN)/recallk demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 # Benchmarks behind BENCHMARKS.md: `make bench` runs all of them (about 4 hours on 2 CPU cores; quality runs

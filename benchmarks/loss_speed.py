@@ -176,8 +176,10 @@ def main() -> None:
         return
     if any(i.startswith("baseline") for i in args.impls) and not args.baseline_src:
         parser.error("the baseline rows need --baseline-src DIR (a directory holding a recallk package)")
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    print(f"Loss forward+backward, d={args.dim}, 4 samples/class, {args.device} ({machine}), torch {torch.__version__}, "
+    cpu = f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
+    print(f"Loss forward+backward, d={args.dim}, 4 samples/class, {args.device} ({machine}), "
+          f"torch {torch.__version__}, "
           f"{datetime.date.today()}; command: python benchmarks/loss_speed.py {' '.join(sys.argv[1:])}\n")
     print("| N | implementation | time (s) | x floor | peak extra memory (MiB) | loss |")
     print("|---|---|---|---|---|---|")

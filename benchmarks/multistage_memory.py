@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from recallk.engine.batchnorm import freeze_batchnorm
+from recallk.engine.multistage import multistage_backward
 from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.training.batchnorm import freeze_batchnorm
-from recallk.training.multistage import multistage_backward
 
 EMBEDDING_DIM = 512  # synthetic setting
 OMNIGLOT_EMBEDDING_DIM = 128

@@ -268,8 +268,9 @@ def log(message: str) -> None:
 def execute(run: PlannedRun, args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Train one run into ``<runs_dir>/<experiment>-<variant>-seed<seed>`` and return its record (run dir deleted)."""
     from recallk.config import load_config
+    from recallk.engine.distributed import resolve_device
     from recallk.errors import TrainingDiverged
-    from recallk.training.trainer import resolve_device, train
+    from recallk.training.trainer import train
 
     config = load_config(args.config, [*run.overrides, *RUN_SETTINGS])
     run_dir = args.runs_dir / f"{run.experiment}-{run.variant.name}-seed{run.seed}"

@@ -138,7 +138,8 @@ def machine() -> dict[str, Any]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -163,7 +164,8 @@ def report(path: Path, out: Path, command: str, current: dict[str, Any]) -> None
         print(f"no results in {path} yet", file=sys.stderr)
         return
     last = records[-1]
-    rerun = (f"HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --steps {current['steps']} --batch {current['batch']} "
+    rerun = (f"HF_HUB_OFFLINE=1 python benchmarks/text_quality.py --steps {current['steps']} "
+             f"--batch {current['batch']} "
              f"--lr {current['lr']} --mini-batch {current['mini_batch']}")
     lines = [
         "<!-- written by benchmarks/text_quality.py; do not edit by hand -->",
@@ -179,7 +181,8 @@ def report(path: Path, out: Path, command: str, current: dict[str, Any]) -> None
         if not rows:
             continue
         lines += [f"**{dataset}** (unseen intents' test sentences)", "",
-                  "| loss | seeds | " + " | ".join(METRICS) + " | train s (shared CPU) |", "|---" * (len(METRICS) + 3) + "|"]
+                  "| loss | seeds | " + " | ".join(METRICS) + " | train s (shared CPU) |",
+                  "|---" * (len(METRICS) + 3) + "|"]
         for variant in ("frozen", *ALL_VARIANTS):
             runs = [r for r in rows if r["variant"] == variant]
             if not runs:

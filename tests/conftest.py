@@ -4,25 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
-
-def write_glyphs(root: Path, classes: range, per_class: int = 4, size: int = 20, seed: int = 0) -> Path:
-    """``root/class<c>/<i>.png``: each class three thick strokes, jittered per drawing (like Omniglot)."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        strokes = rng.uniform(3, size - 3, (3, 4))
-        folder = root / f"class{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image = Image.new("L", (size, size), 255)
-            draw = ImageDraw.Draw(image)
-            for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
-                draw.line((x0, y0, x1, y1), fill=0, width=2)
-            image.save(folder / f"{i}.png")
-    return root
+from data_fixtures import write_glyphs
 
 
 @pytest.fixture(scope="session")

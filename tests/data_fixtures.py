@@ -6,13 +6,15 @@ into a folder, and returns what a reader should find.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import json
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def write_image(path: Path, value: int = 128, fmt: str | None = None) -> Path:
@@ -199,3 +201,74 @@ def make_omniglot_folder(
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     return folder / part
+
+
+def write_glyphs(root: Path, classes: range, per_class: int = 4, size: int = 20, seed: int = 0) -> Path:
+    """``root/class<c>/<i>.png``: each class three thick strokes, jittered per drawing (like Omniglot)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        strokes = rng.uniform(3, size - 3, (3, 4))
+        folder = root / f"class{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("L", (size, size), 255)
+            draw = ImageDraw.Draw(image)
+            for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
+                draw.line((x0, y0, x1, y1), fill=0, width=2)
+            image.save(folder / f"{i}.png")
+    return root
+
+
+def make_glyph_folder(root: Path, classes: int = 12, per_class: int = 6, size: int = 24) -> Path:
+    """A class-per-folder tree of glyphs: each class three thick strokes, jittered per drawing (like Omniglot)."""
+    rng = np.random.default_rng(0)
+    for split, first in (("train", 0), ("test", classes)):
+        for c in range(first, first + classes):
+            strokes = rng.uniform(3, size - 3, (3, 4))
+            folder = root / split / f"class{c:02d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = Image.new("L", (size, size), 255)
+                draw = ImageDraw.Draw(image)
+                for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
+                    draw.line((x0, y0, x1, y1), fill=0, width=2)
+                image.save(folder / f"{i}.png")
+    return root
+
+
+SENTENCES = {
+    "book_flight": ["book a flight to paris", "i need a plane ticket", "flights to rome please", "fly me to london",
+                    "get me on a plane to oslo", "reserve a seat on a flight"],
+    "weather": ["what's the weather", "is it raining today", "forecast for tomorrow", "will it snow tonight",
+                "how hot is it outside", "do i need an umbrella"],
+    "play_music": ["play some jazz", "put on music", "start my playlist", "play a song by queen",
+                   "i want to hear rock", "shuffle my favourites"],
+    "volume_up": ["turn the volume up", "louder please", "increase the volume", "make it louder",
+                  "raise the sound", "volume up a bit"],
+    "set_alarm": ["wake me at seven", "set an alarm for 6am", "alarm for tomorrow morning", "set my alarm",
+                  "remind me to wake up at 8", "i need an alarm at noon"],
+    "bank_balance": ["how much money do i have", "what's my balance", "check my account balance",
+                     "show my savings", "balance of my checking account", "how much is in my account"],
+}
+
+
+def write_clinc_fixture(root: Path) -> None:
+    """A data_full.json in CLINC150's layout: 6 intents, 3 train / 2 val / 2 test sentences each, plus oos."""
+    data: dict[str, list] = {"train": [], "val": [], "test": [], "oos_train": [["hi", "oos"]], "oos_val": [],
+                             "oos_test": []}
+    for intent, texts in SENTENCES.items():
+        data["train"] += [[t, intent] for t in texts[:3]]
+        data["val"] += [[t, intent] for t in texts[3:5]]
+        data["test"] += [[t, intent] for t in texts[4:6]]
+    (root / "clinc150").mkdir(parents=True)
+    (root / "clinc150" / "data_full.json").write_text(json.dumps(data))
+
+
+def write_banking_fixture(root: Path) -> None:
+    (root / "banking77").mkdir(parents=True)
+    for part, rows in (("train", slice(0, 4)), ("test", slice(4, 6))):
+        with (root / "banking77" / f"{part}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "category"])
+            for intent, texts in SENTENCES.items():
+                writer.writerows([t, intent] for t in texts[rows])

@@ -18,10 +18,11 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-from ddp_worker import make_global_batch, make_model
+from recallk.engine.distributed import init_distributed, wrap_ddp
+from recallk.engine.multistage import multistage_backward
 from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.training.distributed import destroy_distributed, init_distributed, wrap_ddp
-from recallk.training.multistage import multistage_backward
+
+from ddp_worker import make_global_batch, make_model
 
 ROWS_PER_RANK = 7
 
@@ -63,7 +64,7 @@ def main(out_dir: Path) -> None:
     result = {"pml_loss": pml_loss.detach() / context.world_size, "pml_grads": pml_grads, "own_loss": own_loss,
               "own_grads": own_grads, "efficient_error": efficient_error}
     torch.save(result, out_dir / f"pml_rank{context.rank}.pt")
-    destroy_distributed()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def _serve() -> None:
     import torch  # noqa: F401 - imported once here, shared by every forked child
 
     import recallk.cli  # noqa: F401
-    import recallk.evaluation.evaluate  # noqa: F401
+    import recallk.training.evaluate_run  # noqa: F401
     import recallk.training.trainer  # noqa: F401
 
     protocol = sys.stdout

@@ -21,9 +21,9 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from recallk.engine.distributed import init_distributed  # noqa: E402
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.models.text import resolve_sentence_model  # noqa: E402
-from recallk.training.distributed import destroy_distributed, init_distributed  # noqa: E402
 
 TEXTS = [
     "book a flight to paris", "what's the weather", "play some jazz", "i need a plane ticket", "turn the volume up",
@@ -48,7 +48,9 @@ def make_model() -> SentenceTransformer:
 
 def make_loss(model: torch.nn.Module, simix: bool, gather: bool) -> CachedRecallAtKLoss:
     torch.manual_seed(0)  # SiMix draws from torch.initial_seed() + step
-    return CachedRecallAtKLoss(model, mini_batch_size=MINI_BATCH, k=(1, 2, 4), mixup=simix, gather_across_devices=gather)
+    return CachedRecallAtKLoss(
+        model, mini_batch_size=MINI_BATCH, k=(1, 2, 4), mixup=simix, gather_across_devices=gather
+    )
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,7 +91,7 @@ def main(out_dir: Path) -> None:
     context = init_distributed("gloo")
     for name, simix in SCENARIOS.items():
         torch.save(distributed_step(context.rank, simix), out_dir / f"{name}_rank{context.rank}.pt")
-    destroy_distributed()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

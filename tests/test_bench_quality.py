@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from recallk.config import load_config
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.errors import ConfigError, RecallkUsageError
 from recallk.losses.factory import BASELINES, LOSS_NAMES
 from recallk.models import SmallCNN, create_model
 from recallk.models.small_cnn import group_count
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "omniglot_quality.py"
@@ -134,7 +134,8 @@ def test_batch_variants_are_valid_configs_with_chunked_large_batches(driver: Mod
 def fake_record(run, recall_at_1: float, status: str = "ok") -> dict:
     metrics = dict.fromkeys(("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"), recall_at_1)
     record = {"experiment": run.experiment, "variant": run.variant.name, "seed": run.seed,
-              "overrides": list(run.overrides), "config_digest": run.config_digest, "status": status, "date": "2026-01-02T03:04:05+00:00",
+              "overrides": list(run.overrides), "config_digest": run.config_digest, "status": status,
+              "date": "2026-01-02T03:04:05+00:00",
               "machine": {"cpu": "test cpu", "cpu_count": 2, "torch": "x", "threads": 2, "device": "cpu"},
               "command": "python benchmarks/omniglot_quality.py"}
     if status == "ok":
@@ -222,5 +223,5 @@ def test_norm_option_is_checked() -> None:
         load_config(None, ["model.norm=layer"])
     with pytest.raises(RecallkUsageError, match="omniglot_cnn only"):
         create_model("resnet18", norm="group")
-    with pytest.raises(ValueError, match="unknown SmallCNN norm"):
+    with pytest.raises(ValueError, match="unknown norm"):
         SmallCNN(1, (8,), norm="layer")

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("sentence_transformers")
 
-from test_text import write_clinc_fixture  # noqa: E402
+from data_fixtures import write_clinc_fixture  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "text_quality.py"
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from recallk.engine.multistage import multistage_backward
 from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.training.multistage import multistage_backward
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "multistage_memory.py"

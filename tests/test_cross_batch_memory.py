@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from recallk.config import ConfigError
+from recallk.files import read_metrics
 from recallk.losses import CrossBatchRecallAtK, RecallAtKLoss, SimilarityMixup
 from recallk.losses.factory import build_loss
 from recallk.training.checkpoint import load_checkpoint
-from recallk.training.run_dir import read_metrics
 from recallk.training.trainer import Trainer, train
-from test_trainer import make_glyph_folder, tiny_config
+
+from data_fixtures import make_glyph_folder
+from run_fixtures import tiny_config
 
 
 def batch(seed: int, n: int = 8, d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

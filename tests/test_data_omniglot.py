@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_omniglot_folder, make_omniglot_zip, md5_of
 
 from recallk.data import build_dataset, build_transforms, load_omniglot_arrays, resolve_data_dir
+
+from data_fixtures import make_omniglot_folder, make_omniglot_zip, md5_of
 
 REAL_DATA = Path(os.environ.get("RECALLK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 

@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from recallk.data import BadImageError, ImageDataset, build_dataset, build_transforms
+
 from data_fixtures import (
     make_cars,
     make_csv,
@@ -21,9 +25,6 @@ from data_fixtures import (
     write_corrupt_image,
     write_image,
 )
-from PIL import Image
-
-from recallk.data import BadImageError, ImageDataset, build_dataset, build_transforms
 
 
 def check_contract(ds: ImageDataset, n: int, classes: int) -> None:

@@ -63,7 +63,8 @@ def test_timm_transform_needs_a_timm_backbone() -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(ValueError, match="unknown transform kind 'clip'; choose one of imagenet, omniglot, timm"):
+    message = "unknown transform 'clip' for 'data.transform'; choose one of 'imagenet', 'omniglot', 'timm'"
+    with pytest.raises(ValueError, match=message):
         build_transforms("clip", 8, train=True)
 
 

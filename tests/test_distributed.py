@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,24 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddp_worker
-from recallk.training.distributed import (
+from recallk.engine.distributed import (
     all_gather_rows,
-    all_gather_with_grad,
     get_rank,
     get_world_size,
     init_distributed,
     is_distributed,
-    is_main_process,
 )
 
+import ddp_worker
+from run_fixtures import free_port
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_workers(out_dir: Path, world_size: int) -> Path:
@@ -82,25 +75,21 @@ def test_parameters_identical_across_ranks_after_step(world_size: int, scenario:
         torch.testing.assert_close(per_rank[0], reference, rtol=1e-9, atol=1e-12)
 
 
-def test_all_gather_with_grad_keeps_only_local_graph(worker_outputs: Path) -> None:
+def test_all_gather_rows_with_uneven_rows(worker_outputs: Path) -> None:
     ranks = [torch.load(worker_outputs / f"gather_rank{rank}.pt") for rank in (0, 1)]
     expected_rows = torch.cat([torch.full((2, 3), 0.0), torch.full((3, 3), 1.0)]).double()
-    weights = torch.arange(15, dtype=torch.float64).reshape(5, 3)
-    for rank, result in enumerate(ranks):
-        assert torch.equal(result["gathered"], expected_rows)
-        own = slice(0, 2) if rank == 0 else slice(2, 5)
-        assert torch.equal(result["local_grad"], weights[own])
+    for result in ranks:
+        assert torch.equal(result["gathered"], expected_rows) and result["counts"] == [2, 3]
 
 
 def test_single_process_helpers_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     context = init_distributed()
     assert (context.rank, context.world_size, context.backend) == (0, 1, None) and context.is_main
-    assert (get_rank(), get_world_size(), is_distributed(), is_main_process()) == (0, 1, False, True)
+    assert (get_rank(), get_world_size(), is_distributed()) == (0, 1, False)
     rows = torch.randn(4, 2, requires_grad=True)
     gathered, counts = all_gather_rows(rows)
     assert counts == [4] and torch.equal(gathered, rows) and not gathered.requires_grad
-    assert all_gather_with_grad(rows).requires_grad
 
 
 def test_init_distributed_explains_missing_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from pytorch_metric_learning.distances import LpDistance
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loss_reference import clamped_sigmoid, rsk_loop
 from recallk import RecallAtKLoss, SimilarityMixup
 from recallk.losses import same_class_pairs
+
+from loss_reference import clamped_sigmoid, rsk_loop
 
 
 def unit(n: int, d: int = 6, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -123,7 +124,7 @@ def test_per_k_temperatures_match_loop() -> None:
 def test_chunking_does_not_change_results() -> None:
     emb = unit(64, d=8, seed=10, dtype=torch.float32)
     labels = torch.randint(0, 12, (64,), generator=torch.Generator().manual_seed(1))
-    results = [value_and_grad(lambda e: RecallAtKLoss(query_chunk=c)(e, labels), emb) for c in (1, 7, 256)]
+    results = [value_and_grad(lambda e, c=c: RecallAtKLoss(query_chunk=c)(e, labels), emb) for c in (1, 7, 256)]
     for value, grad in results[1:]:
         assert value == pytest.approx(results[0][0], abs=1e-6)
         torch.testing.assert_close(grad, results[0][1])
@@ -251,7 +252,9 @@ def test_simix_with_reference_rows_matches_loop() -> None:
     mixup = SimilarityMixup()
     mixup.seed(3)
     loss = RecallAtKLoss(mixup=mixup, query_chunk=4)
-    ours, grad = value_and_grad(lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb)
+    ours, grad = value_and_grad(
+        lambda e: loss(e[rows], LABELS[rows], ref_emb=e, ref_labels=LABELS, query_index=rows), emb
+    )
     pairs, alphas = SimilarityMixup().draw(LABELS[rows], generator=torch.Generator().manual_seed(3))
     alphas = alphas.double()[:, None]
 
@@ -284,7 +287,7 @@ def test_sharded_losses_add_up_to_the_full_batch_loss(simix: bool, rank_includes
     for start, stop in [(0, 7), (7, 9), (9, 16)]:
         if mixup:
             mixup.seed(11)  # every rank sees the same draw
-        share, grad = value_and_grad(lambda e: loss.sharded_loss(e, LABELS, slice(start, stop)), emb)
+        share, grad = value_and_grad(lambda e, part=slice(start, stop): loss.sharded_loss(e, LABELS, part), emb)
         total, total_grad = total + share, total_grad + grad
     assert total == pytest.approx(full, abs=1e-12)
     torch.testing.assert_close(total_grad, full_grad, rtol=1e-10, atol=1e-12)
@@ -327,7 +330,7 @@ def test_no_operation_creates_a_queries_by_database_matrix(simix: bool) -> None:
         (lambda e, y: (torch.where(torch.arange(8)[:, None] < 2, float("nan"), e), y), "NaN or Inf in 2 of 8 rows"),
         (lambda e, y: (e.clone().index_fill_(0, torch.tensor([5]), float("inf")), y), "NaN or Inf in 1 of 8 rows"),
         (lambda e, y: (e[:, 0], y), r"shape \(N, D\)"),
-        (lambda e, y: (e, y[:5]), "5 entries but there are 8 embeddings"),
+        (lambda e, y: (e, y[:5]), "5 entries but embeddings has 8 rows"),
         (lambda e, y: (e, y.float()), "integer tensor"),
         (lambda e, y: (e, y[:, None]), "1-D integer tensor"),
         (lambda e, y: (e, y.tolist()), "torch.Tensor"),
@@ -357,10 +360,10 @@ def test_bad_input_is_a_clear_value_error(make_args, message: str) -> None:
         ({"tau_k": 0}, "tau_k must be a positive number"),
         ({"tau_k": (1.0, 2.0)}, "tau_k has 2 values for 5 values of k"),
         ({"k": ()}, "k is empty"),
-        ({"k": (1, 0)}, "positive integers"),
+        ({"k": (1, 0)}, "positive integer"),
         ({"mixup": "yes"}, "SimilarityMixup"),
         ({"tau_k": np.float32(-1)}, "tau_k must be a positive number"),
-        ({"k": torch.tensor([1, 0])}, "positive integers"),
+        ({"k": torch.tensor([1, 0])}, "positive integer"),
         ({"distance": LpDistance()}, "takes distance=CosineSimilarity"),
         ({"query_chunk": 0}, "query_chunk must be a positive integer"),
     ],

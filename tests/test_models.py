@@ -153,7 +153,7 @@ def test_vit_uses_the_class_token():
         ({"backbone": "vit_tiny_patch16_224", "pooling": "gem"}, "set model.pooling=cls"),
         ({"backbone": "resnet18", "pooling": "cls"}, "class token"),
         ({"backbone": "resnt18"}, "did you mean 'resnet18'"),
-        ({"backbone": "resnet18", "pooling": "max"}, "gem, avg or cls"),
+        ({"backbone": "resnet18", "pooling": "max"}, "choose one of 'gem', 'avg', 'cls'"),
         ({"backbone": "omniglot_cnn", "pooling": "cls"}, "set model.pooling=avg or gem"),
     ],
 )

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode, freeze_batchnorm, is_frozen_batchnorm
+from recallk.engine.multistage import multistage_backward
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode, freeze_batchnorm, is_frozen_batchnorm
-from recallk.training.multistage import multistage_backward
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, query_index=None, temperature=0.5):
@@ -260,7 +260,7 @@ def _compile_problem() -> str | None:
     """Why torch.compile cannot run here, or None when it can."""
     try:
         torch.compile(lambda x: torch.sin(x) + 1, dynamic=False)(torch.ones(2))
-    except Exception as error:  # any failure of the compiler toolchain means: skip
+    except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain means: skip
         return f"{type(error).__name__}: {error}"
     return None
 

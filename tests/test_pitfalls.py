@@ -16,17 +16,20 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from recallk.cli import format_metrics_table, main
+from recallk.cli import main
 from recallk.config import config_to_dict
-from recallk.data.generic import build_csv, build_folder
+from recallk.data.folder_csv import build_csv, build_folder
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import build_source
-from recallk.evaluation.evaluate import evaluate_run
+from recallk.evaluation.metrics import format_metrics_table
+from recallk.files import read_metrics
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.unit_norm import UnnormalizedEmbeddingsWarning
-from recallk.training.run_dir import read_metrics
+from recallk.training.evaluate_run import evaluate_run
 from recallk.training.trainer import train
-from test_trainer import make_glyph_folder, tiny_config
+
+from data_fixtures import make_glyph_folder
+from run_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +309,17 @@ def tiny_yaml(tmp_path: Path) -> Path:
     return config
 
 
+def test_misspelt_names_in_a_recipe_are_one_line_with_a_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    """The registries, not the data code, refuse the names: the dry run of a bundled recipe stops at the first."""
+    capsys.readouterr()
+    assert main(["train", "omniglot", "data.dataset=sopp", "data.transform=imagenett", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "did you mean 'sop'?" in lines[0] or "did you mean 'imagenet'?" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
@@ -313,8 +327,8 @@ def tiny_yaml(tmp_path: Path) -> Path:
         (["loss.name=contrastive", "loss.params={pos_margn: 0.1}"], ["loss.params", "pos_margn"]),
         (["data.options={invrt: true}"], ["data.options", "invrt", "allowed: grayscale, invert, mean, std"]),
         (["data.transform=imagenet"], ["3-channel", "model.in_chans=3", "data.transform=omniglot"]),
-        (["data.transform=omniglott"], ["unknown data.transform 'omniglott'"]),
-        (["data.dataset=foldr"], ["unknown data.dataset 'foldr'"]),
+        (["data.transform=omniglott"], ["unknown transform 'omniglott' for 'data.transform'", "'omniglot'?"]),
+        (["data.dataset=foldr"], ["unknown dataset 'foldr' for 'data.dataset'", "did you mean 'folder'?"]),
         (["--data-dir", "/nonexistent/recallk-data"], ["data directory /nonexistent/recallk-data does not exist"]),
     ],
     ids=["rsk-param", "pml-param", "reader-option", "channels", "transform", "dataset", "data-dir"],

@@ -20,7 +20,8 @@ from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 import pml_ddp_worker
 from recallk import RecallAtKLoss
 from recallk.losses import CrossBatchRecallAtK
-from test_distributed import free_port
+
+from run_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 0, 2])

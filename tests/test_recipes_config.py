@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from recallk.config import Config, _field_paths, explain_config, load_config
+from recallk._typed_yaml import field_paths
+from recallk.config import Config, explain_config, load_config
 from recallk.evaluation.plots import plot_training_curves
 from recallk.recipes import list_recipes, recipe_path
 
@@ -58,7 +59,7 @@ def test_help_no_longer_points_at_a_source_checkout_path() -> None:
 
 def test_config_explain_covers_every_key_from_the_schema() -> None:
     text = explain_config()
-    for dotted in _field_paths(Config):
+    for dotted in field_paths(Config):
         assert f"  {dotted}: " in text, dotted
     hints_missing = [
         f"{section.name}.{f.name}"

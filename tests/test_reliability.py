@@ -21,10 +21,11 @@ import pytest
 import torch
 import yaml
 
+from recallk.files import read_metrics
 from recallk.training.checkpoint import FORMAT, load_checkpoint
-from recallk.training.run_dir import read_metrics
+
+from data_fixtures import make_glyph_folder
 from reliability_helpers import Finished, Launcher
-from test_trainer import make_glyph_folder
 
 # 12 classes x 6 glyphs per split; batches of 8 classes x 2 -> 4 steps per epoch, 8 steps in all.
 STEPS_PER_EPOCH, EPOCHS = 4, 2

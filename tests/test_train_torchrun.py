@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,9 @@ import torch
 
 from recallk.config import save_config
 from recallk.training.checkpoint import load_checkpoint
-from test_trainer import make_glyph_folder, tiny_config
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from data_fixtures import make_glyph_folder
+from run_fixtures import free_port, tiny_config
 
 
 @pytest.mark.parametrize("simix", [False, True])

@@ -8,54 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
-from recallk.config import config_from_dict
 from recallk.errors import RecallkUsageError
+from recallk.files import read_metrics
 from recallk.training.checkpoint import load_checkpoint
-from recallk.training.run_dir import read_metrics
 from recallk.training.trainer import Trainer, TrainingDiverged, train
 
-
-def make_glyph_folder(root: Path, classes: int = 12, per_class: int = 6, size: int = 24) -> Path:
-    """A class-per-folder tree of glyphs: each class three thick strokes, jittered per drawing (like Omniglot)."""
-    rng = np.random.default_rng(0)
-    for split, first in (("train", 0), ("test", classes)):
-        for c in range(first, first + classes):
-            strokes = rng.uniform(3, size - 3, (3, 4))
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                image = Image.new("L", (size, size), 255)
-                draw = ImageDraw.Draw(image)
-                for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
-                    draw.line((x0, y0, x1, y1), fill=0, width=2)
-                image.save(folder / f"{i}.png")
-    return root
-
-
-def tiny_config(run_root: Path, **overrides):
-    raw = {
-        "name": "tiny",
-        "seed": 3,
-        "data": {
-            "dataset": "folder", "split_train": "train", "split_val": "test", "split_test": ["test"],
-            "image_size": 16, "transform": "omniglot", "batch_size": 16, "samples_per_class": 2, "num_workers": 0,
-        },
-        "model": {
-            "backbone": "omniglot_cnn", "widths": [8, 16], "embed_dim": 16, "pooling": "avg", "layernorm": True,
-            "freeze_batchnorm": True,
-        },
-        "loss": {"name": "rsk", "k": [1, 2, 4]},
-        "optim": {"lr": 3e-3, "schedule": "cosine"},
-        "train": {"epochs": 3, "chunk_size": 6, "device": "cpu", "eval_every": 1},
-        "eval": {"k": [1, 2], "batch_size": 32},
-        "output": {"runs_root": str(run_root), "plots": True, "export_embeddings": True},
-    }
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        raw[section][key] = value
-    return config_from_dict(raw)
+from data_fixtures import make_glyph_folder
+from run_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")

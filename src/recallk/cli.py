@@ -12,18 +12,17 @@ line, plus the traceback with ``--debug``); 130 when interrupted with Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NoReturn
 
 from recallk import __version__
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
+from recallk.files import atomic_write_text, write_json
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -134,10 +133,6 @@ examples:
   recallk demo                                     # data from $RECALLK_DATA or the user cache
   recallk demo --data-dir ../shared/data --run-dir runs/demo
 """
-
-
-class _FeatureUnavailable(RuntimeError):
-    """A subcommand's implementation module is not part of this installation."""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -256,21 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands
 
 
-def _implementation(module: str, feature: str) -> ModuleType:
-    """Import the module implementing ``feature``; a clear error if it is not part of this installation."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and (module == err.name or module.startswith(err.name + ".")):
-            raise _FeatureUnavailable(
-                f"{feature} is not available in this installation (module {module} is missing); "
-                "reinstall recallk from a complete checkout"
-            ) from err
-        raise
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from recallk.config import config_to_dict, load_config
+    from recallk.config import config_to_yaml, load_config
     from recallk.recipes import is_recipe_name, recipe_path
 
     config_path, overrides = args.config, list(args.overrides)
@@ -300,16 +282,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     options = {"data.data_dir": args.data_dir, "output.run_dir": run_dir, "train.device": args.device}
     cfg = load_config(config_path, overrides, {k: v for k, v in options.items() if v is not None})
     if args.dry_run:
-        import yaml
+        from recallk.training.preflight import preflight
+        from recallk.training.resume_config import check_resume_config
 
-        checks = _implementation("recallk.training.preflight", "config checks")
-        checks.preflight(cfg)
+        preflight(cfg)
         if args.resume is not None:
-            _implementation("recallk.training.resume_config", "resume checks").check_resume_config(Path(run_dir), cfg)
-        sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            check_resume_config(Path(run_dir), cfg)
+        sys.stdout.write(config_to_yaml(cfg))
         return EXIT_OK
-    trainer = _implementation("recallk.training.trainer", "training")
-    summary = trainer.train(cfg, resume=args.resume is not None)
+    from recallk.evaluation.metrics import format_metrics_table
+    from recallk.training.trainer import train
+
+    summary = train(cfg, resume=args.resume is not None)
     if summary:  # empty on the non-main ranks of a torchrun job
         print(format_metrics_table(summary["splits"]))
         print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
@@ -322,14 +306,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"run directory or checkpoint '{path}' does not exist; pass a run directory created by 'recallk train'"
         )
-    evaluation = _implementation("recallk.evaluation.evaluate", "evaluation")
-    results = evaluation.evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
+    from recallk.evaluation.metrics import format_metrics_table
+    from recallk.training.evaluate_run import evaluate_run
+
+    results = evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
     print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
     merged = {**_earlier_results(out), **results}  # other splits evaluated before are kept
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".txt").write_text(format_metrics_table(merged) + "\n", encoding="utf-8")
+    write_json(out, merged, sort_keys=False)
+    atomic_write_text(out.with_suffix(".txt"), format_metrics_table(merged) + "\n")
     print(f"saved {out} and {out.with_suffix('.txt')} (splits: {', '.join(merged)})")
     return EXIT_OK
 
@@ -351,15 +336,17 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if args.images or args.texts:
         if args.images and args.texts:
             raise RecallkUsageError("pass either --images or --texts, not both")
-        inference = _implementation("recallk.inference", "embedding files")
-        out = inference.embed_items(
+        from recallk.inference import embed_items
+
+        out = embed_items(
             args.checkpoint, args.out, images=args.images or (), texts=args.texts,
             device=_resolved_device(args.device), batch_size=args.batch_size or 256,
         )
         print(f"saved embeddings to {out}")
         return EXIT_OK
-    evaluation = _implementation("recallk.evaluation.evaluate", "embedding export")
-    out = evaluation.export_embeddings(
+    from recallk.training.evaluate_run import export_embeddings
+
+    out = export_embeddings(
         Path(args.checkpoint),
         Path(args.out),
         split=args.split,
@@ -373,7 +360,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _resolved_device(name: str) -> str:
-    from recallk.training.trainer import resolve_device
+    from recallk.engine.distributed import resolve_device
 
     return str(resolve_device(name))
 
@@ -381,7 +368,7 @@ def _resolved_device(name: str) -> str:
 def _cmd_search(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise RecallkUsageError("--top-k and --batch-size must be >= 1; pass e.g. --top-k 5")
-    inference = _implementation("recallk.inference", "search")
+    import recallk.inference as inference
     report = inference.search_run(
         args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
         batch_size=args.batch_size,
@@ -396,7 +383,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    pretrained = _implementation("recallk.pretrained", "model export")
+    import recallk.pretrained as pretrained
     model = pretrained.load_model(args.model)
     if args.format == "pretrained":
         print(f"saved {model.save_pretrained(args.out)} (model.safetensors, config.json, README.md)")
@@ -438,32 +425,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    demo = _implementation("recallk.demo", "the demo")
+    import recallk.demo as demo
     demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device)
     return EXIT_OK
-
-
-def format_metrics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Metrics of each split as a text table: one row per metric, one column per split.
-
-    Floats are shown with 4 decimals, integers (counts) as they are.
-    """
-    splits = list(results)
-    metrics: list[str] = []
-    for split in splits:
-        metrics.extend(m for m in results[split] if m not in metrics)
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return "-" if value is None else str(value)
-
-    rows = [["metric", *splits]] + [[m, *(cell(results[s].get(m)) for s in splits)] for m in metrics]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths)))
-        for row in rows
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -521,9 +485,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "" if debug or isinstance(err, RecallkUsageError) else " (rerun with --debug for the traceback)"
             print(f"recallk: error: {_one_line(err)}{hint}", file=sys.stderr)
             return EXIT_USAGE
-        if isinstance(err, _FeatureUnavailable):
-            print(f"recallk: error: {_one_line(err)}", file=sys.stderr)
-        else:
-            hint = "" if debug else "; rerun with --debug for the traceback"
-            print(f"recallk: error: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr)
+        hint = "" if debug else "; rerun with --debug for the traceback"
+        print(f"recallk: error: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr)
         return EXIT_FAILURE

@@ -15,36 +15,40 @@ message saying what is wrong, where (file, line or override) and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
 
+from recallk._typed_yaml import (
+    Names,
+    Provenance,
+    build,
+    deep_copy_mapping,
+    explain_fields,
+    parse_override,
+    parse_yaml,
+    set_dotted,
+)
+from recallk._typed_yaml import key as _key
 from recallk.errors import ConfigError
+from recallk.files import atomic_write_text
+from recallk.registry import AMP_MODES, DATASETS, LOSSES, NORMS, POOLINGS, SCHEDULES, TEXT_DATASETS, TRANSFORMS
 
-LossName = Literal[
-    "rsk", "contrastive", "triplet", "multi_similarity", "normalized_softmax", "proxy_anchor", "fastap", "smooth_ap"
-]
-Pooling = Literal["gem", "avg", "cls"]
+DatasetName = Annotated[str, Names(DATASETS, TEXT_DATASETS)]
+TransformName = Annotated[str, Names(TRANSFORMS)]
+LossName = Annotated[str, Names(LOSSES)]
+Pooling = Annotated[str, Names(POOLINGS)]
 OptimName = Literal["adam", "adamw"]
-Schedule = Literal["none", "cosine", "step"]
-AmpMode = Literal["auto", "none", "bf16", "fp16"]
+Schedule = Annotated[str, Names(SCHEDULES)]
+AmpMode = Annotated[str, Names(AMP_MODES)]
 Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
 SelectMetric = Literal["recall@1", "map@r", "r_precision"]
-Norm = Literal["batch", "group"]
-
-
-def _key(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
-    """A config field whose meaning is ``metadata["help"]`` (printed by ``recallk config --explain``)."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+Norm = Annotated[str, Names(NORMS)]
 
 
 @dataclass
@@ -54,8 +58,7 @@ class DataConfig:
     A training batch holds ``batch_size // samples_per_class`` classes with ``samples_per_class`` images each.
     """
 
-    dataset: str = _key("omniglot", "reader: omniglot, sop, cub, cars, inat2018, vehicleid, inshop, folder, csv; "
-                                    "text: clinc150, banking77")
+    dataset: DatasetName = _key("omniglot", "image reader or text data set (recallk.registry.DATASETS, TEXT_DATASETS)")
     data_dir: str | None = _key(None, "root holding the datasets; null: $RECALLK_DATA, else the user cache")
     split_train: str = _key("train", "split trained on")
     split_val: str | None = _key(None, "split evaluated during training, which picks best.pt (e.g. omniglot val); "
@@ -66,9 +69,9 @@ class DataConfig:
     download: bool = _key(False, "fetch missing files where the reader can (omniglot)")
     in_memory: bool = _key(False, "omniglot: decode the split once into arrays and augment whole batches")
     image_size: int = _key(224, "side of the square network input in pixels")
-    transform: str = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
-                                      "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
-                                      "model.backbone)")
+    transform: TransformName = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
+                                                "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
+                                                "model.backbone)")
     batch_size: int = _key(4000, "images per training batch (the global batch with several processes)")
     samples_per_class: int = _key(4, "images of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
@@ -181,212 +184,15 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# YAML reading
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """Safe loader that reads ``1e-5`` as a float (YAML 1.1 needs a dot) and rejects duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # SafeLoader reports unhashable keys itself
-            if key in seen:
-                mark = key_node.start_mark
-                raise ConfigError(
-                    f"duplicate key {key!r} in {mark.name} at line {mark.line + 1}, column {mark.column + 1}; "
-                    "keep only one of them"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse_yaml(text: str, name: str) -> Any:
-    loader = _YamlLoader(text)
-    loader.name = name  # marks in errors name the file
-    try:
-        return loader.get_single_data()
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{name} at line {mark.line + 1}, column {mark.column + 1}" if mark else name
-        problem = " ".join(str(err.problem or err.context or "invalid syntax").split())
-        raise ConfigError(
-            f"malformed YAML in {where}: {problem}; fix the syntax there "
-            "(indentation, a ':' after each key, matching quotes and brackets)"
-        ) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"malformed YAML in {name}: {' '.join(str(err).split())}; fix the syntax") from None
-    finally:
-        loader.dispose()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Building and type checking
-
-
-class _Sources:
-    """Remembers where each value came from, to say 'where' in error messages."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self.overrides: dict[str, str] = {}
-
-    def where(self, *keys: str) -> str:
-        for key in keys:
-            for over_key, text in self.overrides.items():
-                if key == over_key or key.startswith(over_key + ".") or over_key.startswith(key + "."):
-                    return f"in override '{text}'"
-        return f"in {self.path}" if self.path else "in the configuration"
-
-
-def _field_paths(cls: type, prefix: str = "") -> list[str]:
-    """All dotted field names of a config dataclass, e.g. ``['name', ..., 'data.dataset', ...]``."""
-    paths = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            paths.extend(_field_paths(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            paths.append(prefix + f.name)
-    return paths
-
-
-def _unknown_key_error(key: Any, prefix: str, cls: type, sources: _Sources) -> ConfigError:
-    dotted = f"{prefix}{key}"
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    hint = ""
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    elsewhere = [p for p in _field_paths(Config) if p.rsplit(".", 1)[-1] == str(key) and p != dotted]
-    if close:
-        hint = f"did you mean '{prefix}{close[0]}'? "
-    elif elsewhere:
-        hint = f"did you mean '{elsewhere[0]}'? "
-    section = f"'{prefix[:-1]}'" if prefix else "the top level"
-    return ConfigError(
-        f"unknown key '{dotted}' {sources.where(dotted)}; {hint}allowed keys in {section}: {', '.join(allowed)}"
-    )
-
-
-def _describe(annotation: Any) -> str:
-    """Human description of a field type, e.g. ``a list of integers``."""
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in get_args(annotation) if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in get_args(annotation) else "")
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    if origin is tuple:
-        return f"a list of {_describe(get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
-    if origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Any: "any value"}.get(
-        annotation, str(annotation)
-    )
-
-
-def _coerce(value: Any, annotation: Any, key: str, sources: _Sources) -> Any:
-    """Check ``value`` against a field annotation and return it in canonical form (tuples, floats)."""
-    origin = get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        options = get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key, sources)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        allowed = get_args(annotation)
-        if isinstance(value, str) and value in allowed:
-            return value
-        raise ConfigError(
-            f"invalid value {value!r} for '{key}' {sources.where(key)}; "
-            f"allowed values: {', '.join(repr(a) for a in allowed)}"
-        )
-    elif origin is tuple:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        item_type = get_args(annotation)[0]
-        if value is not None:
-            try:
-                return tuple(_coerce(item, item_type, key, sources) for item in items)
-            except ConfigError:
-                pass
-    elif origin is dict:
-        if value is None:
-            return {}
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
-    elif annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, PurePath):  # a model location or data directory given as a pathlib.Path
-            return str(value)
-    else:  # pragma: no cover - a field type this module does not know is a programming error
-        raise TypeError(f"unsupported config field type {annotation!r} for {key}")
-    raise ConfigError(
-        f"wrong type for '{key}' {sources.where(key)}: expected {_describe(annotation)}, "
-        f"got {value!r} ({type(value).__name__}); change the value to {_describe(annotation)}"
-    )
-
-
-def _build(cls: type, raw: Any, prefix: str, sources: _Sources) -> Any:
-    """Validate a raw mapping against dataclass ``cls`` (recursively) and construct it."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        what = f"section '{prefix[:-1]}'" if prefix else "the top level"
-        raise ConfigError(
-            f"{what} {sources.where(prefix[:-1]) if prefix else sources.where()} must be a mapping of keys, "
-            f"got {raw!r} ({type(raw).__name__}); write it as indented 'key: value' lines"
-        )
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise _unknown_key_error(key, prefix, cls, sources)
-    kwargs = {}
-    for name in names & raw.keys():
-        dotted = prefix + name
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], raw[name], dotted + ".", sources)
-        else:
-            kwargs[name] = _coerce(raw[name], hints[name], dotted, sources)
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Cross-field validation
 
 
-def _nearest_multiples(value: int, step: int) -> str:
+def _multiples_around(value: int, step: int) -> str:
     lower = value // step * step
     return f"{lower} or {lower + step}" if lower > 0 else str(step * 2)
 
 
-def _check_increasing_positive(values: tuple[int, ...], key: str, sources: _Sources) -> None:
+def _check_increasing_positive(values: tuple[int, ...], key: str, sources: Provenance) -> None:
     if not values or any(v <= 0 for v in values) or list(values) != sorted(set(values)):
         raise ConfigError(
             f"'{key}' must be a non-empty list of increasing positive integers, got {list(values)} "
@@ -399,10 +205,10 @@ def validate_config(cfg: Config, source: str | None = None) -> None:
 
     Config files and overrides are checked by :func:`load_config`; call this after building a Config in code.
     """
-    _validate(cfg, _Sources(source))
+    _validate(cfg, Provenance(source))
 
 
-def _validate(cfg: Config, sources: _Sources) -> None:  # noqa: C901 - a flat list of independent checks
+def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat list of independent checks
     def fail(keys: tuple[str, ...], what: str, fix: str) -> None:
         raise ConfigError(f"{what} {sources.where(*keys)}; {fix}")
 
@@ -431,7 +237,7 @@ def _validate(cfg: Config, sources: _Sources) -> None:  # noqa: C901 - a flat li
     if d.batch_size % d.samples_per_class:
         fail(("data.batch_size", "data.samples_per_class"),
              f"data.batch_size={d.batch_size} is not a multiple of data.samples_per_class={d.samples_per_class}",
-             f"use data.batch_size={_nearest_multiples(d.batch_size, d.samples_per_class)}")
+             f"use data.batch_size={_multiples_around(d.batch_size, d.samples_per_class)}")
     if d.batch_size // d.samples_per_class < 2:
         fail(("data.batch_size", "data.samples_per_class"),
              f"a batch of {d.batch_size} with {d.samples_per_class} samples per class holds a single class",
@@ -503,39 +309,6 @@ def _validate(cfg: Config, sources: _Sources) -> None:  # noqa: C901 - a flat li
 # Public entry points
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value_text = text.partition("=")
-    key = key.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
-        raise ConfigError(
-            f"cannot read override {text!r}; write overrides as dotted.key=value, e.g. optim.lr=1e-5"
-        )
-    try:
-        value = _parse_yaml(value_text, f"override '{text}'")
-    except ConfigError:
-        raise ConfigError(
-            f"cannot parse the value of override {text!r} as YAML; quote strings and write lists as [1, 2, 4]"
-        ) from None
-    return key, value
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any, text: str) -> None:
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            parent = ".".join(parts[: i + 1])
-            raise ConfigError(
-                f"override '{text}' sets a key inside '{parent}', which is a value, not a section; "
-                f"set {parent}=... instead"
-            )
-        node = child
-    node[parts[-1]] = value
-
-
 def config_from_dict(
     raw: Mapping[str, Any] | None,
     overrides: Iterable[str] = (),
@@ -552,23 +325,19 @@ def config_from_dict(
             f"the top level of {source or 'the configuration'} must be a mapping of sections (data:, model:, ...), "
             f"got {type(raw).__name__}; write it as 'section:' lines with indented 'key: value' lines"
         )
-    merged: dict[str, Any] = _deep_copy_mapping(raw or {})
-    sources = _Sources(source)
+    merged: dict[str, Any] = deep_copy_mapping(raw or {})
+    sources = Provenance(source)
     for text in overrides:
-        key, value = _parse_override(text)
-        _set_dotted(merged, key, value, text)
+        key, value = parse_override(text)
+        set_dotted(merged, key, value, text)
         sources.overrides[key] = text
     for key, value in (set_values or {}).items():
         text = f"{key}={value}"
-        _set_dotted(merged, key, value, text)
+        set_dotted(merged, key, value, text)
         sources.overrides[key] = text
-    cfg = _build(Config, merged, "", sources)
+    cfg = build(Config, merged, sources)
     _validate(cfg, sources)
     return cfg
-
-
-def _deep_copy_mapping(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy_mapping(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
 
 
 def load_config(
@@ -596,7 +365,7 @@ def load_config(
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot read config file '{path}' ({err}); check that it is a readable "
                               "UTF-8 text file") from None
-        raw = _parse_yaml(text, source)
+        raw = parse_yaml(text, source)
     return config_from_dict(raw, overrides, set_values, source)
 
 
@@ -613,11 +382,15 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def config_to_yaml(cfg: Config) -> str:
+    """The config as YAML text in declaration order (loadable again with :func:`load_config`)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (loadable again with :func:`load_config`) and return the path."""
+    """Write the resolved config as YAML (atomically) and return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, config_to_yaml(cfg))
     return path
 
 
@@ -633,22 +406,10 @@ def explain_config(section: str | None = None) -> str:
         raise ConfigError(f"unknown config section {section!r}; choose one of top, {', '.join(sections)}")
     blocks = []
     if section in (None, "top"):
-        blocks.append(_explain_fields(Config, "", "Top level: the experiment's name and seed."))
+        blocks.append(explain_fields(Config, "", "Top level: the experiment's name and seed."))
     for name in sections if section is None else [s for s in sections if s == section]:
         cls = hints[name]
-        blocks.append(_explain_fields(cls, f"{name}.", " ".join((cls.__doc__ or "").split())))
+        blocks.append(explain_fields(cls, f"{name}.", " ".join((cls.__doc__ or "").split())))
     return "\n\n".join(blocks)
 
 
-def _explain_fields(cls: type, prefix: str, title: str) -> str:
-    hints = get_type_hints(cls)
-    lines = [f"[{prefix[:-1] or 'top'}] {title}"]
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
-                               default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"  {prefix}{f.name}: {_describe(hints[f.name])} (default: {shown})")
-        lines.append(f"      {f.metadata.get('help', '')}")
-    return "\n".join(lines)

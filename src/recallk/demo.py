@@ -17,11 +17,12 @@ from typing import Any
 from recallk.config import Config, load_config
 from recallk.data.paths import resolve_data_dir
 from recallk.data.sources import build_source
-from recallk.evaluation.embed import raw_pixel_embeddings
-from recallk.evaluation.metrics import retrieval_metrics
-from recallk.evaluation.plots import plot_recall_curves
 from recallk.errors import RecallkUsageError
-from recallk.training.run_dir import run_dir_in_use, write_json
+from recallk.evaluation.embed import raw_pixel_embeddings
+from recallk.evaluation.metrics import format_metrics_table, retrieval_metrics
+from recallk.evaluation.plots import plot_recall_curves
+from recallk.files import write_json
+from recallk.training.run_dir import run_dir_in_use
 from recallk.training.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,6 @@ SUMMARY_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 def demo_config_path() -> Path:
     """The packaged Omniglot recipe."""
     return Path(str(resources.files("recallk") / "configs" / "omniglot.yaml"))
-
-
-def format_table(rows: dict[str, dict[str, Any]], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
-    """A plain-text table: one row per named result, one column per metric."""
-    width = max(len(name) for name in rows) + 2
-    lines = ["".ljust(width) + "".join(k.rjust(11) for k in keys)]
-    for name, metrics in rows.items():
-        lines.append(name.ljust(width) + "".join(f"{metrics[k]:11.4f}" for k in keys))
-    return "\n".join(lines)
 
 
 def _free_run_dir(path: Path) -> None:
@@ -75,11 +67,11 @@ def run_demo(
     raw = retrieval_metrics(
         raw_pixel_embeddings(test.eval_batches(2048)), test.labels, k=config.eval.k, progress=progress
     )
-    print(format_table({"raw pixels": raw}))
+    print(format_metrics_table({"raw pixels": raw}, SUMMARY_KEYS))
     print(f"Training {config.model.backbone} with the RS@k loss for {config.train.epochs} epochs on the CPU ...")
     summary = train(config, run_path, data_dir=root, progress=progress)
     seconds = time.perf_counter() - started
-    print(format_table({"raw pixels": raw, "after training": summary}))
+    print(format_metrics_table({"raw pixels": raw, "after training": summary}, SUMMARY_KEYS))
     demo_summary = {**summary, "raw_pixels": raw, "seconds": round(seconds, 1)}
     write_json(run_path / "summary.json", demo_summary)
     untrained = {"untrained network": summary["untrained"]} if "untrained" in summary else {}  # output.plots

@@ -17,8 +17,8 @@ import torch
 
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.index import Index
+from recallk.files import atomic_write, atomic_write_text
 from recallk.pretrained import RecallkModel, load_model, open_image
-from recallk.training.checkpoint import atomic_write, atomic_write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CACHE_DIR = "search_cache"

@@ -24,24 +24,21 @@ from typing import Any
 
 import torch
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
 from recallk import __version__
-from recallk.config import Config, config_from_dict, config_to_dict
-from recallk.data.image_dataset import convert_image
-from recallk.data.transforms import build_transforms
+from recallk.config import Config, config_from_dict, config_to_dict, config_to_yaml
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
-from recallk.models.factory import create_model_from_config
-from recallk.training.checkpoint import atomic_write_text
+from recallk.files import atomic_write_text
+from recallk.training.assemble import build_network, decode_like_the_reader, eval_transform, reader_decoding_of
 
 FORMAT = "recallk-pretrained-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 HUB_PREFIX = "hf://"
-INVERTED_DATASETS = ("omniglot",)  # readers that invert images (ink bright on dark) before the transform
 
 ImageItem = str | Path | Image.Image | Tensor
 
@@ -50,10 +47,10 @@ ImageItem = str | Path | Image.Image | Tensor
 class Preprocessing:
     """What turns an image file or PIL image into the network's input tensor ``(C, image_size, image_size)``.
 
-    The same decoding as the training data's reader: ``grayscale`` and ``invert`` mirror the readers' options
-    (Omniglot's reader inverts, ink bright on dark; ``folder``/``csv`` take ``data.options.grayscale/invert``),
-    then :func:`recallk.data.build_transforms` in eval mode with ``data.transform``, ``data.image_size``, the timm
-    ``backbone`` (``data.transform: timm``) and ``data.options.mean/std``.
+    The decoding of the training data's reader and the evaluation transform, both from the one assembly
+    (:mod:`recallk.training.assemble`): ``grayscale`` and ``invert`` are the reader's decoding
+    (:func:`~recallk.training.assemble.reader_decoding_of`), then the eval transform of ``data.transform``,
+    ``data.image_size``, the timm ``backbone`` (``data.transform: timm``) and ``data.options.mean/std``.
     """
 
     transform: str
@@ -67,23 +64,17 @@ class Preprocessing:
     @classmethod
     def from_config(cls, config: Config) -> Preprocessing:
         data, options = config.data, config.data.options
+        mode, invert = reader_decoding_of(config)
         return cls(
-            data.transform, data.image_size,
-            invert=data.dataset in INVERTED_DATASETS or bool(options.get("invert", False)),
-            grayscale=bool(options.get("grayscale", False)), backbone=config.model.backbone,
+            data.transform, data.image_size, invert=invert, grayscale=mode == "L", backbone=config.model.backbone,
             mean=options.get("mean"), std=options.get("std"),
         )
 
     def __call__(self, image: str | Path | Image.Image) -> Tensor:
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        image = convert_image(image, "L" if self.transform == "omniglot" or self.grayscale else "RGB")
-        if self.invert:
-            image = ImageOps.invert(image)
-        transform = build_transforms(
-            self.transform, self.image_size, False, self.backbone, mean=self.mean, std=self.std
-        )
-        return transform(image)
+        image = decode_like_the_reader(image, "L" if self.grayscale else "RGB", self.invert)
+        return eval_transform(self.transform, self.image_size, self.backbone, self.mean, self.std)(image)
 
     @property
     def channels(self) -> int:
@@ -261,7 +252,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecallkM
 
 
 def _load_checkpoint_model(path: Path) -> RecallkModel:
-    from recallk.evaluation.evaluate import load_trained_model
+    from recallk.training.evaluate_run import load_trained_model
 
     network, config, checkpoint = load_trained_model(path, torch.device("cpu"))
     return RecallkModel(network, config, _run_metrics(checkpoint.parent.parent))
@@ -283,7 +274,9 @@ def _load_pretrained_folder(directory: Path) -> RecallkModel:
     try:
         document = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecallkUsageError(f"cannot read {config_file} ({err}); save the model again with save_pretrained")
+        raise RecallkUsageError(
+            f"cannot read {config_file} ({err}); save the model again with save_pretrained"
+        ) from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise RecallkUsageError(
             f"{config_file} is not a recallk model config (no format '{FORMAT}'); give a folder written by "
@@ -293,8 +286,7 @@ def _load_pretrained_folder(directory: Path) -> RecallkModel:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the folder must hold {WEIGHTS_FILE} next to {CONFIG_FILE}")
     config = config_from_dict(document["config"], source=str(config_file))
-    # The weights come from the file: never download pretrained backbone weights here.
-    network = create_model_from_config(dataclasses.replace(config.model, pretrained=False, pretrained_path=None))
+    network = build_network(config, weights_follow=True)  # the weights come from the file
     load_weights(network, str(weights), strict=True)
     return RecallkModel(network, config, document.get("metrics"))
 
@@ -330,7 +322,7 @@ def model_card(config: Config, metrics: dict[str, Any], name: str) -> str:
         "",
         "## Recipe", "",
         "The resolved training config (`recallk train recipe.yaml` reproduces the run):", "",
-        "```yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False).strip(), "```", "",
+        "```yaml", config_to_yaml(config).strip(), "```", "",
         f"recallk version: {__version__}", "",
     ]
     return "\n".join(lines)

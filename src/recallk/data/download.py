@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
+
+from recallk.files import atomic_write
 
 _CHUNK = 1 << 16
 
@@ -36,36 +37,34 @@ def download_file(
     """Fetch ``url`` into ``dest`` and return ``dest``.
 
     The bytes go to a temporary file beside ``dest`` and are hashed on the way; only when ``checksum`` (``"md5:..."``
-    or ``"sha256:..."``, or ``None`` to skip) matches is the file renamed onto ``dest`` with :func:`os.replace`, so
-    ``dest`` is never left half-written. Raises :class:`DownloadError` when the server cannot be reached and
-    ``ValueError`` on a checksum mismatch (nothing is saved in either case).
+    or ``"sha256:..."``, or ``None`` to skip) matches is the file renamed onto ``dest``
+    (:func:`recallk.files.atomic_write`), so ``dest`` is never left half-written. Raises :class:`DownloadError` when
+    the server cannot be reached and ``ValueError`` on a checksum mismatch (nothing is saved in either case).
     """
     dest = Path(dest)
     expected = parse_checksum(checksum) if checksum else None
     hasher = hashlib.new(expected[0]) if expected else None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                        while chunk := response.read(_CHUNK):
-                            out.write(chunk)
-                            if hasher is not None:
-                                hasher.update(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise DownloadError(f"could not download {url}: {reason}") from exc
+
+    def fetch(out: Any) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                    while chunk := response.read(_CHUNK):
+                        out.write(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError) as exc:
+            if getattr(out, "error", None) is not None:
+                raise  # the disk, not the network: atomic_write reports it
+            reason = getattr(exc, "reason", exc)
+            raise DownloadError(f"could not download {url}: {reason}") from exc
         if expected is not None and hasher is not None and hasher.hexdigest() != expected[1]:
             raise ValueError(
                 f"checksum mismatch for {url}: expected {expected[0]} {expected[1]}, got {hasher.hexdigest()}; "
                 f"nothing was saved to {dest}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, fetch)
     return dest

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from recallk.data.benchmarks import build_cars, build_cub, build_inat2018, build_inshop, build_sop, build_vehicleid
-from recallk.data.generic import build_csv, build_folder
+from recallk.data.folder_csv import build_csv, build_folder
 from recallk.data.image_dataset import ImageDataset
 from recallk.data.omniglot import build_omniglot
 from recallk.data.paths import resolve_data_dir
+from recallk.data.standard_datasets import (
+    build_cars,
+    build_cub,
+    build_inat2018,
+    build_inshop,
+    build_sop,
+    build_vehicleid,
+)
+from recallk.registry import DATASETS
 
+# The reader of each name in recallk.registry.DATASETS (tests/test_registry.py checks that they match).
 READERS: dict[str, Callable[..., ImageDataset]] = {
     "omniglot": build_omniglot,
     "sop": build_sop,
@@ -40,5 +49,19 @@ def build_dataset(
     """
     reader = READERS.get(name)
     if reader is None:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
+        raise ValueError(DATASETS.unknown(name))
     return reader(resolve_data_dir(root), split, transform=transform, skip_bad_images=skip_bad_images, **kwargs)
+
+
+def reader_decoding(name: str, options: Mapping[str, Any]) -> tuple[str, bool]:
+    """``(image_mode, invert)`` with which the reader of data set ``name`` (given ``data.options``) decodes images.
+
+    Omniglot reads grayscale ("L") and inverts (ink bright on a dark background); ``folder`` and ``csv`` follow
+    their ``grayscale`` and ``invert`` options; the other readers read RGB. (tests/test_registry.py checks this
+    against the readers.)
+    """
+    if name == "omniglot":
+        return "L", True
+    if name in ("folder", "csv"):
+        return ("L" if options.get("grayscale", False) else "RGB"), bool(options.get("invert", False))
+    return "RGB", False

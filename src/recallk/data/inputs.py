@@ -6,17 +6,16 @@ from collections.abc import Mapping
 
 import torch
 
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+from recallk.engine.multistage import Inputs
+
+__all__ = ["Inputs", "batch_rows", "to_device"]
 
 
-def to_device(inputs: Inputs, device: torch.device, channels_last: bool = False) -> Inputs:
-    """``inputs`` on ``device`` (every tensor of a dict); 4-d image tensors optionally in channels_last."""
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """``inputs`` on ``device`` (every tensor of a dict); the model sets its own memory format (channels_last)."""
     if isinstance(inputs, Mapping):
         return {name: value.to(device, non_blocking=True) for name, value in inputs.items()}
-    inputs = inputs.to(device, non_blocking=True)
-    if channels_last and inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs
+    return inputs.to(device, non_blocking=True)
 
 
 def batch_rows(inputs: Inputs) -> int:

@@ -34,6 +34,7 @@ from recallk.data.download import DownloadError, download_file
 from recallk.data.image_dataset import ImageDataset, encode_labels
 from recallk.data.paths import arrays_cache_dir
 from recallk.data.stores import DirectoryStore, ZipStore
+from recallk.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -233,10 +234,8 @@ def load_omniglot_arrays(
                 return torch.from_numpy(cached["images"]), torch.from_numpy(cached["labels"])
         logger.info("Omniglot array cache %s is stale; rebuilding", cache_file)
     pixels = _decode_all(source, names, image_size, num_workers)[:, None]
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=pixels, labels=labels, fingerprint=np.array(fingerprint))
-    os.replace(tmp, cache_file)
+    atomic_write(cache_file, lambda handle: np.savez(handle, images=pixels, labels=labels,
+                                                     fingerprint=np.array(fingerprint)))
     logger.info("decoded %d Omniglot %s images to %s", len(names), split, cache_file)
     return torch.from_numpy(pixels), torch.from_numpy(labels)
 

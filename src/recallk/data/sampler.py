@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,22 @@ def _nearest_multiples(value: int, unit: int) -> str:
     below = value // unit * unit
     options = [v for v in (below, below + unit) if v > 0 and v != value]
     return " or ".join(str(v) for v in options)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of the schedule as this process sees it.
+
+    ``indices`` are this process's dataset indices of batch ``batch`` of ``epoch``; they are rows
+    ``offset : offset + len(indices)`` of the global batch of ``total`` rows (all ranks together), so random
+    augmentation drawn per global batch gives every image the warp it gets in a single-process run.
+    """
+
+    epoch: int
+    batch: int
+    indices: list[int]
+    offset: int
+    total: int
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
@@ -33,8 +50,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     An epoch has ``batches_per_epoch`` batches (default ``len(labels) // batch_size``, at least 1). Each new
     iteration moves to the next epoch by itself (as pytorch-metric-learning's ``MPerClassSampler`` reshuffles every
     time it is iterated); :meth:`set_epoch` (or :meth:`load_state_dict`) before an iteration chooses its epoch
-    instead, as DDP samplers do, and always wins. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch: the next
-    iterator yields exactly the batches after ``batches_done``. A ``DataLoader`` with workers pulls batches ahead
+    instead, as DDP samplers do, and always wins. :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch: the
+    next iterator yields exactly the batches after ``batches_done``. A ``DataLoader`` with workers pulls batches ahead
     of training, so pass the number of batches actually trained: ``state_dict(batches_done=step_in_epoch)``.
     """
 
@@ -111,6 +128,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         for b in range(start, len(own)):
             self.batches_done = b + 1
             yield own[b].reshape(-1).tolist()
+
+    def planned(self) -> Iterator[PlannedBatch]:
+        """This iteration's batches (see ``__iter__``) with their position in the schedule and the global batch."""
+        share = self.batch_size // self.world_size
+        for indices in self:
+            yield PlannedBatch(self.epoch, self.batches_done - 1, indices, self.rank * share, self.batch_size)
 
     def global_batches(self, epoch: int) -> np.ndarray:
         """All of ``epoch``'s global batches as indices, shape ``(batches_per_epoch, P, m)`` (row = one class)."""

@@ -1,7 +1,8 @@
-"""Batches for training and evaluation, from image files (DataLoader) or from decoded arrays in memory.
+"""Batches for training and evaluation, from image files (DataLoader), decoded arrays in memory, or sentences.
 
-Training randomness is tied to the position in the schedule, not to a generator's history: the augmentation of
-batch b of epoch e uses seeds derived from ``(seed, e, b)``. A run resumed in the middle of an epoch therefore
+Every source follows :class:`BatchSource`. Training randomness is tied to the position in the schedule
+(:class:`~recallk.data.sampler.PlannedBatch`), not to a generator's history: the augmentation of batch b of epoch e
+uses seeds derived from ``(seed, e, b)``. A run resumed in the middle of an epoch therefore
 sees exactly the images an uninterrupted run would have seen, whatever the number of loader workers.
 """
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import inspect
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,15 +22,38 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from recallk.data.batch_transforms import RandomAffineBatch
 from recallk.data.factory import READERS, build_dataset
 from recallk.data.image_dataset import ImageDataset, encode_labels
+from recallk.data.inputs import Inputs
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
+from recallk.data.sampler import PlannedBatch
 from recallk.data.text import TEXT_READERS, load_text_split
-from recallk.data.transforms import TRANSFORM_KINDS, build_transforms
+from recallk.data.transforms import OMNIGLOT_AUGMENTATION, build_transforms
+from recallk.registry import DATASETS, TEXT_DATASETS, TRANSFORMS
 
 if TYPE_CHECKING:
     from recallk.config import DataConfig
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Inputs, torch.Tensor]  # (inputs, labels (B,))
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A split that the trainer and the evaluation read batches from.
+
+    ``labels`` (N,) are integer class ids ``0..num_classes-1``; ``item_ids`` name the N items (file paths, row ids).
+    """
+
+    labels: torch.Tensor
+    item_ids: list[str]
+    num_classes: int
+
+    def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
+        """The inputs and labels of each planned batch, randomly augmented from ``(seed, epoch, batch)``."""
+        ...
+
+    def eval_batches(self, batch_size: int) -> Iterator[Inputs]:
+        """The whole split in order, ``batch_size`` items at a time, without augmentation."""
+        ...
 
 
 def batch_seed(seed: int, epoch: int, batch: int) -> int:
@@ -38,18 +62,15 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
 
 
 class _SeededBatches(Sampler[list[tuple[int, int]]]):
-    """Wraps a batch sampler so each index travels with the seed of its random transform."""
+    """Planned batches as a batch sampler whose indices travel with the seed of their random transform."""
 
-    def __init__(self, batches: Any, seed: int, epoch: int, first_batch: int, offset: int) -> None:
-        self.batches, self.seed, self.epoch, self.first_batch, self.offset = batches, seed, epoch, first_batch, offset
-
-    def __len__(self) -> int:
-        return len(self.batches) - self.first_batch
+    def __init__(self, batches: Iterable[PlannedBatch], seed: int) -> None:
+        self.batches, self.seed = batches, seed
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for b, indices in enumerate(self.batches, start=self.first_batch):
-            base = batch_seed(self.seed, self.epoch, b)
-            yield [(i, base + self.offset + j) for j, i in enumerate(indices)]
+        for planned in self.batches:
+            base = batch_seed(self.seed, planned.epoch, planned.batch)
+            yield [(i, base + planned.offset + j) for j, i in enumerate(planned.indices)]
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -86,18 +107,11 @@ class DatasetSource:
         self.item_ids: list[str] = list(dataset.item_ids)
         self.num_classes = dataset.num_classes
 
-    def train_batches(
-        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0, offset: int = 0,
-        total: int | None = None,
-    ) -> Iterator[Batch]:
-        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), each image with its own seed.
-
-        ``offset`` is the position of this process's rows in the global batch (``total`` rows), so that every
-        image is augmented as it would be in a single-process run.
-        """
+    def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
+        """The planned batches' images, each transformed under its own seed (its row of the global batch)."""
         loader = DataLoader(
             _SeededItems(self.dataset),
-            batch_sampler=_SeededBatches(sampler, seed, epoch, first_batch, offset),
+            batch_sampler=_SeededBatches(batches, seed),
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
@@ -145,26 +159,20 @@ class ArraySource:
         cls, images: torch.Tensor, labels: torch.Tensor, item_ids: Sequence[str] | None, train: bool
     ) -> ArraySource:
         """Omniglot arrays with the demo's augmentation (random affine) when ``train``."""
-        augment = RandomAffineBatch(degrees=10, translate=0.1, scale=(0.9, 1.1), shear=6) if train else None
+        augment = RandomAffineBatch(**OMNIGLOT_AUGMENTATION) if train else None
         return cls(images, labels, item_ids, augment)
 
     def _floats(self, index: torch.Tensor | slice) -> torch.Tensor:
         return self.images[index].float().div_(255.0)
 
-    def train_batches(
-        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0, offset: int = 0,
-        total: int | None = None,
-    ) -> Iterator[Batch]:
-        """Batches of ``sampler`` (set to ``epoch``, resuming at ``first_batch``), augmented from their seeds.
-
-        ``offset``/``total``: this process's rows in the global batch (see :class:`DatasetSource`).
-        """
-        for b, indices in enumerate(sampler, start=first_batch):
-            index = torch.as_tensor(indices)
+    def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
+        """The planned batches' images, warped from the seed of their batch (this process's rows of it)."""
+        for planned in batches:
+            index = torch.as_tensor(planned.indices)
             images = self._floats(index)
             if self.augment is not None:
-                generator = torch.Generator().manual_seed(batch_seed(seed, epoch, b))
-                images = self.augment(images, generator, offset, total)
+                generator = torch.Generator().manual_seed(batch_seed(seed, planned.epoch, planned.batch))
+                images = self.augment(images, generator, planned.offset, planned.total)
             yield images, self.labels[index]
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -201,12 +209,10 @@ class TextSource:
         self.num_classes = int(self.labels.max()) + 1
         self.tokenize = tokenize
 
-    def train_batches(
-        self, sampler: Sampler[list[int]], seed: int, epoch: int, first_batch: int = 0, offset: int = 0,
-        total: int | None = None,
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Token dicts of the sampler's batches (no augmentation, so ``seed``/``offset`` change nothing)."""
-        for indices in sampler:
+    def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
+        """Token dicts of the planned batches (no augmentation, so ``seed`` changes nothing)."""
+        for planned in batches:
+            indices = planned.indices
             yield self.tokenize([self.texts[i] for i in indices]), self.labels[torch.as_tensor(indices)]
 
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -229,17 +235,15 @@ def check_data_config(cfg: DataConfig, data_dir: str | Path | None) -> None:
             raise ValueError(f"data.options {sorted(cfg.options)} are not used by the text data set {cfg.dataset!r}; "
                              "remove data.options")
     elif cfg.dataset not in READERS:
-        raise ValueError(
-            f"unknown data.dataset {cfg.dataset!r}; choose one of {', '.join([*READERS, *TEXT_READERS])}"
-        )
+        raise ValueError(DATASETS.unknown(cfg.dataset, TEXT_DATASETS))
     elif cfg.in_memory:
         if cfg.dataset != "omniglot":
             raise ValueError(f"data.in_memory works for the omniglot dataset only, not {cfg.dataset!r}")
         if cfg.options:
             raise ValueError(f"data.options {sorted(cfg.options)} are not used with data.in_memory=true; remove them")
     else:
-        if cfg.transform not in TRANSFORM_KINDS:
-            raise ValueError(f"unknown data.transform {cfg.transform!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
+        if cfg.transform not in TRANSFORMS:
+            raise ValueError(TRANSFORMS.unknown(cfg.transform))
         allowed = [*reader_options(cfg.dataset), *TRANSFORM_OPTIONS]
         unknown = sorted(set(cfg.options) - set(allowed))
         if unknown:
@@ -269,7 +273,7 @@ def build_source(
     seed: int = 0,
     tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
     backbone: str | None = None,
-) -> DatasetSource | ArraySource | TextSource:
+) -> BatchSource:
     """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
 
     ``data.in_memory`` (Omniglot only) decodes the split once into arrays with batch augmentation; otherwise

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from recallk.data.paths import resolve_data_dir
+from recallk.registry import TEXT_DATASETS
 
 PROTOCOL_SEED = 0
 TEXT_SPLITS = ("train", "val", "test")
@@ -86,6 +87,7 @@ def _banking77_rows(root: Path) -> dict[str, Rows]:
     return parts
 
 
+# The reader of each name in recallk.registry.TEXT_DATASETS.
 TEXT_READERS: dict[str, Callable[[Path], dict[str, Rows]]] = {
     "clinc150": _clinc150_rows,
     "banking77": _banking77_rows,
@@ -114,7 +116,7 @@ def load_text_split(
     chosen with ``seed``.
     """
     if name not in TEXT_READERS:
-        raise ValueError(f"unknown text dataset {name!r}; choose one of {', '.join(TEXT_READERS)}")
+        raise ValueError(TEXT_DATASETS.unknown(name))
     if split not in TEXT_SPLITS:
         raise ValueError(f"unknown split {split!r} of {name}; choose one of {', '.join(TEXT_SPLITS)}")
     rows = TEXT_READERS[name](resolve_data_dir(data_dir))

@@ -12,9 +12,13 @@ from timm.data import resolve_model_data_config
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
+from recallk.registry import TRANSFORMS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRANSFORM_KINDS = ("imagenet", "omniglot", "timm")
+# The Omniglot training augmentation, for images read from files and for decoded arrays (data.in_memory) alike:
+# rotation +-degrees, shift up to translate * size, scale range, x-shear +-shear degrees.
+OMNIGLOT_AUGMENTATION = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "shear": 6.0}
 
 
 def build_transforms(
@@ -36,8 +40,9 @@ def build_transforms(
     ``timm``: the same steps with the preprocessing of the timm model ``backbone`` (its pretrained weights' tag):
     mean/std, interpolation and the test crop fraction from ``timm.data.resolve_model_data_config`` (augreg ViTs
     expect mean = std = 0.5 and bicubic resizing with crop 0.9).
-    ``omniglot``: one channel in [0, 1], resized to ``image_size``; train adds a small RandomAffine (rotation
-    +-10 degrees, shift up to 10 %, scale 0.9-1.1) whose fill 0 matches recallk's inverted (dark) background.
+    ``omniglot``: one channel in [0, 1], resized to ``image_size``; train adds the random affine of
+    ``OMNIGLOT_AUGMENTATION`` (rotation +-10 degrees, shift up to 10 %, scale 0.9-1.1, shear +-6 degrees) whose
+    fill 0 matches recallk's inverted (dark) background.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -62,11 +67,13 @@ def build_transforms(
     if kind == "omniglot":
         steps = [T.Grayscale(num_output_channels=1), T.Resize((image_size, image_size))]
         if train:
-            steps.append(T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=0))
+            aug = OMNIGLOT_AUGMENTATION
+            steps.append(T.RandomAffine(degrees=aug["degrees"], translate=(aug["translate"],) * 2, scale=aug["scale"],
+                                        shear=aug["shear"], fill=0))
         if mean is not None or std is not None:
             return T.Compose([*steps, T.ToTensor(), T.Normalize(*_statistics(mean, std, (0.0,), (1.0,)))])
         return T.Compose([*steps, T.ToTensor()])
-    raise ValueError(f"unknown transform kind {kind!r}; choose one of {', '.join(TRANSFORM_KINDS)}")
+    raise ValueError(TRANSFORMS.unknown(kind))
 
 
 def timm_data_config(backbone: str | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +19,10 @@ from tqdm.auto import tqdm
 
 from recallk.data.inputs import Inputs, batch_rows, to_device
 from recallk.evaluation.metrics import retrieval_metrics
-from recallk.training.checkpoint import atomic_write
+from recallk.files import atomic_write
+
+if TYPE_CHECKING:
+    from recallk.data.sources import BatchSource
 
 
 @torch.no_grad()
@@ -28,7 +31,6 @@ def embed_batches(
     batches: Iterable[Inputs],
     device: torch.device,
     total: int | None = None,
-    channels_last: bool = False,
     progress: bool = True,
     desc: str = "embedding",
 ) -> torch.Tensor:
@@ -44,7 +46,7 @@ def embed_batches(
         with tqdm(total=total, desc=desc, unit="item", disable=not progress, leave=False) as bar, \
                 torch.autocast(device.type, enabled=False):
             for inputs in batches:
-                out.append(model(to_device(inputs, device, channels_last)).float().cpu())
+                out.append(model(to_device(inputs, device)).float().cpu())
                 bar.update(batch_rows(inputs))
     finally:
         model.train(was_training)
@@ -53,7 +55,7 @@ def embed_batches(
 
 def embed_source(
     model: nn.Module,
-    source: Any,
+    source: BatchSource,
     batch_size: int,
     device: torch.device,
     progress: bool = True,
@@ -77,7 +79,7 @@ def raw_pixel_embeddings(batches: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.cat([b.flatten(1).float() for b in batches]), dim=1)
 
 
-def save_embeddings(path: Path, embeddings: torch.Tensor, source: Any) -> None:
+def save_embeddings(path: Path, embeddings: torch.Tensor, source: BatchSource) -> None:
     """Save ``embeddings`` (N, D) float32, ``labels`` (N,) and ``item_ids`` (N,) of a split to an ``.npz`` file."""
     atomic_write(
         Path(path),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from recallk.evaluation.knn import exact_knn
-from recallk.training.checkpoint import atomic_write
+from recallk.files import atomic_write
 
 
 class Neighbour(NamedTuple):

@@ -16,62 +16,17 @@ These equal pytorch-metric-learning's ``AccuracyCalculator`` (``avg_of_avgs=Fals
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from recallk.evaluation.knn import BACKENDS, iter_knn_chunks
+from recallk.losses.input_checks import as_embeddings, as_labels, check_k
 
 DEFAULT_CHUNK_SIZE = 1024
-
-
-def _as_embeddings(array: Tensor | np.ndarray, name: str) -> Tensor:
-    """Check an ``(N, D)`` float embedding matrix and return it as a float32 (or float64) tensor."""
-    if not isinstance(array, (Tensor, np.ndarray)):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
-    tensor = torch.as_tensor(array).detach()
-    if tensor.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (num_items, dim), got shape {tuple(tensor.shape)}")
-    if not tensor.is_floating_point():
-        raise ValueError(f"{name} must hold floats, got dtype {tensor.dtype}")
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}); pass at least one embedding")
-    bad_rows = (~torch.isfinite(tensor).all(dim=1)).nonzero().squeeze(1)
-    if bad_rows.numel() > 0:
-        raise ValueError(
-            f"{name} has {bad_rows.numel()} row(s) with NaN or Inf values (first at row {int(bad_rows[0])}); "
-            "remove or fix them before evaluating"
-        )
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def _as_labels(array: Tensor | np.ndarray, name: str, num_items: int, embeddings_name: str) -> Tensor:
-    """Check a ``(N,)`` integer label vector matching ``num_items`` embeddings and return it as a tensor."""
-    if not isinstance(array, (Tensor, np.ndarray)):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
-    tensor = torch.as_tensor(array)
-    if tensor.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (num_items,), got shape {tuple(tensor.shape)}")
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class ids, got dtype {tensor.dtype}; convert them to int64")
-    if len(tensor) != num_items:
-        raise ValueError(f"{name} has {len(tensor)} entries but {embeddings_name} has {num_items} rows")
-    return tensor.long()
-
-
-def _as_ks(k: int | Sequence[int]) -> list[int]:
-    """Check and sort the recall cut-offs (Python, numpy or tensor integers, alone or in a sequence)."""
-    if isinstance(k, (Tensor, np.ndarray)):
-        k = k.tolist()
-    ks = [k] if isinstance(k, (int, np.integer)) else [v.item() if isinstance(v, Tensor) else v for v in k]
-    if not ks:
-        raise ValueError("k is empty; pass at least one cut-off, e.g. k=(1, 2, 4, 8)")
-    for value in ks:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"every k must be an integer >= 1, got {value!r}")
-    return sorted({int(value) for value in ks})
 
 
 def retrieval_metrics(
@@ -117,17 +72,17 @@ def retrieval_metrics(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    ks = _as_ks(k)
-    queries = _as_embeddings(embeddings, "embeddings")
-    query_labels = _as_labels(labels, "labels", len(queries), "embeddings")
+    ks = sorted(set(check_k(k)))
+    queries = as_embeddings(embeddings, "embeddings")
+    query_labels = as_labels(labels, "labels", len(queries), "embeddings")
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("pass both ref_embeddings and ref_labels, or neither")
     exclude_self = ref_embeddings is None
     if exclude_self:
         references, reference_labels = queries, query_labels
     else:
-        references = _as_embeddings(ref_embeddings, "ref_embeddings")
-        reference_labels = _as_labels(ref_labels, "ref_labels", len(references), "ref_embeddings")
+        references = as_embeddings(ref_embeddings, "ref_embeddings")
+        reference_labels = as_labels(ref_labels, "ref_labels", len(references), "ref_embeddings")
         if references.shape[1] != queries.shape[1]:
             raise ValueError(
                 f"embeddings have dimension {queries.shape[1]} but ref_embeddings have {references.shape[1]}"
@@ -196,4 +151,31 @@ def _chunk_sums(hits: Tensor, num_positives: Tensor, ks: list[int]) -> Tensor:
             (hits_within_r.sum(dim=1) / r).sum(),
             ((precision_at_rank * hits_within_r).sum(dim=1) / r).sum(),
         ]
+    )
+
+
+def format_metrics_table(
+    results: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None
+) -> str:
+    """Metrics of each split (or named result) as a text table: one row per metric, one column per split.
+
+    ``metrics`` chooses the rows (default: every metric of any split, in order of appearance). Floats are shown
+    with 4 decimals, integers (counts) as they are, missing values as ``-``.
+    """
+    splits = list(results)
+    if metrics is None:
+        metrics = []
+        for split in splits:
+            metrics.extend(m for m in results[split] if m not in metrics)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "-" if value is None else str(value)
+
+    rows = [["metric", *splits]] + [[m, *(cell(results[s].get(m)) for s in splits)] for m in metrics]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths)))
+        for row in rows
     )

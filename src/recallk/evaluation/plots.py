@@ -20,8 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from recallk.evaluation.knn import exact_knn  # noqa: E402
-from recallk.training.checkpoint import atomic_write  # noqa: E402
-from recallk.training.run_dir import read_metrics  # noqa: E402
+from recallk.files import atomic_write, read_metrics  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

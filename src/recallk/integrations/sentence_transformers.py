@@ -3,7 +3,7 @@
 A drop-in loss for class-labelled sentences (a dataset with one text column and a ``label`` column) that works
 with ``SentenceTransformerTrainer`` and ``model.fit``. Like sentence-transformers'
 ``CachedMultipleNegativesRankingLoss`` it embeds the batch in mini-batches twice, through recallk's multistage
-engine (:mod:`recallk.training.multistage`):
+engine (:mod:`recallk.engine.multistage`):
 
 1. ``forward`` embeds every mini-batch without a graph (saving each one's RNG state, so dropout replays), computes
    RS@k on the whole batch and its gradient G = dL/dE (N, D), and returns the loss as a leaf tensor;
@@ -15,7 +15,7 @@ of one mini-batch: batches of thousands of sentences train in the memory of ``mi
 mini-batches other than the last run under DDP's ``no_sync()`` when the trainer has wrapped the model in
 DistributedDataParallel, so gradients are all-reduced once per step. With ``gather_across_devices=True`` (several
 processes) the loss is RS@k over the global batch of all devices, each device computing the terms of its own
-sentences against all of them (:func:`recallk.training.multistage.loss_and_embedding_grad`).
+sentences against all of them (:func:`recallk.engine.multistage.loss_and_embedding_grad`).
 
 Batches need several sentences per label; use ``batch_sampler=BatchSamplers.GROUP_BY_LABEL`` in the training
 arguments (or recallk's :class:`~recallk.data.sampler.ClassBalancedBatchSampler`).
@@ -32,15 +32,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.losses.simix import SimilarityMixup
-from recallk.models.text import SentenceEncoder
-from recallk.training.multistage import (
+from recallk.engine.multistage import (
     FirstPass,
     backward_through_chunks,
     embed_without_graph,
     loss_and_embedding_grad,
 )
+from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.simix import SimilarityMixup
+from recallk.models.text import SentenceEncoder
 
 try:
     from sentence_transformers import SentenceTransformer

@@ -205,9 +205,10 @@ def _chunk_soft_and_grad(
     for first_row, end_row, first_pair, end_pair in _query_groups(side.num_pos.tolist(), size):
         starts = range(first_pair, end_pair, size)
 
-        def block(start: int) -> _PairBlock:
+        def block(start: int, end_pair: int = end_pair) -> _PairBlock:
             stop = min(start + size, end_pair)
-            return _pair_block(scaled, side, pair_row[start:stop], pair_col[start:stop], tau_k, buffer[: stop - start])
+            rows, cols = pair_row[start:stop], pair_col[start:stop]
+            return _pair_block(scaled, side, rows, cols, tau_k, buffer[: stop - start])
 
         for start in starts:
             kept = block(start)
@@ -294,6 +295,8 @@ def embedding_terms(
     return _EmbeddingTerms.apply(queries, database, ref_labels, side, settings, num_valid)
 
 
-def similarity_terms(sim: Tensor, ref_labels: Tensor, side: QuerySide, settings: RankSettings, num_valid: int) -> Tensor:
+def similarity_terms(
+    sim: Tensor, ref_labels: Tensor, side: QuerySide, settings: RankSettings, num_valid: int
+) -> Tensor:
     """The loss terms of the rows of ``sim`` (N x M), differentiable w.r.t. ``sim``."""
     return _SimilarityTerms.apply(sim, ref_labels, side, settings, num_valid)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recallk.losses.input_checks import check_embeddings, check_labels
 from recallk.losses.recall_at_k import RecallAtKLoss
-from recallk.losses.validation import check_embeddings, check_labels
 
 
 class CrossBatchRecallAtK(nn.Module):

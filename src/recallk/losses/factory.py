@@ -18,9 +18,10 @@ from torch import nn
 from recallk.losses.cross_batch_memory import CrossBatchRecallAtK
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
+from recallk.registry import LOSSES
 
-BASELINES = ("contrastive", "triplet", "multi_similarity", "normalized_softmax", "proxy_anchor", "fastap", "smooth_ap")
-LOSS_NAMES = ("rsk", *BASELINES)
+LOSS_NAMES = tuple(LOSSES)  # recallk.registry.LOSSES: rsk, then the PML baselines
+BASELINES = LOSS_NAMES[1:]
 
 
 class MinedLoss(nn.Module):
@@ -86,4 +87,4 @@ def build_loss(
             raise ValueError(f"the {name} loss needs num_classes and embed_dim (one proxy per training class)")
         cls = pml_losses.NormalizedSoftmaxLoss if name == "normalized_softmax" else pml_losses.ProxyAnchorLoss
         return cls(num_classes=num_classes, embedding_size=embed_dim, **params)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    raise ValueError(LOSSES.unknown(name))

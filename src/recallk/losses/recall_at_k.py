@@ -30,8 +30,7 @@ from recallk.losses.chunked_recall import (
     query_side,
     similarity_terms,
 )
-from recallk.losses.simix import SimilarityMixup
-from recallk.losses.validation import (
+from recallk.losses.input_checks import (
     check_distance,
     check_embeddings,
     check_k,
@@ -39,6 +38,7 @@ from recallk.losses.validation import (
     check_tau_k,
     check_temperature,
 )
+from recallk.losses.simix import SimilarityMixup
 from recallk.losses.unit_norm import warn_if_not_unit_norm
 
 
@@ -155,7 +155,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
         check_embeddings(ref_emb, "ref_emb")
         if ref_labels is None:
             raise ValueError("ref_emb was given without ref_labels; pass the labels of the reference rows")
-        check_labels(ref_labels, len(ref_emb), "ref_labels")
+        check_labels(ref_labels, len(ref_emb), "ref_labels", of="ref_emb")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(
                 f"embeddings have {embeddings.shape[1]} dims but ref_emb has {ref_emb.shape[1]}; they must match"

@@ -19,12 +19,13 @@ import timm
 import torch
 from torch import nn
 
+from recallk.engine.batchnorm import freeze_batchnorm as _freeze_batchnorm
 from recallk.errors import PretrainedWeightsError, RecallkUsageError
-from recallk.models.heads import EmbeddingHead
-from recallk.models.small_cnn import NORMS, SmallCNN
+from recallk.models.heads import EmbeddingHead, backbone_and_head_groups
+from recallk.models.small_cnn import SmallCNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
 from recallk.models.text import SentenceEncoder, create_sentence_encoder
-from recallk.training.batchnorm import freeze_batchnorm as _freeze_batchnorm
+from recallk.registry import NORMS, POOLINGS
 
 if TYPE_CHECKING:
     from recallk.config import ModelConfig
@@ -53,17 +54,10 @@ class EmbeddingModel(nn.Module):
         return self.head(self.backbone(images))
 
     def parameter_groups(self, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
-        """Optimiser parameter groups: the backbone at ``lr * backbone_lr_mult``, the head at ``lr``.
-
-        Frozen parameters (``requires_grad=False``) and empty groups are left out.
-        """
-        groups = [
-            {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad],
-             "lr": lr * backbone_lr_mult, "weight_decay": weight_decay},
-            {"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad],
-             "lr": lr, "weight_decay": weight_decay},
-        ]
-        return [g for g in groups if g["params"]]
+        """The backbone at ``lr * backbone_lr_mult``, the head at ``lr`` (:func:`backbone_and_head_groups`)."""
+        return backbone_and_head_groups(
+            self.backbone.parameters(), self.head.parameters(), lr, backbone_lr_mult, weight_decay
+        )
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -108,10 +102,10 @@ def create_model(
         RecallkUsageError: unknown backbone, a pooling that does not fit the backbone, or an unknown norm.
         PretrainedWeightsError: weights requested but not downloadable or not loadable.
     """
-    if pooling not in ("gem", "avg", "cls"):
-        raise RecallkUsageError(f"unknown pooling {pooling!r}; set model.pooling to gem, avg or cls")
+    if pooling not in POOLINGS:
+        raise RecallkUsageError(POOLINGS.unknown(pooling))
     if norm not in NORMS:
-        raise RecallkUsageError(f"unknown norm {norm!r}; set model.norm to {' or '.join(NORMS)}")
+        raise RecallkUsageError(NORMS.unknown(norm))
     if backbone == SMALL_CNN:
         net: nn.Module = _create_small_cnn(in_chans or 1, widths, pretrained, pretrained_path, pooling, norm)
     else:
@@ -150,7 +144,7 @@ def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncod
     )
 
 
-def _one_line(err: BaseException, limit: int = 200) -> str:
+def _short_error(err: BaseException, limit: int = 200) -> str:
     text = " ".join(str(err).split()) or "no details"
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}"
@@ -187,7 +181,7 @@ def _create_small_cnn(
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError, ValueError, KeyError) as err:
             raise PretrainedWeightsError(
-                f"could not load {SMALL_CNN} weights from '{path}' ({_one_line(err)}); the file must hold the "
+                f"could not load {SMALL_CNN} weights from '{path}' ({_short_error(err)}); the file must hold the "
                 f"state_dict of a SmallCNN with in_chans={in_chans}, widths={list(widths)}, norm={norm}"
             ) from err
     return net
@@ -255,12 +249,12 @@ def _create_from_weights_file(name: str, path: Path, kwargs: dict[str, Any]) -> 
         overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
-        raise PretrainedWeightsError(_weights_file_message(name, path, _one_line(err))) from err
+        raise PretrainedWeightsError(_weights_file_message(name, path, _short_error(err))) from err
     finally:
         logger.removeHandler(report)
         logger.setLevel(level)
     if report.problems:
-        reason = _one_line(RuntimeError("; ".join(report.problems)))
+        reason = _short_error(RuntimeError("; ".join(report.problems)))
         raise PretrainedWeightsError(_weights_file_message(name, path, reason))
     return net
 
@@ -276,7 +270,7 @@ def _download_failure_message(name: str, err: BaseException) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     return (
-        f"could not download pretrained weights for backbone '{name}' ({_one_line(err)}); "
+        f"could not download pretrained weights for backbone '{name}' ({_short_error(err)}); "
         "set model.pretrained=false to start from random weights, or, without internet, "
         f"put the weights in the Hugging Face cache ({HF_HUB_CACHE}; fill it on a connected machine with "
         f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy it) "

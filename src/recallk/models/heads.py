@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recallk.registry import POOLINGS
 
 
 class GeM(nn.Module):
@@ -62,7 +66,7 @@ class EmbeddingHead(nn.Module):
             raise ValueError(f"in_features and embed_dim must be > 0, got {in_features} and {embed_dim}")
         poolers = {"gem": lambda: GeM(gem_p, learnable=gem_learnable), "avg": GlobalAvgPool, "cls": nn.Identity}
         if pooling not in poolers:
-            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(poolers)}")
+            raise ValueError(POOLINGS.unknown(pooling))
         self.pooling = pooling
         self.pool = poolers[pooling]()
         self.norm = nn.LayerNorm(in_features) if layernorm else nn.Identity()
@@ -78,3 +82,17 @@ class EmbeddingHead(nn.Module):
                 "and 'cls' for vision transformers"
             )
         return F.normalize(self.fc(self.norm(self.pool(features))), dim=-1)
+
+
+def backbone_and_head_groups(
+    backbone: Iterable[nn.Parameter], head: Iterable[nn.Parameter], lr: float, backbone_lr_mult: float = 1.0,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """Optimiser parameter groups: ``backbone`` at ``lr * backbone_lr_mult``, ``head`` at ``lr``, both with
+    ``weight_decay``. Frozen parameters (``requires_grad=False``) and empty groups are left out."""
+    groups = [
+        {"name": "backbone", "params": [p for p in backbone if p.requires_grad], "lr": lr * backbone_lr_mult,
+         "weight_decay": weight_decay},
+        {"name": "head", "params": [p for p in head if p.requires_grad], "lr": lr, "weight_decay": weight_decay},
+    ]
+    return [g for g in groups if g["params"]]

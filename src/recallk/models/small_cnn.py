@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-NORMS = ("batch", "group")
+from recallk.registry import NORMS
+
 MAX_GROUPS = 32  # GroupNorm's usual group count (Wu & He, 2018)
 MIN_CHANNELS_PER_GROUP = 4
 
@@ -42,7 +43,7 @@ class SmallCNN(nn.Sequential):
                 f"widths={list(widths)}; use e.g. widths=(64, 128, 256)"
             )
         if norm not in NORMS:
-            raise ValueError(f"unknown SmallCNN norm {norm!r}; use one of {', '.join(NORMS)}")
+            raise ValueError(NORMS.unknown(norm))
         blocks = []
         channels = in_chans
         for width in widths:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from recallk.errors import RecallkUsageError
+from recallk.models.heads import backbone_and_head_groups
 
 PREFIX = "st:"
 
@@ -78,13 +79,8 @@ class SentenceEncoder(nn.Module):
     def parameter_groups(self, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
         """The transformer (first module) at ``lr * backbone_lr_mult``; any later trainable modules at ``lr``."""
         modules = list(self.sentence_model.children())
-        groups = [
-            {"name": "backbone", "params": [p for p in modules[0].parameters() if p.requires_grad],
-             "lr": lr * backbone_lr_mult, "weight_decay": weight_decay},
-            {"name": "head", "params": [p for m in modules[1:] for p in m.parameters() if p.requires_grad],
-             "lr": lr, "weight_decay": weight_decay},
-        ]
-        return [g for g in groups if g["params"]]
+        head = [p for m in modules[1:] for p in m.parameters()]
+        return backbone_and_head_groups(modules[0].parameters(), head, lr, backbone_lr_mult, weight_decay)
 
 
 def create_sentence_encoder(

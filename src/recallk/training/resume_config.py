@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from recallk.config import Config, config_from_dict, config_to_dict
+from recallk.config import Config, config_from_dict, config_to_dict, config_to_yaml
 from recallk.errors import ConfigError, RecallkUsageError
-from recallk.training.checkpoint import atomic_write_text
+from recallk.files import atomic_write_text
 
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.eval_every", "train.checkpoint_every", "train.log_every",
@@ -76,7 +76,7 @@ def record_resume_changes(
 ) -> None:
     """Rewrite ``config.yaml`` as ``config`` and append the accepted ``changes`` to ``config_changes.jsonl``."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": epoch, "step": step,
              "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
     with open(run_dir / CHANGES_FILE, "a", encoding="utf-8") as handle:

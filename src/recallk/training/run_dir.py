@@ -17,13 +17,12 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, TextIO
 
 from recallk.errors import RecallkUsageError
-from recallk.training.checkpoint import atomic_write_text
+from recallk.files import TEMPORARY_SUFFIX, atomic_write_text, read_metrics, write_json
 
 # Files whose presence means the directory holds (part of) a run's results. A config.yaml alone does not count: it
 # is all a run leaves when it fails before its first epoch ends (e.g. on an undecodable image), and the same command
@@ -60,7 +59,7 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RecallkUsageError(f"cannot create run directory {self.path}: {err.strerror}") from err
-        self._lock: TextIO | None = open(self.path / ".lock", "a")  # "a": never wipe a running owner's pid
+        self._lock: TextIO | None = open(self.path / ".lock", "a")  # noqa: SIM115 - held until close(); "a": never wipe a running owner's pid
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,7 +94,7 @@ class RunDirectory:
     def _remove_partial_writes(self) -> None:
         """Delete temporary files of atomic writes cut short by a crash (safe: this process holds the lock)."""
         for folder in (self.path, self.checkpoints, self.plots):
-            for partial in folder.glob(".*.tmp"):
+            for partial in folder.glob(f".*{TEMPORARY_SUFFIX}"):
                 partial.unlink(missing_ok=True)
 
     @property
@@ -135,12 +134,6 @@ class RunDirectory:
             path.unlink()
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
-
-
 def run_dir_in_use(path: Path) -> bool:
     """True while another process holds the run directory's lock."""
     lock = Path(path) / ".lock"
@@ -153,14 +146,6 @@ def run_dir_in_use(path: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    """Rows of a ``metrics.csv`` as dicts of strings ([] if the file does not exist)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:

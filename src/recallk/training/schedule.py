@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from recallk.registry import SCHEDULES
+
 
 def lr_multiplier(
     schedule: str,
@@ -18,8 +20,8 @@ def lr_multiplier(
     ``cosine`` decays from 1 to 0 over ``total_epochs``; ``step`` multiplies by ``gamma`` at each epoch in
     ``step_epochs``. ``epoch`` may be fractional (step-wise updates).
     """
-    if schedule not in ("none", "cosine", "step"):
-        raise ValueError(f"unknown schedule {schedule!r}; choose none, cosine or step")
+    if schedule not in SCHEDULES:
+        raise ValueError(SCHEDULES.unknown(schedule))
 
     def multiplier(epoch: float) -> float:
         warm = min(1.0, (epoch + 1e-12) / warmup_epochs) if warmup_epochs > 0 else 1.0

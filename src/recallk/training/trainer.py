@@ -25,40 +25,32 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from recallk.config import Config, config_to_dict
+from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
-from recallk.data.sampler import ClassBalancedBatchSampler
-from recallk.data.sources import build_source
+from recallk.data.sources import BatchSource
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
+from recallk.engine.distributed import DistributedContext, init_distributed, resolve_device, wrap_ddp
+from recallk.engine.multistage import multistage_backward
 from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
-from recallk.losses.factory import build_loss
-from recallk.models.factory import create_model_from_config
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode
+from recallk.training.assemble import (
+    build_loss_from_config,
+    build_network,
+    build_sampler,
+    build_split,
+    resolve_precision,
+)
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recallk.training.distributed import DistributedContext, init_distributed, wrap_ddp
 from recallk.training.health import StuckTrainingCheck, gradient_norm
-from recallk.training.multistage import multistage_backward
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir
 from recallk.training.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RecallkUsageError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
-    return torch.device(name)
-
 
 class _StopRequests:
     """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C interrupts at once)."""
@@ -113,20 +105,15 @@ class Trainer:
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
-        model = create_model_from_config(config.model).to(self.device)
+        model = build_network(config).to(self.device)
         self.model: nn.Module = model
-        tokenize = getattr(model, "tokenize", None)  # text models turn sentences into token tensors
-        backbone = config.model.backbone  # data.transform=timm takes its preprocessing from it
-        self.train_source = build_source(config.data, config.data.split_train, True, data_root, config.seed, tokenize,
-                                         backbone)
+        self.train_source = build_split(config, config.data.split_train, model, train=True, data_dir=data_root)
         self.val_source = (
-            build_source(config.data, config.data.split_val, False, data_root, config.seed, tokenize, backbone)
-            if config.data.split_val else None
+            build_split(config, config.data.split_val, model, data_dir=data_root) if config.data.split_val else None
         )
         # Built now so that a typo in data.split_test fails before training, not after it.
         self.test_sources = {
-            split: build_source(config.data, split, False, data_root, config.seed, tokenize, backbone)
-            for split in config.data.split_test
+            split: build_split(config, split, model, data_dir=data_root) for split in config.data.split_test
         } if self.is_main else {}
         for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
             if source is not None:
@@ -134,17 +121,8 @@ class Trainer:
         self.val_size: dict[str, int] | None = None  # database size of the split that chooses best.pt
         if self.val_source is not None and self.is_main:
             self.val_size = {"images": len(self.val_source.labels), "classes": len(self.val_source.labels.unique())}
-        self.sampler = ClassBalancedBatchSampler(
-            self.train_source.labels.numpy(), config.data.batch_size, config.data.samples_per_class,
-            seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
-        )
-        self.loss_fn = build_loss(
-            config.loss.name, num_classes=self.train_source.num_classes, embed_dim=config.model.embed_dim,
-            k=config.loss.k, tau_rank=config.loss.tau_rank, tau_k=config.loss.tau_k,
-            rank_includes_query=config.loss.rank_includes_query, simix=config.loss.simix,
-            simix_pairs_per_class=config.loss.simix_pairs_per_class, memory_size=config.loss.memory_size,
-            params=config.loss.params,
-        ).to(self.device)
+        self.sampler = build_sampler(config, self.train_source.labels, self.dist.rank, self.dist.world_size)
+        self.loss_fn = build_loss_from_config(config, self.train_source.num_classes).to(self.device)
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
         self.steps_per_epoch = len(self.sampler)
@@ -155,8 +133,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: mult(step / self.steps_per_epoch)
         )
-        amp = config.train.amp if config.train.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
-        self.amp_dtype = AMP_DTYPES[amp]
+        self.amp_dtype = resolve_precision(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         per_rank_batch = config.data.batch_size // self.dist.world_size
         self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
@@ -189,7 +166,7 @@ class Trainer:
                 logger.info("resumed with changed %s", ", ".join(
                     f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
         elif self.run is not None:
-            self.run.write_text("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            self.run.write_text("config.yaml", config_to_yaml(config))
         if config.train.tensorboard and self.run is not None:
             self.events = _event_writer(self.run.path / "tensorboard")
 
@@ -314,7 +291,9 @@ class Trainer:
                     "train.nan_policy=skip to skip such steps"
                 )
             self.skipped_steps += 1
-            logger.warning("skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps)
+            logger.warning(
+                "skipped step %d: the loss is %s (%d skipped so far)", self.step + 1, value, self.skipped_steps
+            )
         else:
             if self.health.watching:
                 scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -342,14 +321,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def embed(self, source: Any, desc: str) -> torch.Tensor:
+    def embed(self, source: BatchSource, desc: str) -> torch.Tensor:
         """Float32 embeddings of a split, whatever ``train.amp`` is (the path ``recallk evaluate`` takes too)."""
         return embed_source(
             self.model, source, self.cfg.eval.batch_size, self.device, progress=self.progress and self.is_main,
             desc=desc,
         )
 
-    def evaluate(self, source: Any, desc: str) -> tuple[dict[str, float | int], torch.Tensor]:
+    def evaluate(self, source: BatchSource, desc: str) -> tuple[dict[str, float | int], torch.Tensor]:
         embeddings = self.embed(source, desc)
         return evaluate_embeddings(embeddings, source.labels, self.cfg.eval.k, progress=False), embeddings
 
@@ -368,10 +347,7 @@ class Trainer:
             while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
                 started = time.perf_counter()
                 self.sampler.set_epoch(self.epoch)  # keeps a mid-epoch position restored by _load
-                share = cfg.data.batch_size // self.dist.world_size
-                batches = self.train_source.train_batches(
-                    self.sampler, cfg.seed, self.epoch, self.batch_in_epoch, self.dist.rank * share, cfg.data.batch_size
-                )
+                batches = self.train_source.train_batches(self.sampler.planned(), cfg.seed)
                 bar = tqdm(
                     batches, total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
                     desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not (self.progress and self.is_main),
@@ -481,12 +457,12 @@ class Trainer:
         self.run.write_json("summary.json", summary)
         return summary
 
-    def _untrained_metrics(self, source: Any) -> dict[str, float | int]:
+    def _untrained_metrics(self, source: BatchSource) -> dict[str, float | int]:
         """Metrics on ``source`` of the network as it was before training (same seed, same initial or pretrained
         weights): the baseline of the recall@k plot."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            model = create_model_from_config(self.cfg.model).to(self.device)
+            model = build_network(self.cfg).to(self.device)
         embeddings = embed_source(
             model, source, self.cfg.eval.batch_size, self.device, progress=False,
         )

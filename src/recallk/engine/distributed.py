@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from recallk.errors import RecallkUsageError
+
 _TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -39,6 +41,16 @@ class DistributedContext:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device of a single process from ``train.device``: ``auto`` is cuda when available, else cpu; ``cuda``
+    needs a GPU. (Under torchrun the device follows the rank: :func:`init_distributed`.)"""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecallkUsageError("train.device is 'cuda' but no CUDA GPU is available; use train.device=cpu")
+    return torch.device(name)
+
+
 def init_distributed(backend: str | None = None) -> DistributedContext:
     """Initialise the default process group from torchrun's environment and return this process's context.
 
@@ -51,8 +63,7 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
         raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and not dist.is_initialized():
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return DistributedContext(rank=0, local_rank=0, world_size=1, device=device, backend=None)
+        return DistributedContext(rank=0, local_rank=0, world_size=1, device=resolve_device("auto"), backend=None)
     missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise ValueError(
@@ -72,12 +83,6 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     )
 
 
-def destroy_distributed() -> None:
-    """Tear down the default process group if one exists (call once at the end of training)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def is_distributed() -> bool:
     """True when a process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -91,11 +96,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0, the process that should log, evaluate and write checkpoints."""
-    return get_rank() == 0
 
 
 def wrap_ddp(model: nn.Module, context: DistributedContext) -> nn.Module:
@@ -129,15 +129,3 @@ def all_gather_rows(tensor: Tensor) -> tuple[Tensor, list[int]]:
     gathered = [torch.empty_like(padded) for _ in row_counts]
     dist.all_gather(gathered, padded.contiguous())
     return torch.cat([rows[:n] for rows, n in zip(gathered, row_counts)]), row_counts
-
-
-def all_gather_with_grad(tensor: Tensor) -> Tensor:
-    """Like `all_gather_rows(tensor)[0]`, but this rank's own rows are `tensor` itself, keeping its autograd graph.
-
-    The other ranks' rows are constants: backpropagating through the result gives this rank's rows the gradient
-    of this rank's loss only (no cross-rank gradient exchange).
-    """
-    gathered, row_counts = all_gather_rows(tensor)
-    start = sum(row_counts[: get_rank()])
-    stop = start + tensor.shape[0]
-    return torch.cat([gathered[:start], tensor, gathered[stop:]])

@@ -1,8 +1,8 @@
-"""Evaluating and exporting a trained model from a run directory or a checkpoint file."""
+"""Evaluating and exporting a trained model from a run directory or a checkpoint file (``recallk evaluate``,
+``recallk embed``); the parts come from :mod:`recallk.training.assemble`, as in training."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from recallk.config import Config, config_from_dict
-from recallk.data.sources import build_source
+from recallk.engine.distributed import resolve_device
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
-from recallk.models.factory import create_model_from_config
+from recallk.training.assemble import build_network, build_split
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
-from recallk.training.trainer import resolve_device
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -33,9 +32,7 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     checkpoint = resolve_checkpoint(path)
     state = load_checkpoint(checkpoint)
     config = config_from_dict(state["config"])
-    # The weights come from the checkpoint: never download pretrained backbone weights here.
-    model_cfg = dataclasses.replace(config.model, pretrained=False, pretrained_path=None)
-    model = create_model_from_config(model_cfg)
+    model = build_network(config, weights_follow=True)  # the weights come from the checkpoint
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config, checkpoint
 
@@ -47,11 +44,9 @@ def evaluate_run(
     """Retrieval metrics ``{split: {metric: value}}`` of a trained model on ``split`` (default: the test splits)."""
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(path, torch_device)
-    root = data_dir if data_dir is not None else config.data.data_dir
     results = {}
     for name in [split] if split else list(config.data.split_test):
-        source = build_source(config.data, name, False, root, config.seed, getattr(model, "tokenize", None),
-                              config.model.backbone)
+        source = build_split(config, name, model, data_dir=data_dir)
         embeddings = embed_source(
             model, source, config.eval.batch_size, torch_device, progress=progress, desc=f"embedding {name}"
         )
@@ -72,10 +67,7 @@ def export_embeddings(
     """Embed ``split`` of ``dataset`` (default: the training data set) and save embeddings, labels and ids."""
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(checkpoint, torch_device)
-    data_cfg = config.data if dataset is None else dataclasses.replace(config.data, dataset=dataset, in_memory=False)
-    root = data_dir if data_dir is not None else config.data.data_dir
-    source = build_source(data_cfg, split, False, root, config.seed, getattr(model, "tokenize", None),
-                          config.model.backbone)
+    source = build_split(config, split, model, data_dir=data_dir, dataset=dataset)
     embeddings = embed_source(
         model, source, batch_size or config.eval.batch_size, torch_device, progress=progress,
         desc=f"embedding {split}",

@@ -17,7 +17,8 @@ loss in :mod:`recallk.integrations.sentence_transformers`): :func:`embed_without
 
 Stage 3 replays stage 1 exactly when the model's randomness (dropout, augmentations inside `forward`) comes from
 torch's default CPU/CUDA generators and BatchNorm is frozen (`freeze_batchnorm`); `verify_replay=True` checks it.
-Peak memory is one chunk's activations plus E, G and the loss's own memory (O(query_chunk x N) for RS@k), independent of N
+Peak memory is one chunk's activations plus E, G and the loss's own memory (O(query_chunk x N) for RS@k),
+independent of N
 for the model. Compute is one extra forward pass: about 4/3 of a plain step if backward costs two forwards.
 
 Precision: `autocast_dtype` (e.g. `torch.bfloat16`) runs the model's forward passes under `torch.autocast`;
@@ -48,8 +49,8 @@ with DDP's default every forward pass broadcasts buffers, so every rank must run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,31 +58,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import get_device_states, set_device_states
 
-from recallk.training.batchnorm import batchnorm_layers_in_training_mode
-from recallk.training.distributed import all_gather_rows, get_rank, get_world_size
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
+from recallk.engine.distributed import all_gather_rows, get_rank, get_world_size
+from recallk.losses.input_checks import check_labels
 
-Inputs = Tensor | Mapping[str, Tensor]
+Inputs = Tensor | Mapping[str, Tensor]  # images (B, C, H, W), or token tensors (B, L) by name
 LossFn = Callable[..., Tensor]
 
 _REPLAY_TOLERANCE = 1e-2  # max |stage-3 - stage-1| allowed, relative to max |stage-1| of the chunk
 
 
-@dataclass
 class _RngState:
-    """The default CPU generator's state and that of each CUDA device in use."""
+    """The default CPU generator's state and those of the accelerators in use, captured with torch's
+    ``get_device_states`` and replayed inside ``torch.random.fork_rng`` (the GradCache ``RandContext`` pattern):
+    a replay leaves the generators as it found them."""
 
-    cpu: Tensor
-    cuda: dict[torch.device, Tensor]
+    def __init__(self, cuda_devices: list[torch.device]) -> None:
+        self.cpu = torch.get_rng_state()
+        self.devices, self.states = get_device_states(*(torch.empty(0, device=d) for d in cuda_devices))
 
-    @classmethod
-    def capture(cls, cuda_devices: list[torch.device]) -> _RngState:
-        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices})
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for device, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, device)
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            set_device_states(self.devices, self.states)
+            yield
 
 
 def multistage_backward(
@@ -128,7 +131,7 @@ def multistage_backward(
         raise ValueError(
             f"BatchNorm layers in training mode ({', '.join(offending[:3])}{', ...' if len(offending) > 3 else ''}): "
             "chunked forward passes would use per-chunk statistics and update the running statistics twice; "
-            "call recallk.training.freeze_batchnorm(model) first"
+            "call recallk.engine.freeze_batchnorm(model) first"
         )
     first = embed_without_graph(model, inputs, chunk_size, autocast_dtype, keep_chunks=verify_replay)
     labels = labels.to(first.embeddings.device)
@@ -203,7 +206,7 @@ def embed_without_graph(
     rng_states, chunks = [], []
     with torch.no_grad():
         for start, stop in bounds:
-            rng_states.append(_RngState.capture(cuda_devices))
+            rng_states.append(_RngState(cuda_devices))
             with _forward_context(cuda_devices, autocast_dtype):
                 chunks.append(_embed(model, _slice(inputs, start, stop), stop - start))
     return FirstPass(
@@ -219,18 +222,15 @@ def backward_through_chunks(
     Gradients accumulate into the model's ``.grad``. The RNG state afterwards is the one this function found
     (the replay does not advance it). With DDP, chunks other than the last skip the gradient all-reduce.
     """
-    rng_after = _RngState.capture(first.cuda_devices)
     ddp = _as_ddp(model)
     for index, (start, stop) in enumerate(first.bounds):
-        first.rng_states[index].restore()
         is_last = index == len(first.bounds) - 1
         with ddp.no_sync() if ddp is not None and not is_last else nullcontext():
-            with _forward_context(first.cuda_devices, first.autocast_dtype):
+            with first.rng_states[index].replay(), _forward_context(first.cuda_devices, first.autocast_dtype):
                 chunk = _embed(model, _slice(inputs, start, stop), stop - start)
             if verify_replay and first.chunk_embeddings is not None:
                 _check_replay(first.chunk_embeddings[index], chunk.detach(), start, stop)
             torch.autograd.backward(chunk, grad[start:stop].to(chunk.dtype))
-    rng_after.restore()
 
 
 def _forward_context(cuda_devices: list[torch.device], autocast_dtype: torch.dtype | None) -> Any:
@@ -244,8 +244,7 @@ def _check_inputs(inputs: Inputs, labels: Tensor, chunk_size: int) -> int:
     """Validate shapes and return the number of rows N."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
+    check_labels(labels, labels.shape[0] if labels.dim() else 0)
     num_rows = labels.shape[0]
     if num_rows == 0:
         raise ValueError("the batch is empty: labels has 0 rows")
@@ -312,7 +311,8 @@ def _sharded_loss_and_embedding_grad(
     """
     if not bool(torch.isfinite(embeddings).all()):
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        return torch.tensor(float("nan"), dtype=dtype, device=embeddings.device), torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
+        nan = torch.tensor(float("nan"), dtype=dtype, device=embeddings.device)
+        return nan, torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
 
     def share(leaf: Tensor, leaf_labels: Tensor, **kwargs: Any) -> Tensor:
         return sharded_loss(leaf, leaf_labels, rows, **kwargs)

@@ -95,5 +95,6 @@ def build_csv(
     labels, classes = encode_labels(class_keys([label for _, label in rows]))
     return ImageDataset(
         DirectoryStore(path.parent), [p for p, _ in rows], labels, classes, transform=transform,
-        image_mode="L" if grayscale else "RGB", invert=invert, skip_bad_images=skip_bad_images, missing_hint=f"paths in {path} are relative to {path.parent}",
+        image_mode="L" if grayscale else "RGB", invert=invert, skip_bad_images=skip_bad_images,
+        missing_hint=f"paths in {path} are relative to {path.parent}",
     )

@@ -1,4 +1,8 @@
-"""Checks on loss inputs that turn silent nonsense into one clear ``ValueError``."""
+"""Input checks that turn silent nonsense into one clear ``ValueError``: the losses' and the retrieval metrics'.
+
+The losses take tensors (:func:`check_embeddings`, :func:`check_labels`); the metrics also take numpy arrays and
+convert them (:func:`as_embeddings`, :func:`as_labels`); both read ``k`` with :func:`check_k`.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +13,55 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 
 
-def check_embeddings(emb: torch.Tensor, name: str = "embeddings") -> None:
-    """``emb`` must be a finite 2-D floating tensor (N x D)."""
+def check_embeddings(emb: torch.Tensor, name: str = "embeddings", nonempty: bool = False) -> None:
+    """``emb`` must be a finite 2-D floating tensor (N x D); with ``nonempty`` also N, D >= 1."""
     if not isinstance(emb, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (N, D), got {type(emb).__name__}")
     if emb.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, D), got shape {tuple(emb.shape)}")
+        raise ValueError(f"{name} must be 2-D, shape (N, D), got shape {tuple(emb.shape)}")
     if not emb.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {emb.dtype}")
-    finite = torch.isfinite(emb).all(dim=1)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+        raise ValueError(f"{name} must hold floats, got dtype {emb.dtype}")
+    if nonempty and (emb.shape[0] == 0 or emb.shape[1] == 0):
+        raise ValueError(f"{name} is empty (shape {tuple(emb.shape)}); pass at least one embedding")
+    bad_rows = (~torch.isfinite(emb).all(dim=1)).nonzero().squeeze(1)
+    if bad_rows.numel() > 0:
         raise ValueError(
-            f"{name} contain NaN or Inf in {bad} of {len(emb)} rows; check the model output "
-            "(learning rate too high? fp16 overflow?) before computing the loss"
+            f"{name} has NaN or Inf in {bad_rows.numel()} of {len(emb)} rows (first at row {int(bad_rows[0])}); "
+            "check the model output (learning rate too high? fp16 overflow?) or remove those rows"
         )
 
 
-def check_labels(labels: torch.Tensor, length: int, name: str = "labels") -> None:
-    """``labels`` must be a 1-D integer tensor with one entry per embedding."""
+def check_labels(labels: torch.Tensor, length: int, name: str = "labels", of: str = "embeddings") -> None:
+    """``labels`` must be a 1-D integer tensor with one entry per row of ``of`` (``length`` rows)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a 1-D integer torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor (e.g. torch.long), got dtype {labels.dtype}")
+        raise ValueError(
+            f"{name} must be an integer tensor of class ids (e.g. torch.long), got dtype {labels.dtype}"
+        )
     if len(labels) != length:
-        raise ValueError(f"{name} has {len(labels)} entries but there are {length} embeddings; they must match")
+        raise ValueError(f"{name} has {len(labels)} entries but {of} has {length} rows; they must match")
+
+
+def as_embeddings(array: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    """A tensor or numpy ``(N, D)`` float matrix, checked (:func:`check_embeddings`, N, D >= 1) and returned as a
+    detached tensor of at least float32 precision."""
+    if not isinstance(array, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+    tensor = torch.as_tensor(array).detach()
+    check_embeddings(tensor, name, nonempty=True)
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def as_labels(array: torch.Tensor | np.ndarray, name: str, num_items: int, of: str) -> torch.Tensor:
+    """A tensor or numpy ``(N,)`` vector of class ids matching ``num_items`` rows of ``of``, as int64."""
+    if not isinstance(array, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+    tensor = torch.as_tensor(array)
+    check_labels(tensor, num_items, name, of)
+    return tensor.long()
 
 
 def _plain_number(value: object) -> object:
@@ -56,7 +82,7 @@ def check_k(k: int | Sequence[int] | torch.Tensor | np.ndarray) -> tuple[int, ..
     if not values:
         raise ValueError("k is empty; give at least one positive integer, e.g. k=(1, 2, 4, 8, 16)")
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"k must hold positive integers, got {values}")
+        raise ValueError(f"every k must be a positive integer (>= 1), got {values}")
     return values
 
 

@@ -1,0 +1,98 @@
+"""One registry per kind of name a config can hold: the single list of what each key accepts.
+
+A :class:`Registry` maps each name to a one-line description. ``config.py`` validates against these registries (an
+unknown name is a one-line error with the closest name as a suggestion), ``recallk config --explain`` prints them,
+and each implementation (readers, transforms, losses, poolings, schedules, norms, precisions) dispatches on them
+and refuses what is not registered with :meth:`Registry.unknown`. This module imports nothing heavy, so configs
+validate without loading torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+
+
+class Registry(Mapping[str, str]):
+    """Names of one kind (``kind``, e.g. "dataset") set by config key ``key``; ``entries`` maps name -> meaning."""
+
+    def __init__(self, kind: str, key: str, entries: Mapping[str, str]) -> None:
+        self.kind = kind
+        self.key = key
+        self._entries = dict(entries)
+
+    def __getitem__(self, name: str) -> str:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {list(self._entries)})"
+
+    def unknown(self, name: object, *others: Registry) -> str:
+        """One-line message for a name in none of this and ``others``: the closest name, and all allowed ones."""
+        return unknown_name_message(name, self.kind, self.key, [*self, *(n for o in others for n in o)])
+
+
+def unknown_name_message(name: object, kind: str, key: str, allowed: list[str], where: str = "") -> str:
+    """``unknown dataset 'sopp' for 'data.dataset' <where>; did you mean 'sop'? choose one of ...``."""
+    close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    place = f" {where}" if where else ""
+    return f"unknown {kind} {name!r} for '{key}'{place}; {hint}choose one of {', '.join(repr(a) for a in allowed)}"
+
+
+DATASETS = Registry("dataset", "data.dataset", {
+    "omniglot": "Omniglot characters (background set trains, evaluation set tests; val carved from train)",
+    "sop": "Stanford Online Products",
+    "cub": "CUB-200-2011 birds",
+    "cars": "Stanford Cars 196",
+    "inat2018": "iNaturalist 2018 (the Brown et al. retrieval splits)",
+    "vehicleid": "PKU VehicleID",
+    "inshop": "DeepFashion In-shop (query and gallery)",
+    "folder": "a folder per class (data.data_dir/<split>/<class>/<image>)",
+    "csv": "a CSV file of path,label rows per split (data.options.csv_file)",
+})
+TEXT_DATASETS = Registry("text dataset", "data.dataset", {
+    "clinc150": "CLINC150 intents (seen intents train, unseen intents test)",
+    "banking77": "BANKING77 intents (seen intents train, unseen intents test)",
+})
+TRANSFORMS = Registry("transform", "data.transform", {
+    "imagenet": "RGB, ImageNet mean/std; train: RandomResizedCrop + flip, test: resize + center crop",
+    "omniglot": "one channel in [0, 1]; train: a small random affine",
+    "timm": "mean/std/crop/interpolation of the timm model in model.backbone",
+})
+LOSSES = Registry("loss", "loss.name", {
+    "rsk": "RS@k, the paper's Recall@k surrogate",
+    "contrastive": "pytorch-metric-learning ContrastiveLoss",
+    "triplet": "TripletMarginLoss with a semi-hard triplet miner (margin 0.1)",
+    "multi_similarity": "MultiSimilarityLoss with its miner",
+    "normalized_softmax": "NormalizedSoftmaxLoss (one proxy per training class)",
+    "proxy_anchor": "ProxyAnchorLoss (one proxy per training class)",
+    "fastap": "FastAPLoss",
+    "smooth_ap": "SmoothAPLoss",
+})
+POOLINGS = Registry("pooling", "model.pooling", {
+    "gem": "generalised-mean pooling of a CNN feature map",
+    "avg": "global average pooling of a CNN feature map",
+    "cls": "the class token of a vision transformer",
+})
+SCHEDULES = Registry("schedule", "optim.schedule", {
+    "none": "constant learning rate (after the warm-up)",
+    "cosine": "cosine decay from lr to 0 over train.epochs",
+    "step": "multiply by optim.gamma at each of optim.step_epochs",
+})
+NORMS = Registry("norm", "model.norm", {
+    "batch": "BatchNorm (chunked batches need model.freeze_batchnorm)",
+    "group": "GroupNorm (chunkable without freezing)",
+})
+AMP_MODES = Registry("precision", "train.amp", {
+    "auto": "bf16 on CUDA, none on CPU",
+    "none": "float32",
+    "bf16": "bfloat16 autocast",
+    "fp16": "float16 autocast with a gradient scaler",
+})

@@ -1,0 +1,117 @@
+"""One assembly: a :class:`~recallk.config.Config` -> the network, data sources, sampler, loss and precision.
+
+The trainer, ``recallk evaluate``, ``recallk embed``, :func:`~recallk.training.evaluate_run.load_trained_model` and
+:func:`recallk.load_model` all build their parts here, so a run is evaluated with exactly the model, data decoding
+and preprocessing it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from recallk.config import Config
+from recallk.data.factory import reader_decoding
+from recallk.data.image_dataset import convert_image
+from recallk.data.sampler import ClassBalancedBatchSampler
+from recallk.data.sources import BatchSource, build_source
+from recallk.data.transforms import build_transforms
+from recallk.losses.factory import build_loss
+from recallk.models.factory import create_model_from_config
+
+__all__ = [
+    "build_loss_from_config",
+    "build_network",
+    "build_sampler",
+    "build_split",
+    "decode_like_the_reader",
+    "eval_transform",
+    "reader_decoding_of",
+    "resolve_precision",
+]
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_network(config: Config, weights_follow: bool = False) -> nn.Module:
+    """The embedding network of ``config.model`` on the CPU.
+
+    ``weights_follow``: the caller loads the weights (a checkpoint, a saved model), so pretrained backbone weights
+    are neither downloaded nor read.
+    """
+    model_cfg = config.model
+    if weights_follow:
+        model_cfg = dataclasses.replace(model_cfg, pretrained=False, pretrained_path=None)
+    return create_model_from_config(model_cfg)
+
+
+def build_split(
+    config: Config,
+    split: str,
+    network: nn.Module,
+    train: bool = False,
+    data_dir: str | Path | None = None,
+    dataset: str | None = None,
+) -> BatchSource:
+    """The batches of ``split`` as ``network`` consumes them (its ``tokenize`` for text, its timm preprocessing).
+
+    ``data_dir`` (default ``data.data_dir``) is the data root; ``dataset`` reads another data set with the same
+    preprocessing (files, not ``data.in_memory`` arrays).
+    """
+    data_cfg = config.data
+    if dataset is not None:
+        data_cfg = dataclasses.replace(data_cfg, dataset=dataset, in_memory=False)
+    root = data_dir if data_dir is not None else config.data.data_dir
+    return build_source(
+        data_cfg, split, train, root, config.seed, getattr(network, "tokenize", None), config.model.backbone
+    )
+
+
+def build_sampler(config: Config, labels: Tensor, rank: int = 0, world_size: int = 1) -> ClassBalancedBatchSampler:
+    """Class-balanced training batches of ``data.batch_size`` (``data.samples_per_class`` per class)."""
+    return ClassBalancedBatchSampler(
+        labels.numpy(), config.data.batch_size, config.data.samples_per_class, seed=config.seed, rank=rank,
+        world_size=world_size,
+    )
+
+
+def build_loss_from_config(config: Config, num_classes: int | None) -> nn.Module:
+    """The training loss of ``config.loss`` (proxy losses get one proxy per class of ``num_classes``)."""
+    loss = config.loss
+    return build_loss(
+        loss.name, num_classes=num_classes, embed_dim=config.model.embed_dim, k=loss.k, tau_rank=loss.tau_rank,
+        tau_k=loss.tau_k, rank_includes_query=loss.rank_includes_query, simix=loss.simix,
+        simix_pairs_per_class=loss.simix_pairs_per_class, memory_size=loss.memory_size, params=loss.params,
+    )
+
+
+def resolve_precision(config: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the network forward (``train.amp``; ``auto``: bf16 on CUDA, none on CPU)."""
+    amp = config.train.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return AMP_DTYPES[amp]
+
+
+def reader_decoding_of(config: Config) -> tuple[str, bool]:
+    """``(image_mode, invert)``: how the reader of ``data.dataset`` decodes an image file ("L" or "RGB", inverted or
+    not) before ``data.transform``; what :class:`recallk.pretrained.Preprocessing` repeats for new images."""
+    return reader_decoding(config.data.dataset, config.data.options)
+
+
+def decode_like_the_reader(image: Image.Image, mode: str, invert: bool) -> Image.Image:
+    """``image`` decoded as the training reader decodes its files (:func:`reader_decoding_of`)."""
+    image = convert_image(image, mode)
+    return ImageOps.invert(image) if invert else image
+
+
+def eval_transform(
+    transform: str, image_size: int, backbone: str | None, mean: object = None, std: object = None
+) -> Callable[[Image.Image], Tensor]:
+    """The evaluation transform of ``data.transform`` (what :func:`build_split` gives a non-training split)."""
+    return build_transforms(transform, image_size, False, backbone, mean=mean, std=std)  # type: ignore[arg-type]
