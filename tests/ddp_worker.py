@@ -136,6 +136,7 @@ def main(out_dir: Path) -> None:
         result = distributed_step(context.rank, rows_per_rank, loss_name, context)
         torch.save(result, out_dir / f"{name}_rank{context.rank}.pt")
     torch.save(check_all_gather_rows(context.rank), out_dir / f"gather_rank{context.rank}.pt")
+    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer hung up first
     torch.distributed.destroy_process_group()
 
 

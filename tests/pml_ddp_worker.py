@@ -64,6 +64,7 @@ def main(out_dir: Path) -> None:
     result = {"pml_loss": pml_loss.detach() / context.world_size, "pml_grads": pml_grads, "own_loss": own_loss,
               "own_grads": own_grads, "efficient_error": efficient_error}
     torch.save(result, out_dir / f"pml_rank{context.rank}.pt")
+    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer hung up first
     torch.distributed.destroy_process_group()
 
 

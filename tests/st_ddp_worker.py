@@ -91,6 +91,7 @@ def main(out_dir: Path) -> None:
     context = init_distributed("gloo")
     for name, simix in SCENARIOS.items():
         torch.save(distributed_step(context.rank, simix), out_dir / f"{name}_rank{context.rank}.pt")
+    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer hung up first
     torch.distributed.destroy_process_group()
 
 
