@@ -164,3 +164,18 @@ def test_format_metrics_table():
     assert lines[0].split() == ["metric", "test", "val"]
     assert lines[1].split() == ["recall@1", "0.8561", "0.5000"]
     assert lines[2].split() == ["num_queries", "10", "-"]
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    """`recallk recipes | head -1`: stdout's reader is gone before recallk writes; it stops quietly (exit 141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to write_end now fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "recallk", "recipes"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""
