@@ -83,6 +83,17 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     )
 
 
+def leave_process_group() -> None:
+    """Wait for every rank at a barrier, then destroy the default process group (a no-op without one).
+
+    The end of a run: rank 0 evaluates the test split alone, and a rank that exits earlier with the group alive
+    can be aborted by gloo ("terminate called without an active exception"), which makes torchrun fail the job.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

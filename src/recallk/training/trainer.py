@@ -32,7 +32,13 @@ from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sources import BatchSource
 from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
-from recallk.engine.distributed import DistributedContext, init_distributed, resolve_device, wrap_ddp
+from recallk.engine.distributed import (
+    DistributedContext,
+    init_distributed,
+    leave_process_group,
+    resolve_device,
+    wrap_ddp,
+)
 from recallk.engine.multistage import multistage_backward
 from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
@@ -496,11 +502,15 @@ def train(
 ) -> dict[str, Any]:
     """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``)."""
     path = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    owns_process_group = not torch.distributed.is_initialized()  # a caller's own group is left to the caller
     trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress)
     try:
-        return trainer.fit()
+        summary = trainer.fit()
     finally:
         trainer.close()
+    if owns_process_group:
+        leave_process_group()  # every rank waits for rank 0's test evaluation, then all leave together
+    return summary
 
 
 def default_run_dir(config: Config) -> Path:
