@@ -17,8 +17,10 @@ model card with the recipe, the data set, the test metrics and the recallk versi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +76,12 @@ class Preprocessing:
         if not isinstance(image, Image.Image):
             image = open_image(image)
         image = decode_like_the_reader(image, "L" if self.grayscale else "RGB", self.invert)
-        return eval_transform(self.transform, self.image_size, self.backbone, self.mean, self.std)(image)
+        return self.transform_fn(image)
+
+    @functools.cached_property
+    def transform_fn(self) -> Callable[[Image.Image], Tensor]:
+        """The eval transform, built once (``data.transform: timm`` resolves the backbone's data config)."""
+        return eval_transform(self.transform, self.image_size, self.backbone, self.mean, self.std)
 
     @property
     def channels(self) -> int:
