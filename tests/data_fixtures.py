@@ -207,16 +207,20 @@ def write_glyphs(root: Path, classes: range, per_class: int = 4, size: int = 20,
     """``root/class<c>/<i>.png``: each class three thick strokes, jittered per drawing (like Omniglot)."""
     rng = np.random.default_rng(seed)
     for c in classes:
-        strokes = rng.uniform(3, size - 3, (3, 4))
-        folder = root / f"class{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image = Image.new("L", (size, size), 255)
-            draw = ImageDraw.Draw(image)
-            for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
-                draw.line((x0, y0, x1, y1), fill=0, width=2)
-            image.save(folder / f"{i}.png")
+        _write_glyph_class(root / f"class{c:02d}", rng, per_class, size)
     return root
+
+
+def _write_glyph_class(folder: Path, rng: np.random.Generator, per_class: int, size: int) -> None:
+    """``per_class`` drawings ``folder/<i>.png`` of one class: three thick strokes, jittered per drawing."""
+    strokes = rng.uniform(3, size - 3, (3, 4))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+        image = Image.new("L", (size, size), 255)
+        draw = ImageDraw.Draw(image)
+        for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
+            draw.line((x0, y0, x1, y1), fill=0, width=2)
+        image.save(folder / f"{i}.png")
 
 
 def make_glyph_folder(root: Path, classes: int = 12, per_class: int = 6, size: int = 24) -> Path:
@@ -224,15 +228,7 @@ def make_glyph_folder(root: Path, classes: int = 12, per_class: int = 6, size: i
     rng = np.random.default_rng(0)
     for split, first in (("train", 0), ("test", classes)):
         for c in range(first, first + classes):
-            strokes = rng.uniform(3, size - 3, (3, 4))
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                image = Image.new("L", (size, size), 255)
-                draw = ImageDraw.Draw(image)
-                for x0, y0, x1, y1 in strokes + rng.normal(0, 1.0, strokes.shape):
-                    draw.line((x0, y0, x1, y1), fill=0, width=2)
-                image.save(folder / f"{i}.png")
+            _write_glyph_class(root / split / f"class{c:02d}", rng, per_class, size)
     return root
 
 
