@@ -4,7 +4,8 @@ Sections, each a fresh subprocess of an existing benchmark script (so each measu
 
 - ``loss``: RS@k forward + backward at N = 4k, 16k, 64k, with and without SiMix (all same-class pairs), beside
   the two-matrix-product floor (``benchmarks/loss_speed.py``: time, ``torch.cuda.max_memory_allocated``), and
-  the authors' per-query loop at 4k, one repeat;
+  the authors' per-query loop at 4k, one repeat, on random embeddings (most gradients exactly zero);
+- ``loss_trained``: the same without the loop, on trained-like embeddings (nearly every pair has a gradient);
 - ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
   chunk 200, against the largest plain batch that fits (``benchmarks/multistage_memory.py``: images/s, peak);
 - ``knn``: exact kNN evaluation of 60k x 60k x 512 (``benchmarks/eval_speed.py``).
@@ -41,6 +42,8 @@ def sections(quick: bool) -> dict[str, list[str]]:
             "loss": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "512", "--small-max-n", "256",
                      "--simix-max-n", "512", "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop",
                      "--repeats", "1"],
+            "loss_trained": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "--embeddings", "trained",
+                             "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
             "multistage": ["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
                            "--compile", "off"],
             "knn": ["eval_speed.py", "--device", "cpu", "--n", "2000", "--dim", "64", "--header"],
@@ -49,6 +52,9 @@ def sections(quick: bool) -> dict[str, list[str]]:
         "loss": ["loss_speed.py", "--device", "cuda", "--sizes", "4096", "16384", "65536", "--small-max-n", "4096",
                  "--simix-max-n", "65536", "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop",
                  "--repeats", "1"],
+        "loss_trained": ["loss_speed.py", "--device", "cuda", "--sizes", "4096", "16384", "65536",
+                         "--embeddings", "trained", "--simix-max-n", "65536",
+                         "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
         "multistage": ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",
                        "--compile", "off"],
         "knn": ["eval_speed.py", "--device", "cuda", "--n", "60000", "--dim", "512", "--header"],

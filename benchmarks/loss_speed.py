@@ -3,7 +3,15 @@
 Each (implementation, N) runs in a fresh subprocess so that its peak memory is its own: peak RSS growth on the
 CPU, ``torch.cuda.max_memory_allocated`` growth on a GPU. Inputs: N L2-normalised d-dim embeddings, 4 samples
 per class in contiguous groups (the layout the authors' code requires), ``rank_includes_query=True`` so that all
-implementations compute the authors' values, which are printed side by side. Implementations:
+implementations compute the authors' values, which are printed side by side. ``--embeddings`` picks them:
+
+- ``random`` (default): independent random directions, as at the start of training: nearly every positive ranks
+  far down the batch, so most pairs have an exactly zero gradient, which recallk skips;
+- ``trained``: each class a random centre plus noise twice its length (re-normalised), like a model in
+  training: 99% of positives rank in the top 100 and the loss is about 0.4, so nearly every pair has a
+  gradient and nothing is skipped.
+
+Implementations:
 
 - ``recallk`` / ``recallk_simix``: RecallAtKLoss (query-chunked), without / with SiMix over all same-class pairs
   (N + 1.5 N items);
@@ -111,10 +119,18 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(impl: str, n: int, dim: int, device: str, repeats: int) -> dict:
-    """Time and peak memory of one implementation at one size (run in its own process)."""
+def embeddings(kind: str, n: int, dim: int) -> torch.Tensor:
+    """N unit vectors, 4 per class in contiguous groups: ``random`` directions or ``trained``-like clusters."""
     gen = torch.Generator().manual_seed(0)
-    base = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device)
+    if kind == "random":
+        return F.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    centres = F.normalize(torch.randn(n // 4, dim, generator=gen), dim=1).repeat_interleave(4, 0)
+    return F.normalize(centres + 2.0 * torch.randn(n, dim, generator=gen) / dim**0.5, dim=1)
+
+
+def measure(impl: str, n: int, dim: int, device: str, repeats: int, kind: str = "random") -> dict:
+    """Time and peak memory of one implementation at one size (run in its own process)."""
+    base = embeddings(kind, n, dim).to(device)
     labels = torch.arange(n // 4).repeat_interleave(4).to(device)
     fn = IMPLEMENTATIONS[impl]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -143,7 +159,7 @@ def measure(impl: str, n: int, dim: int, device: str, repeats: int) -> dict:
 
 def run_isolated(impl: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--single", impl, str(n), "--dim", str(args.dim), "--device", args.device,
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--embeddings", args.embeddings]
     if impl.startswith("baseline"):
         cmd += ["--baseline-src", args.baseline_src]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -158,6 +174,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--embeddings", choices=["random", "trained"], default="random",
+                        help="random directions (most gradients exactly zero) or trained-like clusters")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (the fastest is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measuring process (CPU)")
     default_impls = ["floor", "recallk", "floor_simix", "recallk_simix", "naive", "loop"]
@@ -172,13 +190,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         if args.single[0].startswith("baseline"):
             sys.path.insert(0, args.baseline_src)
-        print(json.dumps(measure(args.single[0], int(args.single[1]), args.dim, args.device, args.repeats)))
+        impl, n = args.single[0], int(args.single[1])
+        print(json.dumps(measure(impl, n, args.dim, args.device, args.repeats, args.embeddings)))
         return
     if any(i.startswith("baseline") for i in args.impls) and not args.baseline_src:
         parser.error("the baseline rows need --baseline-src DIR (a directory holding a recallk package)")
     cpu = f"{platform.processor() or platform.machine()}, {args.threads} threads"
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
-    print(f"Loss forward+backward, d={args.dim}, 4 samples/class, {args.device} ({machine}), "
+    print(f"Loss forward+backward, {args.embeddings} embeddings, d={args.dim}, 4 samples/class, "
+          f"{args.device} ({machine}), "
           f"torch {torch.__version__}, "
           f"{datetime.date.today()}; command: python benchmarks/loss_speed.py {' '.join(sys.argv[1:])}\n")
     print("| N | implementation | time (s) | x floor | peak extra memory (MiB) | loss |")

@@ -17,7 +17,7 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert set(report["sections"]) == {"loss", "multistage", "knn"}
+    assert set(report["sections"]) == {"loss", "loss_trained", "multistage", "knn"}
     for name, section in report["sections"].items():
         assert section["returncode"] == 0, (name, section["error"])
         assert section["rows"], f"section {name} produced no table rows"
@@ -27,6 +27,8 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     assert ("512", "loop") not in implementations  # the loop stops at --small-max-n
     values = {row["loss"] for row in loss_rows if row["N"] == "256" and row["implementation"] in ("recallk", "loop")}
     assert len(values) == 1, f"recallk and the per-query loop disagree: {values}"
+    trained = {row["implementation"]: row["loss"] for row in report["sections"]["loss_trained"]["rows"]}
+    assert float(trained["recallk"]) < 0.8 < float(values.pop())  # trained-like clusters: a lower loss
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## loss" in markdown and "## multistage" in markdown and "## knn" in markdown
 

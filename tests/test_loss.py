@@ -10,7 +10,7 @@ from pytorch_metric_learning.distances import LpDistance
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from recallk import RecallAtKLoss, SimilarityMixup
-from recallk.losses import same_class_pairs
+from recallk.losses import chunked_recall, same_class_pairs
 
 from loss_reference import clamped_sigmoid, rsk_loop
 
@@ -128,6 +128,29 @@ def test_chunking_does_not_change_results() -> None:
     for value, grad in results[1:]:
         assert value == pytest.approx(results[0][0], abs=1e-6)
         torch.testing.assert_close(grad, results[0][1])
+
+
+@pytest.mark.parametrize("query_chunk", [4, 48])
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+def test_pairs_without_gradient_are_left_out_exactly(query_chunk: int, rank_includes_query: bool) -> None:
+    """A sharp tau_k makes the gradient of every positive ranked past k + 4 underflow even in float64: those
+    pairs and all-zero rows of G are skipped (blocks where they are the majority and the minority, chunks with
+    and without such rows), and loss and gradient still equal the loops."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(12).repeat_interleave(4)[torch.randperm(48, generator=g)]
+    centers = F.normalize(torch.randn(12, 6, generator=g, dtype=torch.float64), dim=1)
+    emb = F.normalize(centers[labels] + 0.8 * torch.randn(48, 6, generator=g, dtype=torch.float64), dim=1)
+    kw = dict(k=(1, 2, 4), tau_k=0.005, rank_includes_query=rank_includes_query)
+    loss = RecallAtKLoss(query_chunk=query_chunk, **kw)
+    ours, grad = value_and_grad(lambda e: loss(e, labels), emb)
+    ref, ref_grad = value_and_grad(lambda e: reference(e, labels, **kw), emb)
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    # the skipping did happen: some rows of G are all zero, others not
+    settings = loss._settings()
+    side = chunked_recall.query_side(labels, labels, torch.arange(48), settings, emb.dtype)
+    _, chunk_grad = chunked_recall._chunk_soft_and_grad(emb @ emb.T / 0.01, side, labels, settings, 48, True)
+    assert 0 < int(chunk_grad.rows.sum()) < 48
 
 
 def test_perfect_and_reversed_embeddings() -> None:

@@ -29,9 +29,17 @@ are set to zero: such subnormal operands make the CPU's matrix products several 
 below the precision of dE and dR. ``G_Q`` is then turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All
 of a query's pairs lie in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens
 during the forward pass (the loss is a scalar: backward only scales dE and dR by the incoming gradient), which
-costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward. No N x M matrix
-is ever stored: extra memory is about ``3 * query_chunk * M`` floats (``S_Q``, one pair block, ``G_Q``) and
-the (row, column) indices of the chunk's pairs, plus the (N + M) x D embedding gradients, whatever N is.
+costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward.
+
+Work whose result is exactly zero is skipped: a positive ranked more than about 85 tau_k places past k (in float32;
+about 700 tau_k in float64) has h (1 - h) = 0, so g_ix and every term of its row vanish; such pairs get no
+sigmoid' work, and queries whose pairs all vanish drop out of the two gradient products (their rows of G_Q
+are gathered over chunks until they fill a product). Early in training, when most positives rank far down a
+large batch, this removes most of the gradient's cost; it changes no value.
+
+No N x M matrix is ever stored: extra memory is about ``4 * query_chunk * M`` floats (``S_Q``, one pair
+block, ``G_Q`` and the gathered rows of G) and the (row, column) indices of the chunk's pairs, plus the
+(N + M) x D embedding gradients, whatever N is.
 """
 
 from __future__ import annotations
@@ -139,6 +147,11 @@ class _PairBlock:
     excluded_sig: Tensor
     hits: Tensor
 
+    def select(self, index: Tensor) -> _PairBlock:
+        """The pairs at ``index`` (their sigmoids copied)."""
+        return _PairBlock(*(t[index] for t in (
+            self.row, self.col, self.excluded, self.sig, self.excluded_sig, self.hits)))
+
 
 def _pair_block(
     scaled: Tensor, side: QuerySide, row: Tensor, col: Tensor, tau_k: Tensor, buffer: Tensor
@@ -153,15 +166,33 @@ def _pair_block(
     return _PairBlock(row, col, excluded, sig, excluded_sig, hits)
 
 
-def _add_gradient(grad: Tensor, block: _PairBlock, dsoft: Tensor, tau_k: Tensor, tau_rank: float) -> None:
-    """grad += the block's part of G_Q = dterms/dS_Q, given dsoft = dterms/dH of its rows; overwrites block.sig."""
+def _add_gradient(
+    grad: Tensor, block: _PairBlock, dsoft: Tensor, tau_k: Tensor, tau_rank: float, active_rows: Tensor
+) -> None:
+    """grad += the block's part of G_Q = dterms/dS_Q, given dsoft = dterms/dH of its rows; overwrites block.sig.
+
+    A pair whose weight g_ix / tau_rank is below 4x the float's smallest normal number has no gradient: every
+    term g_ix sigmoid' (sigmoid' <= 1/4) of its row would be flushed to zero below. Such pairs are left out
+    when they are the majority (else their weight is set to zero). The rows of ``grad`` that receive terms are
+    marked in ``active_rows`` (n, bool)."""
     weight = -(dsoft[block.row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / tau_rank  # g_ix / tau_rank
+    tiny = torch.finfo(weight.dtype).tiny
+    active = weight >= 4.0 * tiny
+    num_active = int(active.sum())
+    if num_active == 0:
+        return
+    if 2 * num_active < len(active):
+        keep = active.nonzero().squeeze(1)
+        block, weight = block.select(keep), weight[keep]
+    else:
+        weight = weight.masked_fill_(~active, 0.0)
+    active_rows[block.row] = True
     slope = block.sig.addcmul_(block.sig, block.sig, value=-1.0)  # sigmoid' = s (1 - s), in place
     excluded_slope = block.excluded_sig * (1.0 - block.excluded_sig)
     rank_slope = slope.sum(1) - 0.25 - excluded_slope  # sum over D(i) without x
     # g_ix sigmoid' >= 0; its subnormal terms (below the float's smallest normal number, nothing next to the
     # precision of dE and dR) are set to zero: they make the CPU's matrix products with G_Q several times slower
-    terms = torch.nn.functional.threshold_(slope.mul_(weight[:, None]), torch.finfo(slope.dtype).tiny, 0.0)
+    terms = torch.nn.functional.threshold_(slope.mul_(weight[:, None]), tiny, 0.0)
     grad.index_add_(0, block.row, terms)
     # undo the z = x (sigmoid'(0) = 1/4) and z = e_i terms added above (the latter is -0.0 without e_i)
     flat, num_db = grad.view(-1), grad.shape[1]
@@ -183,11 +214,19 @@ def _query_groups(num_pos: list[int], pair_block: int) -> list[tuple[int, int, i
     return groups
 
 
+@dataclass
+class _ChunkGradient:
+    """G_Q = dterms/dS_Q of a chunk (n x M) and its rows that are not all zero (``rows``, n, bool)."""
+
+    values: Tensor
+    rows: Tensor
+
+
 def _chunk_soft_and_grad(
     scaled: Tensor, side: QuerySide, ref_labels: Tensor, settings: RankSettings, num_valid: int, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, _ChunkGradient | None]:
     """H (n x K) of one chunk, ``scaled = S_Q / tau_rank`` (n x M), and, when ``need_grad``, G_Q = dterms/dS_Q
-    (n x M; None if no query has a positive).
+    (None if no query has a positive).
 
     The pairs go in blocks of at most ``query_chunk`` pairs holding whole queries, so that a block's H, and
     then its gradient, come from one evaluation of its sigmoids; only a query with more pairs than a block
@@ -202,6 +241,7 @@ def _chunk_soft_and_grad(
     buffer = scaled.new_empty(min(size, len(pair_row)), num_db)
     one = torch.ones((), dtype=scaled.dtype, device=scaled.device)
     dsoft = torch.zeros_like(soft)
+    active_rows = torch.zeros(n, dtype=torch.bool, device=scaled.device)
     for first_row, end_row, first_pair, end_pair in _query_groups(side.num_pos.tolist(), size):
         starts = range(first_pair, end_pair, size)
 
@@ -217,8 +257,62 @@ def _chunk_soft_and_grad(
             continue
         dsoft[first_row:end_row] = _dsoft(soft[first_row:end_row], side.rows(first_row, end_row), num_valid, one)
         for start in starts:  # the kept block when the group is one block, else recomputed block by block
-            _add_gradient(grad, kept if len(starts) == 1 else block(start), dsoft, tau_k, settings.tau_rank)
-    return soft, grad
+            pairs = kept if len(starts) == 1 else block(start)
+            _add_gradient(grad, pairs, dsoft, tau_k, settings.tau_rank, active_rows)
+    return soft, None if grad is None else _ChunkGradient(grad, active_rows)
+
+
+class _GradientProducts:
+    """dE += G R and dR += G^T E over the nonzero rows of the chunks' G_Q, in matrix products of about
+    ``rows_per_product`` rows.
+
+    A query whose positives all lie far down its ranking has an all-zero row of G_Q (every term flushed, see
+    :func:`_add_gradient`); leaving it out is exact. A chunk whose rows are all nonzero goes straight into the
+    products; the nonzero rows of the others are copied into a buffer (``rows_per_product`` x M) until it is
+    full, so that sparse chunks do not pay one pass over dR each."""
+
+    def __init__(
+        self, queries: Tensor, database: Tensor, grad_queries: Tensor | None, grad_database: Tensor | None,
+        rows_per_product: int,
+    ) -> None:
+        self.queries, self.database = queries, database
+        self.grad_queries, self.grad_database = grad_queries, grad_database
+        self.rows_per_product = rows_per_product
+        self.values: Tensor | None = None  # the gathered rows of G (allocated when first needed)
+        self.index = torch.empty(rows_per_product, dtype=torch.long, device=queries.device)  # their query rows
+        self.num_pending = 0
+
+    def add(self, chunk_grad: _ChunkGradient, start: int) -> None:
+        """The products of a chunk (at most ``rows_per_product`` queries) whose first query is row ``start``."""
+        if bool(chunk_grad.rows.all()):
+            self._products(chunk_grad.values, slice(start, start + len(chunk_grad.values)))
+            return
+        index = chunk_grad.rows.nonzero().squeeze(1)
+        if len(index) == 0:
+            return
+        if self.num_pending + len(index) > self.rows_per_product:
+            self.flush()
+        if self.values is None:
+            self.values = chunk_grad.values.new_empty(self.rows_per_product, chunk_grad.values.shape[1])
+        first, stop = self.num_pending, self.num_pending + len(index)
+        torch.index_select(chunk_grad.values, 0, index, out=self.values[first:stop])
+        self.index[first:stop] = index + start
+        self.num_pending = stop
+
+    def flush(self) -> None:
+        """The products of the gathered rows."""
+        if self.values is not None and self.num_pending:
+            count, self.num_pending = self.num_pending, 0
+            self._products(self.values[:count], self.index[:count])
+
+    def _products(self, values: Tensor, rows: slice | Tensor) -> None:
+        if self.grad_queries is not None:
+            if isinstance(rows, slice):
+                self.grad_queries[rows].addmm_(values, self.database)
+            else:
+                self.grad_queries.index_add_(0, rows, values @ self.database)
+        if self.grad_database is not None:
+            self.grad_database.addmm_(values.T, self.queries[rows])
 
 
 class _EmbeddingTerms(torch.autograd.Function):
@@ -234,6 +328,7 @@ class _EmbeddingTerms(torch.autograd.Function):
         grad_queries = torch.zeros_like(queries) if need_queries else None
         grad_database = grad_queries if same else torch.zeros_like(database) if need_database else None
         soft = queries.new_empty(len(queries), len(settings.k))
+        products = _GradientProducts(queries, database, grad_queries, grad_database, settings.query_chunk)
         for start in range(0, len(queries), settings.query_chunk):
             stop = min(start + settings.query_chunk, len(queries))
             rows = queries[start:stop]
@@ -241,12 +336,9 @@ class _EmbeddingTerms(torch.autograd.Function):
             soft[start:stop], chunk_grad = _chunk_soft_and_grad(
                 scaled, side.rows(start, stop), ref_labels, settings, num_valid, need_queries or need_database
             )
-            if chunk_grad is None:
-                continue
-            if grad_queries is not None:
-                grad_queries[start:stop].addmm_(chunk_grad, database)
-            if grad_database is not None:
-                grad_database.addmm_(chunk_grad.T, rows)
+            if chunk_grad is not None:
+                products.add(chunk_grad, start)
+        products.flush()
         ctx.grads = grad_queries, None if same else grad_database  # the tensor passed twice gets it once
         return _terms_from_soft(soft, side, num_valid)
 
@@ -273,7 +365,7 @@ class _SimilarityTerms(torch.autograd.Function):
                 grad_sim is not None,
             )
             if chunk_grad is not None:
-                grad_sim[start:stop] = chunk_grad
+                grad_sim[start:stop] = chunk_grad.values
         ctx.grad_sim = grad_sim
         return _terms_from_soft(soft, side, num_valid)
 
