@@ -9,7 +9,10 @@ implementations compute the authors' values, which are printed side by side. ``-
   far down the batch, so most pairs have an exactly zero gradient, which recallk skips;
 - ``trained``: each class a random centre plus noise twice its length (re-normalised), like a model in
   training: 99% of positives rank in the top 100 and the loss is about 0.4, so nearly every pair has a
-  gradient and nothing is skipped.
+  gradient and nothing is skipped;
+- a ``.pt`` file holding ``{"embeddings": (N, d), "labels": (N,)}`` with 4 per class in contiguous groups, e.g.
+  a real model's embeddings written by ``benchmarks/loss_in_training.py`` (``--sizes`` and ``--dim`` then come
+  from the file).
 
 Implementations:
 
@@ -120,7 +123,10 @@ def rss_mb() -> float:
 
 
 def embeddings(kind: str, n: int, dim: int) -> torch.Tensor:
-    """N unit vectors, 4 per class in contiguous groups: ``random`` directions or ``trained``-like clusters."""
+    """N unit vectors, 4 per class in contiguous groups: ``random`` directions, ``trained``-like clusters or
+    the embeddings of a ``.pt`` file."""
+    if kind not in ("random", "trained"):
+        return torch.load(kind)["embeddings"].float()
     gen = torch.Generator().manual_seed(0)
     if kind == "random":
         return F.normalize(torch.randn(n, dim, generator=gen), dim=1)
@@ -174,8 +180,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--embeddings", choices=["random", "trained"], default="random",
-                        help="random directions (most gradients exactly zero) or trained-like clusters")
+    parser.add_argument("--embeddings", default="random",
+                        help="random (directions: most gradients exactly zero), trained (clusters) or a .pt file")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (the fastest is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measuring process (CPU)")
     default_impls = ["floor", "recallk", "floor_simix", "recallk_simix", "naive", "loop"]
@@ -193,6 +199,11 @@ def main() -> None:
         impl, n = args.single[0], int(args.single[1])
         print(json.dumps(measure(impl, n, args.dim, args.device, args.repeats, args.embeddings)))
         return
+    if args.embeddings not in ("random", "trained"):
+        held = torch.load(args.embeddings)
+        args.sizes, args.dim = [len(held["embeddings"])], held["embeddings"].shape[1]
+        if not torch.equal(held["labels"], torch.arange(args.sizes[0] // 4).repeat_interleave(4)):
+            parser.error(f"{args.embeddings}: labels must be 4 per class in contiguous groups (0 0 0 0 1 1 1 1 ...)")
     if any(i.startswith("baseline") for i in args.impls) and not args.baseline_src:
         parser.error("the baseline rows need --baseline-src DIR (a directory holding a recallk package)")
     cpu = f"{platform.processor() or platform.machine()}, {args.threads} threads"

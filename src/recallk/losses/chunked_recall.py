@@ -187,12 +187,16 @@ def _add_gradient(
     else:
         weight = weight.masked_fill_(~active, 0.0)
     active_rows[block.row] = True
-    slope = block.sig.addcmul_(block.sig, block.sig, value=-1.0)  # sigmoid' = s (1 - s), in place
+    # Subnormal numbers (below the float's smallest normal, ``tiny``) make the CPU's arithmetic and matrix
+    # products several times slower. So the sigmoids s whose terms g_ix s (1 - s) / tau_rank would fall below
+    # tiny in every row of the block, or whose square would (s < sqrt(tiny): terms below 1e-19 g_ix / tau_rank,
+    # nothing next to the precision of dE and dR), are set to zero before any product, and the terms still
+    # below tiny after it.
+    sig = torch.nn.functional.threshold_(block.sig, max(tiny**0.5, tiny / float(weight.max())), 0.0)
+    slope = sig.addcmul_(sig, sig, value=-1.0)  # sigmoid' = s (1 - s), in place
     excluded_slope = block.excluded_sig * (1.0 - block.excluded_sig)
     rank_slope = slope.sum(1) - 0.25 - excluded_slope  # sum over D(i) without x
-    # g_ix sigmoid' >= 0; its subnormal terms (below the float's smallest normal number, nothing next to the
-    # precision of dE and dR) are set to zero: they make the CPU's matrix products with G_Q several times slower
-    terms = torch.nn.functional.threshold_(slope.mul_(weight[:, None]), tiny, 0.0)
+    terms = torch.nn.functional.threshold_(slope.mul_(weight[:, None]), tiny, 0.0)  # g_ix sigmoid' >= 0
     grad.index_add_(0, block.row, terms)
     # undo the z = x (sigmoid'(0) = 1/4) and z = e_i terms added above (the latter is -0.0 without e_i)
     flat, num_db = grad.view(-1), grad.shape[1]
@@ -331,11 +335,11 @@ class _EmbeddingTerms(torch.autograd.Function):
         products = _GradientProducts(queries, database, grad_queries, grad_database, settings.query_chunk)
         for start in range(0, len(queries), settings.query_chunk):
             stop = min(start + settings.query_chunk, len(queries))
-            rows = queries[start:stop]
-            scaled = (rows / settings.tau_rank) @ database.T
+            scaled = (queries[start:stop] / settings.tau_rank) @ database.T
             soft[start:stop], chunk_grad = _chunk_soft_and_grad(
                 scaled, side.rows(start, stop), ref_labels, settings, num_valid, need_queries or need_database
             )
+            del scaled  # freed before the products, so the gathered rows of G take its place
             if chunk_grad is not None:
                 products.add(chunk_grad, start)
         products.flush()
