@@ -37,8 +37,9 @@ sigmoid' work, and queries whose pairs all vanish drop out of the two gradient p
 are gathered over chunks until they fill a product). Early in training, when most positives rank far down a
 large batch, this removes most of the gradient's cost; it changes no value.
 
-No N x M matrix is ever stored: extra memory is about ``4 * query_chunk * M`` floats (``S_Q``, one pair
-block, ``G_Q`` and the gathered rows of G) and the (row, column) indices of the chunk's pairs, plus the
+No N x M matrix is ever stored: extra memory is about ``3.5 * query_chunk * M`` floats (``S_Q``, one pair
+block, ``G_Q``, and up to a quarter chunk each of gathered rows of G and of a pair block's rows that have a
+gradient) and the (row, column) indices of the chunk's pairs, plus the
 (N + M) x D embedding gradients, whatever N is.
 """
 
@@ -173,7 +174,8 @@ def _add_gradient(
 
     A pair whose weight g_ix / tau_rank is below 4x the float's smallest normal number has no gradient: every
     term g_ix sigmoid' (sigmoid' <= 1/4) of its row would be flushed to zero below. Such pairs are left out
-    when they are the majority (else their weight is set to zero). The rows of ``grad`` that receive terms are
+    when they are more than three quarters of the block (else their weight is set to zero), so that the copy
+    of the others stays below a quarter of the block. The rows of ``grad`` that receive terms are
     marked in ``active_rows`` (n, bool)."""
     weight = -(dsoft[block.row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / tau_rank  # g_ix / tau_rank
     tiny = torch.finfo(weight.dtype).tiny
@@ -181,12 +183,12 @@ def _add_gradient(
     num_active = int(active.sum())
     if num_active == 0:
         return
-    if 2 * num_active < len(active):
+    active_rows[block.row[active]] = True
+    if 4 * num_active < len(active):
         keep = active.nonzero().squeeze(1)
         block, weight = block.select(keep), weight[keep]
     else:
         weight = weight.masked_fill_(~active, 0.0)
-    active_rows[block.row] = True
     # Subnormal numbers (below the float's smallest normal, ``tiny``) make the CPU's arithmetic and matrix
     # products several times slower. So the sigmoids s whose terms g_ix s (1 - s) / tau_rank would fall below
     # tiny in every row of the block, or whose square would (s < sqrt(tiny): terms below 1e-19 g_ix / tau_rank,
@@ -272,8 +274,9 @@ class _GradientProducts:
 
     A query whose positives all lie far down its ranking has an all-zero row of G_Q (every term flushed, see
     :func:`_add_gradient`); leaving it out is exact. A chunk whose rows are all nonzero goes straight into the
-    products; the nonzero rows of the others are copied into a buffer (``rows_per_product`` x M) until it is
-    full, so that sparse chunks do not pay one pass over dR each."""
+    products, and so do the nonzero rows of a chunk with more than ``rows_per_product`` of them; those of the
+    others are copied into a buffer (``rows_per_product`` x M) until it is full, so that sparse chunks do not
+    pay one pass over dR each."""
 
     def __init__(
         self, queries: Tensor, database: Tensor, grad_queries: Tensor | None, grad_database: Tensor | None,
@@ -287,12 +290,15 @@ class _GradientProducts:
         self.num_pending = 0
 
     def add(self, chunk_grad: _ChunkGradient, start: int) -> None:
-        """The products of a chunk (at most ``rows_per_product`` queries) whose first query is row ``start``."""
+        """The products of a chunk whose first query is row ``start``."""
         if bool(chunk_grad.rows.all()):
             self._products(chunk_grad.values, slice(start, start + len(chunk_grad.values)))
             return
         index = chunk_grad.rows.nonzero().squeeze(1)
         if len(index) == 0:
+            return
+        if len(index) > self.rows_per_product:
+            self._products(chunk_grad.values[index], index + start)
             return
         if self.num_pending + len(index) > self.rows_per_product:
             self.flush()
@@ -332,7 +338,9 @@ class _EmbeddingTerms(torch.autograd.Function):
         grad_queries = torch.zeros_like(queries) if need_queries else None
         grad_database = grad_queries if same else torch.zeros_like(database) if need_database else None
         soft = queries.new_empty(len(queries), len(settings.k))
-        products = _GradientProducts(queries, database, grad_queries, grad_database, settings.query_chunk)
+        products = _GradientProducts(
+            queries, database, grad_queries, grad_database, max(1, settings.query_chunk // 4)
+        )
         for start in range(0, len(queries), settings.query_chunk):
             stop = min(start + settings.query_chunk, len(queries))
             scaled = (queries[start:stop] / settings.tau_rank) @ database.T

@@ -11,7 +11,7 @@ With ``rank_includes_query=True`` the query itself stays in every rank sum (each
 is what the authors' code does; k is clipped to the database size (which then includes the query).
 
 The computation walks over chunks of ``query_chunk`` queries (:mod:`recallk.losses.chunked_recall`), so no N x M
-matrix is ever stored: extra memory is about ``4 * query_chunk * M`` floats plus the (N + M) x D embedding
+matrix is ever stored: extra memory is about ``3.5 * query_chunk * M`` floats plus the (N + M) x D embedding
 gradients. SiMix appends the virtual embeddings to the queries and to the database (O(V x D) more).
 """
 
@@ -53,7 +53,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
         mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
             queries and the database.
         query_chunk: queries (and query-positive pairs) processed at a time: the memory knob, results do not
-            depend on it; extra memory is about ``4 * query_chunk * M`` floats.
+            depend on it; extra memory is about ``3.5 * query_chunk * M`` floats.
         distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
             L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
             embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
