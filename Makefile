@@ -33,6 +33,10 @@ bench: bench-speed bench-quality
 
 bench-speed: setup
 	$(BIN)/python benchmarks/loss_speed.py --device $(DEVICE)
+	$(BIN)/python benchmarks/loss_speed.py --device $(DEVICE) --embeddings trained --impls floor recallk floor_simix recallk_simix
+	$(BIN)/python benchmarks/loss_in_training.py
+	for f in benchmarks/results/loss_in_training/epoch_*.pt; do \
+		$(BIN)/python benchmarks/loss_speed.py --device $(DEVICE) --embeddings $$f --impls floor recallk --repeats 5; done
 	$(BIN)/python benchmarks/multistage_memory.py --device $(DEVICE)
 	$(BIN)/python benchmarks/multistage_memory.py --setting omniglot --threads 2
 	$(BIN)/python benchmarks/eval_speed.py --device $(DEVICE) --header

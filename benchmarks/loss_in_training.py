@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ def run(out: Path, data_dir: str | None, epochs: set[int], overrides: list[str])
             if self.epoch in epochs:
                 self.probe()
 
+    shutil.rmtree(folder / "run", ignore_errors=True)  # the training run is scratch: only the probes are kept
     trainer = Probe(config, folder / "run", data_dir=data_dir, progress=False)
     source = trainer.train_source
     assert isinstance(source, ArraySource), "the probe needs the in-memory Omniglot source"

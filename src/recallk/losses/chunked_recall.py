@@ -190,11 +190,14 @@ def _add_gradient(
     else:
         weight = weight.masked_fill_(~active, 0.0)
     # Subnormal numbers (below the float's smallest normal, ``tiny``) make the CPU's arithmetic and matrix
-    # products several times slower. So the sigmoids s whose terms g_ix s (1 - s) / tau_rank would fall below
-    # tiny in every row of the block, or whose square would (s < sqrt(tiny): terms below 1e-19 g_ix / tau_rank,
-    # nothing next to the precision of dE and dR), are set to zero before any product, and the terms still
-    # below tiny after it.
-    sig = torch.nn.functional.threshold_(block.sig, max(tiny**0.5, tiny / float(weight.max())), 0.0)
+    # products several times slower. So on the CPU the sigmoids s whose terms g_ix s (1 - s) / tau_rank would
+    # fall below tiny in every row of the block, or whose square would (s < sqrt(tiny): terms below 1e-19
+    # g_ix / tau_rank, nothing next to the precision of dE and dR), are set to zero before any product (GPUs
+    # handle subnormals in hardware, and the cut would cost a host sync there); on every device the terms
+    # still below tiny are set to zero after it.
+    sig = block.sig
+    if sig.device.type == "cpu":
+        sig = torch.nn.functional.threshold_(sig, max(tiny**0.5, tiny / float(weight.max())), 0.0)
     slope = sig.addcmul_(sig, sig, value=-1.0)  # sigmoid' = s (1 - s), in place
     excluded_slope = block.excluded_sig * (1.0 - block.excluded_sig)
     rank_slope = slope.sum(1) - 0.25 - excluded_slope  # sum over D(i) without x
