@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -130,27 +132,70 @@ def test_chunking_does_not_change_results() -> None:
         torch.testing.assert_close(grad, results[0][1])
 
 
-@pytest.mark.parametrize("query_chunk", [4, 48])
-@pytest.mark.parametrize("rank_includes_query", [False, True])
-def test_pairs_without_gradient_are_left_out_exactly(query_chunk: int, rank_includes_query: bool) -> None:
-    """A sharp tau_k makes the gradient of every positive ranked past k + 4 underflow even in float64: those
-    pairs and all-zero rows of G are skipped (blocks where they are the majority and the minority, chunks with
-    and without such rows), and loss and gradient still equal the loops."""
+def sharp_tau_k_batch(noise: float = 0.8, n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """n items of n / 4 classes, shuffled, whose positives rank from the top to far down (more with more noise)."""
     g = torch.Generator().manual_seed(3)
-    labels = torch.arange(12).repeat_interleave(4)[torch.randperm(48, generator=g)]
-    centers = F.normalize(torch.randn(12, 6, generator=g, dtype=torch.float64), dim=1)
-    emb = F.normalize(centers[labels] + 0.8 * torch.randn(48, 6, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(n // 4).repeat_interleave(4)[torch.randperm(n, generator=g)]
+    centers = F.normalize(torch.randn(n // 4, 6, generator=g, dtype=torch.float64), dim=1)
+    noisy = centers[labels] + noise * torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return F.normalize(noisy, dim=1), labels
+
+
+@functools.cache
+def sharp_tau_k_reference(noise: float, n: int, rank_includes_query: bool) -> tuple[float, torch.Tensor]:
+    """The loops' loss and gradient on :func:`sharp_tau_k_batch` (slow: computed once per batch)."""
+    emb, labels = sharp_tau_k_batch(noise, n)
+    kw = dict(k=(1, 2, 4), tau_k=0.005, rank_includes_query=rank_includes_query)
+    return value_and_grad(lambda e: reference(e, labels, **kw), emb)
+
+
+@pytest.mark.parametrize("query_chunk", [4, 16, 48])
+@pytest.mark.parametrize("rank_includes_query", [False, True])
+@pytest.mark.parametrize(("noise", "n"), [(0.8, 48), (3.0, 96)])
+def test_pairs_without_gradient_are_left_out_exactly(
+    query_chunk: int, rank_includes_query: bool, noise: float, n: int
+) -> None:
+    """A sharp tau_k makes the gradient of every positive ranked past k + 4 underflow even in float64: those
+    pairs and all-zero rows of G are skipped (blocks where they are most or few of the pairs; chunks with all,
+    some and none of their rows nonzero, gathered over chunks or not), and loss and gradient still equal the
+    loops."""
+    emb, labels = sharp_tau_k_batch(noise, n)
     kw = dict(k=(1, 2, 4), tau_k=0.005, rank_includes_query=rank_includes_query)
     loss = RecallAtKLoss(query_chunk=query_chunk, **kw)
     ours, grad = value_and_grad(lambda e: loss(e, labels), emb)
-    ref, ref_grad = value_and_grad(lambda e: reference(e, labels, **kw), emb)
+    ref, ref_grad = sharp_tau_k_reference(noise, n, rank_includes_query)
     assert ours == pytest.approx(ref, abs=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     # the skipping did happen: some rows of G are all zero, others not
     settings = loss._settings()
-    side = chunked_recall.query_side(labels, labels, torch.arange(48), settings, emb.dtype)
-    _, chunk_grad = chunked_recall._chunk_soft_and_grad(emb @ emb.T / 0.01, side, labels, settings, 48, True)
-    assert 0 < int(chunk_grad.rows.sum()) < 48
+    side = chunked_recall.query_side(labels, labels, torch.arange(n), settings, emb.dtype)
+    _, chunk_grad = chunked_recall._chunk_soft_and_grad(emb @ emb.T / 0.01, side, labels, settings, n, True)
+    assert 0 < int(chunk_grad.rows.sum()) < n
+
+
+@pytest.mark.parametrize("query_chunk", [3, 16])
+def test_left_out_pairs_with_reference_rows_and_from_similarity(query_chunk: int) -> None:
+    """The same skipping for a subset of queries against the whole batch (separate query and database
+    gradients) and for a given similarity matrix."""
+    emb, labels = sharp_tau_k_batch()
+    rows = torch.arange(0, 48, 2)
+    kw = dict(k=(1, 2, 4), tau_k=0.005)
+    loss = RecallAtKLoss(query_chunk=query_chunk, **kw)
+    ours, grad = value_and_grad(
+        lambda e: loss(e[rows], labels[rows], ref_emb=e, ref_labels=labels, query_index=rows), emb
+    )
+    ref, ref_grad = value_and_grad(
+        lambda e: rsk_loop(e[rows] @ e.T, labels[rows].tolist(), labels.tolist(), self_index=rows.tolist(), **kw),
+        emb,
+    )
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    sim = emb @ emb.T
+    ours, sim_grad = value_and_grad(lambda s: loss.from_similarity(s, labels), sim)
+    ref, ref_sim_grad = value_and_grad(lambda s: rsk_loop(s, labels.tolist(), **kw), sim)
+    assert ours == pytest.approx(ref, abs=1e-12)
+    torch.testing.assert_close(sim_grad, ref_sim_grad, rtol=1e-9, atol=1e-12)
+    assert (sim_grad == 0).all(1).any()  # some rows have no gradient at all
 
 
 def test_perfect_and_reversed_embeddings() -> None:
