@@ -31,16 +31,16 @@ of a query's pairs lie in its chunk, so ``G_Q`` is exact there. When the inputs 
 during the forward pass (the loss is a scalar: backward only scales dE and dR by the incoming gradient), which
 costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward.
 
-Work whose result is exactly zero is skipped: a positive ranked more than about 85 tau_k places past k (in float32;
-about 700 tau_k in float64) has h (1 - h) = 0, so g_ix and every term of its row vanish; such pairs get no
-sigmoid' work, and queries whose pairs all vanish drop out of the two gradient products (their rows of G_Q
-are gathered over chunks until they fill a product). Early in training, when most positives rank far down a
-large batch, this removes most of the gradient's cost; it changes no value.
+Work whose result is exactly zero is skipped: a positive ranked more than about 85 tau_k places past k (in
+float32; about 700 tau_k in float64) has h (1 - h) = 0, so g_ix and every term of its row vanish. Such pairs
+get no sigmoid' work, and queries whose pairs all vanish drop out of the two gradient products (the other
+rows of sparse chunks are gathered over chunks until they fill a product). Early in training, when most
+positives rank far down a large batch, this removes most of the gradient's cost; it changes no value.
 
 No N x M matrix is ever stored: extra memory is about ``3.5 * query_chunk * M`` floats (``S_Q``, one pair
 block, ``G_Q``, and up to a quarter chunk each of gathered rows of G and of a pair block's rows that have a
-gradient) and the (row, column) indices of the chunk's pairs, plus the
-(N + M) x D embedding gradients, whatever N is.
+gradient) and the (row, column) indices of the chunk's pairs, plus the (N + M) x D embedding gradients,
+whatever N is.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def _add_gradient(
     A pair whose weight g_ix / tau_rank is below 4x the float's smallest normal number has no gradient: every
     term g_ix sigmoid' (sigmoid' <= 1/4) of its row would be flushed to zero below. Such pairs are left out
     when they are more than three quarters of the block (else their weight is set to zero), so that the copy
-    of the others stays below a quarter of the block. The rows of ``grad`` that receive terms are
+    of the others stays below a quarter of the block. The rows of ``grad`` with a pair that has a gradient are
     marked in ``active_rows`` (n, bool)."""
     weight = -(dsoft[block.row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / tau_rank  # g_ix / tau_rank
     tiny = torch.finfo(weight.dtype).tiny
