@@ -5,7 +5,8 @@ Sections, each a fresh subprocess of an existing benchmark script (so each measu
 - ``loss``: RS@k forward + backward at N = 4k, 16k, 64k, with and without SiMix (all same-class pairs), beside
   the two-matrix-product floor (``benchmarks/loss_speed.py``: time, ``torch.cuda.max_memory_allocated``), and
   the authors' per-query loop at 4k, one repeat, on random embeddings (most gradients exactly zero);
-- ``loss_trained``: the same without the loop, on trained-like embeddings (nearly every pair has a gradient);
+- ``loss_trained``: the same without the loop (SiMix to 16k), on trained-like embeddings (nearly every pair has
+  a gradient);
 - ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
   chunk 200, against the largest plain batch that fits (``benchmarks/multistage_memory.py``: images/s, peak);
 - ``knn``: exact kNN evaluation of 60k x 60k x 512 (``benchmarks/eval_speed.py``).
@@ -53,7 +54,7 @@ def sections(quick: bool) -> dict[str, list[str]]:
                  "--simix-max-n", "65536", "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop",
                  "--repeats", "1"],
         "loss_trained": ["loss_speed.py", "--device", "cuda", "--sizes", "4096", "16384", "65536",
-                         "--embeddings", "trained", "--simix-max-n", "65536",
+                         "--embeddings", "trained", "--simix-max-n", "16384",
                          "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
         "multistage": ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",
                        "--compile", "off"],
