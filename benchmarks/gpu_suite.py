@@ -7,6 +7,9 @@ Sections, each a fresh subprocess of an existing benchmark script (so each measu
   the authors' per-query loop at 4k, one repeat, on random embeddings (most gradients exactly zero);
 - ``loss_trained``: the same without the loop (SiMix to 16k), on trained-like embeddings (nearly every pair has
   a gradient);
+- ``loss_chunk_1024``, ``loss_chunk_4096``: RS@k at 64k on trained-like embeddings with ``query_chunk`` 1024 and
+  4096 instead of the default 256 (bigger products, fewer Python steps; memory grows with the chunk), to choose
+  the default for GPUs;
 - ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
   chunk 200, against the largest plain batch that fits (``benchmarks/multistage_memory.py``: images/s, peak);
 - ``knn``: exact kNN evaluation of 60k x 60k x 512 (``benchmarks/eval_speed.py``).
@@ -45,6 +48,9 @@ def sections(quick: bool) -> dict[str, list[str]]:
                      "--repeats", "1"],
             "loss_trained": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "--embeddings", "trained",
                              "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
+            **{f"loss_chunk_{chunk}": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "--embeddings",
+                                       "trained", "--impls", "recallk", "--repeats", "1", "--query-chunk", str(chunk)]
+               for chunk in (16, 64)},
             "multistage": ["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
                            "--compile", "off"],
             "knn": ["eval_speed.py", "--device", "cpu", "--n", "2000", "--dim", "64", "--header"],
@@ -56,6 +62,9 @@ def sections(quick: bool) -> dict[str, list[str]]:
         "loss_trained": ["loss_speed.py", "--device", "cuda", "--sizes", "4096", "16384", "65536",
                          "--embeddings", "trained", "--simix-max-n", "16384",
                          "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
+        **{f"loss_chunk_{chunk}": ["loss_speed.py", "--device", "cuda", "--sizes", "65536", "--embeddings", "trained",
+                                   "--impls", "recallk", "--repeats", "1", "--query-chunk", str(chunk)]
+           for chunk in (1024, 4096)},
         "multistage": ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",
                        "--compile", "off"],
         "knn": ["eval_speed.py", "--device", "cuda", "--n", "60000", "--dim", "512", "--header"],

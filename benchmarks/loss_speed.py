@@ -48,10 +48,14 @@ TAU_RANK, TAU_K = 0.01, 1.0
 FLOOR_CHUNK = 256
 
 
+LOSS_OPTIONS: dict[str, int] = {}  # extra RecallAtKLoss arguments (``--query-chunk``)
+
+
 def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
     from recallk import RecallAtKLoss, SimilarityMixup  # from --baseline-src when that is first on sys.path
 
-    return RecallAtKLoss(k=K, rank_includes_query=True, mixup=SimilarityMixup() if simix else None)(emb, labels)
+    mixup = SimilarityMixup() if simix else None
+    return RecallAtKLoss(k=K, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS)(emb, labels)
 
 
 def two_products(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
@@ -168,6 +172,8 @@ def run_isolated(impl: str, n: int, args: argparse.Namespace) -> dict:
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--embeddings", args.embeddings]
     if impl.startswith("baseline"):
         cmd += ["--baseline-src", args.baseline_src]
+    if args.query_chunk:
+        cmd += ["--query-chunk", str(args.query_chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         reason = "out of memory" if "out of memory" in out.stderr.lower() else out.stderr.strip().splitlines()[-1]
@@ -190,6 +196,7 @@ def main() -> None:
     parser.add_argument("--simix-max-n", type=int, default=8192, help="skip the SiMix rows above this N")
     parser.add_argument("--baseline-max-n", type=int, default=16384, help="skip the baseline rows above this N")
     parser.add_argument("--baseline-src", help="a source directory holding another recallk package (baseline rows)")
+    parser.add_argument("--query-chunk", type=int, help="RecallAtKLoss(query_chunk=...) (default: the library's)")
     parser.add_argument("--single", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -197,6 +204,8 @@ def main() -> None:
         if args.single[0].startswith("baseline"):
             sys.path.insert(0, args.baseline_src)
         impl, n = args.single[0], int(args.single[1])
+        if args.query_chunk:
+            LOSS_OPTIONS["query_chunk"] = args.query_chunk
         print(json.dumps(measure(impl, n, args.dim, args.device, args.repeats, args.embeddings)))
         return
     if args.embeddings not in ("random", "trained"):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert set(report["sections"]) == {"loss", "loss_trained", "multistage", "knn"}
+    assert set(report["sections"]) == {"loss", "loss_trained", "loss_chunk_16", "loss_chunk_64", "multistage", "knn"}
     for name, section in report["sections"].items():
         assert section["returncode"] == 0, (name, section["error"])
         assert section["rows"], f"section {name} produced no table rows"
@@ -29,6 +31,10 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     assert len(values) == 1, f"recallk and the per-query loop disagree: {values}"
     trained = {row["implementation"]: row["loss"] for row in report["sections"]["loss_trained"]["rows"]}
     assert float(trained["recallk"]) < 0.8 < float(values.pop())  # trained-like clusters: a lower loss
+    for chunk in (16, 64):  # the chunk changes the work's shape, not the value
+        (row,) = report["sections"][f"loss_chunk_{chunk}"]["rows"]
+        assert f"--query-chunk {chunk}" in report["sections"][f"loss_chunk_{chunk}"]["output"]
+        assert float(row["loss"]) == pytest.approx(float(trained["recallk"]), abs=2e-6)
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## loss" in markdown and "## multistage" in markdown and "## knn" in markdown
 
