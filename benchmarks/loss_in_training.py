@@ -30,11 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 4
 
 
-def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The demo loss on one batch and the shares of its pairs and query rows with a nonzero gradient."""
+def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: Any) -> dict[str, float]:
+    """``loss_fn`` (a RecallAtKLoss) on one batch and the shares of its pairs and query rows with a gradient."""
     from recallk.losses import chunked_recall
 
-    loss_fn = _demo_loss()
     settings = loss_fn._settings()
     num_pos, active_pairs, active_rows = 0, 0, 0
     n = len(labels)
@@ -49,23 +48,15 @@ def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[st
         assert grad is not None
         active_rows += int((grad.values != 0).any(1).sum())
         row, col = chunked_recall._pairs(chunk_side, labels)
-        buffer = scaled.new_empty(len(row), n)
-        block = chunked_recall._pair_block(scaled, chunk_side, row, col, tau_k, buffer)
+        block = chunked_recall._pair_block(scaled, chunk_side, row, col, tau_k, scaled.new_empty(len(row), n))
         dsoft = chunked_recall._dsoft(soft, chunk_side, num_valid, torch.ones(()))
-        weight = -(dsoft[row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / settings.tau_rank
-        active_pairs += int((weight >= 4.0 * torch.finfo(weight.dtype).tiny).sum())
+        active_pairs += int(chunked_recall.pair_weights(block, dsoft, tau_k, settings.tau_rank)[1].sum())
         num_pos += len(row)
     return {
         "loss": float(loss_fn(embeddings, labels)),
         "pairs_with_gradient": active_pairs / num_pos,
         "rows_with_gradient": active_rows / n,
     }
-
-
-def _demo_loss() -> Any:
-    from recallk import RecallAtKLoss
-
-    return RecallAtKLoss(k=(1, 2, 4, 8, 16), tau_rank=0.01, tau_k=1.0)
 
 
 def fixed_batch(labels: torch.Tensor) -> torch.Tensor:
@@ -97,7 +88,7 @@ def run(out: Path, data_dir: str | None, epochs: set[int], overrides: list[str])
             labels = torch.arange(len(embeddings) // PER_CLASS).repeat_interleave(PER_CLASS)
             torch.save({"embeddings": embeddings, "labels": labels}, folder / f"epoch_{self.epoch:02d}.pt")
             row = {"epoch": self.epoch, "n": len(labels), "dim": embeddings.shape[1],
-                   **gradient_activity(embeddings, labels)}
+                   **gradient_activity(embeddings, labels, self.loss_fn)}
             rows.append(row)
             print(json.dumps(row), flush=True)
 

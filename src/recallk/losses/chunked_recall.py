@@ -167,19 +167,24 @@ def _pair_block(
     return _PairBlock(row, col, excluded, sig, excluded_sig, hits)
 
 
+def pair_weights(block: _PairBlock, dsoft: Tensor, tau_k: Tensor, tau_rank: float) -> tuple[Tensor, Tensor]:
+    """g_ix / tau_rank of the block's pairs (B), given dsoft = dterms/dH of its rows, and which pairs have a
+    gradient (B, bool): a weight below 4x the float's smallest normal number has every term g_ix sigmoid'
+    (sigmoid' <= 1/4) of its row flushed to zero."""
+    weight = -(dsoft[block.row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / tau_rank
+    return weight, weight >= 4.0 * torch.finfo(weight.dtype).tiny
+
+
 def _add_gradient(
     grad: Tensor, block: _PairBlock, dsoft: Tensor, tau_k: Tensor, tau_rank: float, active_rows: Tensor
 ) -> None:
     """grad += the block's part of G_Q = dterms/dS_Q, given dsoft = dterms/dH of its rows; overwrites block.sig.
 
-    A pair whose weight g_ix / tau_rank is below 4x the float's smallest normal number has no gradient: every
-    term g_ix sigmoid' (sigmoid' <= 1/4) of its row would be flushed to zero below. Such pairs are left out
-    when they are more than three quarters of the block (else their weight is set to zero), so that the copy
-    of the others stays below a quarter of the block. The rows of ``grad`` with a pair that has a gradient are
-    marked in ``active_rows`` (n, bool)."""
-    weight = -(dsoft[block.row] * block.hits * (1.0 - block.hits) / tau_k).sum(1) / tau_rank  # g_ix / tau_rank
+    A pair without gradient (:func:`pair_weights`) is left out when such pairs are more than three quarters of
+    the block (else its weight is set to zero), so that the copy of the others stays below a quarter of the
+    block. The rows of ``grad`` with a pair that has a gradient are marked in ``active_rows`` (n, bool)."""
+    weight, active = pair_weights(block, dsoft, tau_k, tau_rank)
     tiny = torch.finfo(weight.dtype).tiny
-    active = weight >= 4.0 * tiny
     num_active = int(active.sum())
     if num_active == 0:
         return
