@@ -275,6 +275,11 @@ def _embed(model: nn.Module, chunk: Inputs, rows: int) -> Tensor:
     return output
 
 
+def _loss_dtype(embeddings: Tensor) -> torch.dtype:
+    """The precision the loss runs in: the embeddings', at least float32."""
+    return torch.promote_types(embeddings.dtype, torch.float32)
+
+
 def _loss_and_embedding_grad(
     loss_fn: LossFn,
     embeddings: Tensor,
@@ -288,7 +293,7 @@ def _loss_and_embedding_grad(
     s dL/dphi into any trainable parameters phi of the loss, as a plain backward would.
     """
     with torch.enable_grad(), torch.autocast(embeddings.device.type, enabled=False):
-        leaf = embeddings.detach().to(torch.promote_types(embeddings.dtype, torch.float32)).requires_grad_(True)
+        leaf = embeddings.detach().to(_loss_dtype(embeddings)).requires_grad_(True)
         loss = loss_fn(leaf, labels, **(loss_kwargs or {}))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r}")
@@ -310,7 +315,7 @@ def _sharded_loss_and_embedding_grad(
     gradient on every rank, without calling the loss.
     """
     if not bool(torch.isfinite(embeddings).all()):
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        dtype = _loss_dtype(embeddings)
         nan = torch.tensor(float("nan"), dtype=dtype, device=embeddings.device)
         return nan, torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
 
@@ -334,7 +339,7 @@ def _loss_and_embedding_grad_on_rank0(
     if get_rank() == 0:
         loss, grad = _loss_and_embedding_grad(loss_fn, embeddings, labels, loss_kwargs, scaler)
     else:
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        dtype = _loss_dtype(embeddings)
         grad = torch.empty(embeddings.shape, dtype=dtype, device=embeddings.device)
         loss = torch.empty((), dtype=dtype, device=embeddings.device)
     dist.broadcast(grad, src=0)
