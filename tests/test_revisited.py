@@ -3,6 +3,7 @@ descriptors and ``recallk evaluate --benchmark`` on a generated tree in the offi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -297,6 +298,7 @@ def test_evaluate_command_on_a_benchmark(trained_run: Path, tmp_path: Path, caps
 
 
 def test_benchmarks_evaluated_at_the_end_of_training(tmp_path: Path) -> None:
+    from recallk.training.preflight import preflight
     from recallk.training.trainer import train
 
     from data_fixtures import make_glyph_folder
@@ -306,6 +308,8 @@ def test_benchmarks_evaluated_at_the_end_of_training(tmp_path: Path) -> None:
     write_revisited(data)
     config = tiny_config(tmp_path / "runs", train__epochs=1, eval__benchmarks=["roxford5k"], eval__scales=[1, 0.5],
                          output__plots=False, output__export_embeddings=False)
+    with pytest.raises(RecallkUsageError, match="gnd_rparis6k.pkl does not exist"):  # also what --dry-run runs
+        preflight(dataclasses.replace(config, eval=dataclasses.replace(config.eval, benchmarks=("rparis6k",))), data)
     summary = train(config, tmp_path / "run", data_dir=data, progress=False)
     assert set(summary["benchmarks"]["roxford5k"]) >= {"easy", "medium", "hard"}
     assert summary["benchmarks"]["roxford5k"]["scales"] == [1.0, 0.5]
