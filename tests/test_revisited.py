@@ -20,8 +20,9 @@ from PIL import Image
 
 from recallk.data.revisited import LandmarkImages, read_revisited
 from recallk.errors import RecallkUsageError
+from recallk.evaluation import revisited_metrics
 from recallk.evaluation.multiscale import gem_exponent, multiscale_descriptors, rescale
-from recallk.evaluation.revisited import format_revisited_table, revisited_metrics, search_metrics
+from recallk.evaluation.revisited import format_revisited_table, search_metrics
 from recallk.models.factory import create_model
 from revisited_fixtures import write_distractors, write_revisited
 
