@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,19 @@ def test_search_with_distractor_chunks_equals_the_full_matrix() -> None:
     chunked = search_metrics(queries, database, gnd, distractors.split(7), chunk_size=6)
     assert chunked == full
     assert full != revisited_metrics(queries @ database.T, gnd)  # the distractors change the result
+
+    produced: list[weakref.ref] = []
+
+    def one_chunk_at_a_time():
+        for chunk in distractors.split(7):
+            chunk = chunk.clone()
+            assert len(produced) < 2 or produced[-2]() is None  # the chunk before the last one is freed
+            produced.append(weakref.ref(chunk))
+            yield chunk
+            del chunk
+
+    assert search_metrics(queries, database, gnd, one_chunk_at_a_time(), chunk_size=6) == full
+    assert len(produced) == 5
     table = format_revisited_table({"roxford5k": full})
     assert f"{100 * full['medium']['map']:.2f}" in table and "mP@10" in table
 

@@ -28,6 +28,7 @@ database size (a million distractors included).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -238,7 +239,7 @@ def search_metrics(
     queries = queries.float()
 
     def score_chunks() -> Iterator[Tensor]:
-        for rows in (*database.split(chunk_size), *distractors):
+        for rows in itertools.chain(database.split(chunk_size), distractors):  # lazily: one chunk held at a time
             yield queries @ rows.to(queries.device, queries.dtype).T
 
     def relevant_scores(index: Tensor) -> Tensor:
