@@ -15,8 +15,9 @@ def test_benchmark_prints_a_row(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     spec = importlib.util.spec_from_file_location("revisited_search", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--distractors", "300", "--dim", "8", "--chunk", "64", "--header"])
+    flags = ["--distractors", "3000", "--dim", "8", "--chunk", "2048", "--header"]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *flags])
     module.main()
     header, rule, row = capsys.readouterr().out.strip().splitlines()
     assert header.count("|") == rule.count("|") == row.count("|") == 10
-    assert row.split("|")[2:7] == [" 70 ", " 4993 ", " 300 ", " 8 ", " 64 "]
+    assert row.split("|")[2:7] == [" 70 ", " 4993 ", " 3000 ", " 8 ", " 2048 "]
