@@ -11,6 +11,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -112,13 +113,18 @@ def atomic_write(path: str | Path, write: Callable[[Any], object]) -> None:
 
 def atomic_write_from_file(path: str | Path, write_file: Callable[[str], object]) -> None:
     """Atomically write what ``write_file(filename)`` writes, for libraries that only write to a file name
-    (safetensors, ONNX): it writes into a scratch folder of the system's temporary directory, then the bytes go
-    through :func:`atomic_write` (the usual permissions, the clear error of a failed write, the old file kept)."""
-    with tempfile.TemporaryDirectory(prefix="recallk-") as scratch:
-        scratch_file = Path(scratch) / Path(path).name
-        write_file(str(scratch_file))
-        data = scratch_file.read_bytes()
-    atomic_write(path, lambda handle: handle.write(data))
+    (safetensors, ONNX): :func:`atomic_write` first opens its temporary file next to ``path`` (so an unwritable
+    folder fails at once, before the work), then ``write_file`` writes into a scratch folder of the system's
+    temporary directory and the bytes are copied over (the usual permissions, the old file kept on failure)."""
+
+    def copy(handle: IO[bytes]) -> None:
+        with tempfile.TemporaryDirectory(prefix="recallk-") as scratch:
+            scratch_file = Path(scratch) / Path(path).name
+            write_file(str(scratch_file))
+            with open(scratch_file, "rb") as source:
+                shutil.copyfileobj(source, handle)
+
+    atomic_write(path, copy)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
