@@ -99,7 +99,7 @@ examples:
   recallk embed runs/clinc --texts sentences.txt --out sentences.npz        # one sentence per line
 
 The file holds the embeddings (N x D, unit norm) and the item ids (file paths or sentences), plus the integer
-labels when a labelled split is embedded.
+labels and the class names (class_names[labels[i]]) when a labelled split is embedded.
 """
 
 SEARCH_EPILOG = """\

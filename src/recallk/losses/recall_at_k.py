@@ -130,9 +130,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
             if ref_emb is not None:
                 check_embeddings(ref_emb, "ref_emb")
                 ref_emb = self.distance.normalize(ref_emb)
+        loss = first_order_only(self._rs_at_k(embeddings, labels, ref_emb, ref_labels, query_index))
         num_ranked = len(embeddings) - 1 if ref_emb is None else len(ref_emb) - (query_index is not None)
         warn_if_k_exceeds(self.k, num_ranked + self.rank_includes_query)
-        loss = first_order_only(self._rs_at_k(embeddings, labels, ref_emb, ref_labels, query_index))
         loss_dict = {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
         self.add_embedding_regularization_to_loss_dict(loss_dict, raw_embeddings)
         return self.reducer(loss_dict, raw_embeddings, labels)
