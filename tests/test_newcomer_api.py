@@ -106,17 +106,22 @@ def test_saved_folder_has_no_machine_paths_and_one_file_mode(trained_run: Path, 
     )
 
 
-def test_onnx_export_into_a_read_only_folder_is_one_line(
+def test_onnx_export_and_training_into_a_read_only_folder_are_one_line(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "exported"
     out.mkdir()
     with read_only(out) as reason:
         status = main(["export", str(trained_run), "--format", "onnx", "--out", str(out / "model.onnx")])
-    assert status == 2
-    line = error_line(capsys)
-    assert str(out / "model.onnx") in line and reason in line.lower() and "--out" in line, line
-    assert "free disk space" not in line
+        assert status == 2
+        line = error_line(capsys)
+        assert str(out / "model.onnx") in line and reason in line.lower() and "--out" in line, line
+        assert "free disk space" not in line
+        data = str(trained_run.parent / "data")
+        status = main(["train", str(trained_run / "config.yaml"), "--run-dir", str(out / "run"), "--data-dir", data])
+        assert status == 2
+        line = error_line(capsys)
+        assert str(out / "run") in line and "--run-dir DIR" in line, line
     assert list(out.iterdir()) == []
 
 

@@ -509,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the command line turns every failure into one line
         if debug:
             traceback.print_exc()
+        if isinstance(err, OSError):  # e.g. a run directory made on a read-only file system
+            err = OutputWriteError.from_os_error(err) or err
         if isinstance(err, OutputWriteError) and err.option is None and args.command in WRITE_OPTIONS:
             err = err.with_option(WRITE_OPTIONS[args.command])
         if isinstance(err, USAGE_ERRORS):

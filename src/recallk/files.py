@@ -52,6 +52,17 @@ class OutputWriteError(RecallkUsageError):
         """The same error naming ``option``, the command-line option that writes elsewhere."""
         return OutputWriteError(self.path, self.error, option)
 
+    @classmethod
+    def from_os_error(cls, error: OSError) -> OutputWriteError | None:
+        """``error`` as an :class:`OutputWriteError` when it can only come from writing (a read-only file system,
+        a full disk, no permission to create a path that does not exist) and names its file, e.g. a folder created
+        outside :func:`atomic_write`; else None."""
+        if not isinstance(error.filename, (str, bytes, os.PathLike)):
+            return None
+        path = Path(os.fsdecode(error.filename))
+        creating = error.errno in (errno.EACCES, errno.EPERM) and not path.exists()
+        return cls(path, error) if creating or error.errno in (errno.EROFS, *_FULL) else None
+
 
 class _KeepWriteErrors:
     """File proxy that remembers an ``OSError`` raised by ``write``: torch.save reports it as a vague RuntimeError."""
