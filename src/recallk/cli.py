@@ -419,12 +419,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if model.is_text:
         raise RecallkUsageError("a text model exports with --format pretrained only")
-    size = model.preprocess.image_size
-    example = torch.rand(4, model.preprocess.channels, size, size, generator=torch.Generator().manual_seed(0))
+    shape = model.preprocess.input_shape  # (C, H, W) of a preprocessed image
+    example = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
     out = export_network(model.network, example, args.out, args.format)
     difference = float((load_exported(out, args.format)(example) - model.embed(example)).abs().max())
     checked = f"; max |exported - eager| = {difference:.2e} on a batch of 4"
-    print(f"saved {out} ({args.format}, input (B, {model.preprocess.channels}, {size}, {size}){checked})")
+    print(f"saved {out} ({args.format}, input (B, {', '.join(map(str, shape))}){checked})")
     return EXIT_OK
 
 

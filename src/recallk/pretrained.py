@@ -86,10 +86,6 @@ class Preprocessing:
         """The eval transform, built once (``data.transform: timm`` resolves the backbone's data config)."""
         return eval_transform(self.transform, self.image_size, self.backbone, self.mean, self.std)
 
-    @property
-    def channels(self) -> int:
-        return 1 if self.transform == "omniglot" else 3
-
     @functools.cached_property
     def input_shape(self) -> tuple[int, ...]:
         """``(C, H, W)`` of a preprocessed image: what the network was trained and evaluated on."""
