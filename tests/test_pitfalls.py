@@ -259,8 +259,13 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(
     assert (one_epoch_run / "config.yaml").read_text() == before
 
 
-def test_resume_accepts_and_records_safe_changes(one_epoch_run: Path, data_dir: Path) -> None:
-    assert main(["train", "--resume", str(one_epoch_run), "train.epochs=2", "optim.lr=1e-3"]) == 0
+def test_resume_accepts_and_records_safe_changes(
+    one_epoch_run: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="recallk"):
+        assert main(["train", "--resume", str(one_epoch_run), "train.epochs=2", "optim.lr=1e-3"]) == 0
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed from")]
+    assert resumed and resumed[0].endswith("in epoch 2/2 after batch 0 of 4 (step 4)"), resumed  # as the bar counts
     saved = yaml.safe_load((one_epoch_run / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 2 and saved["optim"]["lr"] == 1e-3
     (entry,) = [json.loads(line) for line in (one_epoch_run / "config_changes.jsonl").read_text().splitlines()]

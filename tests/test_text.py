@@ -243,6 +243,28 @@ def test_trains_with_the_sentence_transformers_trainer_and_fit(minilm: SentenceT
     assert changed_fraction(before, model) > 0.95
 
 
+def test_the_default_sentence_transformers_sampler_gets_the_sentence_transformers_fix(
+    minilm: SentenceTransformer,
+) -> None:
+    """Real trainer, default batch sampler, one sentence per label: the error names GROUP_BY_LABEL, which fixes it."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    texts = [sentences[0] for sentences in SENTENCES.values()]
+    with tempfile.TemporaryDirectory() as out:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out, num_train_epochs=1, per_device_train_batch_size=len(texts), report_to="none",
+            save_strategy="no", use_cpu=True,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=minilm, args=args, train_dataset=Dataset.from_dict({"text": texts, "label": list(range(len(texts)))}),
+            loss=CachedRecallAtKLoss(minilm, k=(1, 2)),
+        )
+        with pytest.raises(ValueError, match=r"no two sentences .* share a label.*batch_sampler=BatchSamplers"
+                                             r"\.GROUP_BY_LABEL to SentenceTransformerTrainingArguments"):
+            trainer.train()
+
+
 # ------------------------------------------------------------------------------------------------- recallk train
 
 

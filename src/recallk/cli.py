@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from recallk import __version__
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
-from recallk.files import atomic_write_text, write_json
+from recallk.files import OutputWriteError, atomic_write_text, write_json
 from recallk.registry import BENCHMARKS
 
 EXIT_OK = 0
@@ -43,6 +43,12 @@ USAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 DEVICES = ("auto", "cpu", "cuda")
+
+# The option that makes each command write its output elsewhere: named when a write fails (read-only, disk full).
+WRITE_OPTIONS = {
+    "train": "--run-dir DIR", "evaluate": "--out FILE", "embed": "--out FILE", "search": "--out FILE",
+    "export": "--out PATH", "recipes": "--copy NAME DIR", "demo": "--run-dir DIR",
+}
 
 MAIN_EPILOG = """\
 examples:
@@ -79,7 +85,7 @@ examples:
 EVALUATE_EPILOG = """\
 examples:
   recallk evaluate runs/omniglot                   # every test split of the run's config
-  recallk evaluate runs/sop/last.pt --split test --data-dir /data
+  recallk evaluate runs/sop/checkpoints/last.pt --split test --data-dir /data
   recallk evaluate runs/omniglot --out results/omniglot.json
   recallk evaluate runs/sfm --benchmark roxford5k --data-dir /data          # <data>/roxford5k/gnd_roxford5k.pkl
   recallk evaluate runs/sfm --benchmark rparis6k --scales 1 0.7071 0.5 --distractors /data/revisitop1m/list.txt
@@ -92,21 +98,22 @@ of the Easy, Medium and Hard protocols (percentages in the table, fractions in t
 EMBED_EPILOG = """\
 examples:
   recallk embed runs/omniglot --split test --out omniglot_test.npz
-  recallk embed runs/sop/last.pt --data sop --data-dir /data --split test --out sop_test.npz
+  recallk embed runs/sop/checkpoints/best.pt --data sop --data-dir /data --split test --out sop_test.npz
   recallk embed runs/omniglot --images photos/ extra.png --out photos.npz     # unlabelled image files
   recallk embed runs/clinc --texts sentences.txt --out sentences.npz        # one sentence per line
 
 The file holds the embeddings (N x D, unit norm) and the item ids (file paths or sentences), plus the integer
-labels when a labelled split is embedded.
+labels and the class names (class_names[labels[i]]) when a labelled split is embedded.
 """
 
 SEARCH_EPILOG = """\
 examples:
   recallk search runs/omniglot --gallery gallery/ --query q1.png q2.png
   recallk search model_folder/ --gallery gallery/ --query queries/ --top-k 10 --out results.json
+  recallk search /readonly/run --gallery gallery/ --query q.png --cache ~/.cache/gallery   # or --no-cache
 
-The gallery is embedded once and cached in <run>/search_cache (rebuilt when a gallery file or the model
-changes). Results are printed, written as JSON (default search_results.json) and drawn, one picture per
+The gallery is embedded once and cached in <run>/search_cache, or in --cache DIR (rebuilt when a gallery file
+or the model changes). Results are printed, written as JSON (default search_results.json) and drawn, one picture per
 query next to the JSON file. The search is exact (faiss when installed, else chunked torch).
 """
 
@@ -115,10 +122,12 @@ examples:
   recallk export runs/omniglot --format torchscript --out model.pt    # torch.jit.load(...)(images)
   recallk export runs/omniglot --format onnx --out model.onnx         # pip install 'recallk[onnx]'
   recallk export runs/omniglot --format pretrained --out omniglot-rsk  # model.safetensors + config.json + card
+  recallk export runs/omniglot --format pretrained --out omniglot-rsk --overwrite   # replace that saved model
 
 TorchScript and ONNX take preprocessed images (B, C, H, W) with any batch size B and return unit-norm
 embeddings (B, D); the exported model is checked against the eager one on a random batch. 'pretrained' writes
-the Hugging Face Hub layout that recallk.load_model reads.
+the Hugging Face Hub layout that recallk.load_model reads, without paths of this machine; it refuses a folder
+that already holds a saved model (unless --overwrite) or other README.md/config.json files.
 """
 
 RECIPES_EPILOG = """\
@@ -217,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", metavar="FILE", required=True, help="output .npz file")
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
-    embed.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    embed.add_argument("--batch-size", type=int, metavar="N", help="images or sentences per forward pass")
 
     search = _add_subcommand(
         subparsers, "search", "find the gallery images most similar to query images", SEARCH_EPILOG, _cmd_search
@@ -230,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results JSON (default: search_results.json); pictures are written next to it")
     search.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     search.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
+    cache = search.add_mutually_exclusive_group()
+    cache.add_argument("--cache", metavar="DIR", help="folder for the gallery cache (default: <MODEL>/search_cache)")
+    cache.add_argument("--no-cache", action="store_true", help="embed the gallery without reading or writing a cache")
 
     export = _add_subcommand(
         subparsers, "export", "export a trained model to TorchScript, ONNX or a shareable folder", EXPORT_EPILOG,
@@ -239,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("torchscript", "onnx", "pretrained"),
                         help="torchscript (.pt), onnx (.onnx) or pretrained (a Hugging Face Hub folder)")
     export.add_argument("--out", metavar="PATH", required=True, help="output file (folder for pretrained)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="pretrained: replace the saved model already in the --out folder")
 
     recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
     recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
@@ -398,11 +412,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise RecallkUsageError("--top-k and --batch-size must be >= 1; pass e.g. --top-k 5")
     import recallk.inference as inference
-    report = inference.search_run(
-        args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
-        batch_size=args.batch_size,
-    )
-    print(f"gallery: {report['cache']} ({'cached' if report['cached'] else 'embedded now'})")
+    cache_folder = inference.search_cache_folder(args.model, args.cache)
+    try:
+        report = inference.search_run(
+            args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
+            batch_size=args.batch_size, cache_dir=args.cache, use_cache=not args.no_cache,
+        )
+    except OutputWriteError as err:
+        in_cache = err.path.parent == cache_folder
+        raise err.with_option("--cache DIR, or --no-cache" if in_cache else "--out FILE") from err.error
+    if report["cache"] is None:
+        print("gallery: embedded now (not cached: --no-cache)")
+    else:
+        print(f"gallery: {report['cache']} ({'cached' if report['cached'] else 'embedded now'})")
     for result in report["results"]:
         print(f"query {result['query']}")
         for rank, neighbour in enumerate(result["neighbours"], start=1):
@@ -415,7 +437,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import recallk.pretrained as pretrained
     model = pretrained.load_model(args.model)
     if args.format == "pretrained":
-        print(f"saved {model.save_pretrained(args.out)} (model.safetensors, config.json, README.md)")
+        saved = model.save_pretrained(args.out, overwrite=args.overwrite)
+        print(f"saved {saved} (model.safetensors, config.json, README.md)")
         return EXIT_OK
     import torch
 
@@ -423,12 +446,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if model.is_text:
         raise RecallkUsageError("a text model exports with --format pretrained only")
-    size = model.preprocess.image_size
-    example = torch.rand(4, model.preprocess.channels, size, size, generator=torch.Generator().manual_seed(0))
+    shape = model.preprocess.input_shape  # (C, H, W) of a preprocessed image
+    example = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
     out = export_network(model.network, example, args.out, args.format)
     difference = float((load_exported(out, args.format)(example) - model.embed(example)).abs().max())
     checked = f"; max |exported - eager| = {difference:.2e} on a batch of 4"
-    print(f"saved {out} ({args.format}, input (B, {model.preprocess.channels}, {size}, {size}){checked})")
+    print(f"saved {out} ({args.format}, input (B, {', '.join(map(str, shape))}){checked})")
     return EXIT_OK
 
 
@@ -513,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the command line turns every failure into one line
         if debug:
             traceback.print_exc()
+        if isinstance(err, OSError):  # e.g. a run directory made on a read-only file system
+            err = OutputWriteError.from_os_error(err) or err
+        if isinstance(err, OutputWriteError) and err.option is None and args.command in WRITE_OPTIONS:
+            err = err.with_option(WRITE_OPTIONS[args.command])
         if isinstance(err, USAGE_ERRORS):
             hint = "" if debug or isinstance(err, RecallkUsageError) else " (rerun with --debug for the traceback)"
             print(f"recallk: error: {_one_line(err)}{hint}", file=sys.stderr)

@@ -66,7 +66,8 @@ BenchmarkName = Annotated[str, Names(BENCHMARKS)]
 class DataConfig:
     """Dataset, splits, preprocessing and batch composition.
 
-    A training batch holds ``batch_size // samples_per_class`` classes with ``samples_per_class`` images each.
+    A training batch holds ``batch_size // samples_per_class`` classes with ``samples_per_class`` items
+    (images or sentences) each.
     """
 
     dataset: DatasetName = _key("omniglot", "image reader or text data set (recallk.registry.DATASETS, TEXT_DATASETS)")
@@ -83,8 +84,8 @@ class DataConfig:
     transform: TransformName = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
                                                 "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
                                                 "model.backbone)")
-    batch_size: int = _key(4000, "images per training batch (the global batch with several processes)")
-    samples_per_class: int = _key(4, "images of each class in a batch")
+    batch_size: int = _key(4000, "images or sentences per training batch (the global batch with several processes)")
+    samples_per_class: int = _key(4, "items of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
     skip_bad_images: bool = _key(False, "skip undecodable images with a warning instead of stopping")
 
@@ -148,7 +149,7 @@ class TrainConfig:
     """Training loop settings."""
 
     epochs: int = _key(1, "passes over the training split")
-    chunk_size: int = _key(200, "images per forward/backward chunk of the multistage engine (memory knob)")
+    chunk_size: int = _key(200, "items per forward/backward chunk of the multistage engine (memory knob)")
     amp: AmpMode = _key("auto", "autocast precision of the network forward; auto: bf16 on CUDA, none on CPU")
     eval_every: int = _key(1, "evaluate on the validation split every N epochs; 0: only after the last epoch")
     checkpoint_every: int = _key(1, "save a checkpoint every N epochs; 0: only the final one")
@@ -166,7 +167,7 @@ class EvalConfig:
     """Retrieval evaluation settings."""
 
     k: tuple[int, ...] = _key((1, 2, 4, 8), "recall@k values reported")
-    batch_size: int = _key(256, "images per forward pass when embedding")
+    batch_size: int = _key(256, "images or sentences per forward pass when embedding")
     benchmarks: tuple[BenchmarkName, ...] = _key((), "landmark benchmarks evaluated after training (e.g. "
                                                   "[roxford5k, rparis6k]), read from <data root>/<name>/")
     image_size: int = _key(1024, "longer side of benchmark images (shrink only; queries keep their full image's scale)")

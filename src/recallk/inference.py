@@ -96,16 +96,27 @@ def gallery_fingerprint(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def search_cache_folder(model_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`cached_gallery_index` keeps gallery caches: ``cache_dir``, else ``<model folder>/search_cache``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    model_path = Path(model_path)
+    return (model_path if model_path.is_dir() else model_path.parent) / CACHE_DIR
+
+
 def cached_gallery_index(
     model: RecallkModel, model_path: Path, gallery: Sequence[str | Path], batch_size: int = 256, progress: bool = True,
-) -> tuple[Index, Path, bool]:
-    """The gallery's index, from the cache next to the run when model and gallery are unchanged, else embedded and
-    cached; returns ``(index, cache file, whether it came from the cache)``."""
+    cache_dir: str | Path | None = None, use_cache: bool = True,
+) -> tuple[Index, Path | None, bool]:
+    """The gallery's index, from the cache (in :func:`search_cache_folder`) when model and gallery are unchanged,
+    else embedded and cached; returns ``(index, cache file, whether it came from the cache)``. With
+    ``use_cache=False`` nothing is read or written and the cache file is None."""
     files = list_image_files(gallery)
     fingerprint = f"{model_fingerprint(model)}:{gallery_fingerprint(files)}"
-    folder = (model_path if model_path.is_dir() else model_path.parent) / CACHE_DIR
+    if not use_cache:
+        return Index.build(model, files, [str(p) for p in files], batch_size, fingerprint, progress), None, False
     name = hashlib.sha256("\n".join(str(Path(g).resolve()) for g in gallery).encode()).hexdigest()[:16]
-    cache = folder / f"gallery-{name}.npz"
+    cache = search_cache_folder(model_path, cache_dir) / f"gallery-{name}.npz"
     if cache.is_file():
         index = Index.load(cache)
         if index.fingerprint == fingerprint:
@@ -117,10 +128,13 @@ def cached_gallery_index(
 def search_run(
     model_path: str | Path, gallery: Sequence[str | Path], queries: Sequence[str | Path], top_k: int = 5,
     out: str | Path | None = None, device: str = "cpu", batch_size: int = 256, progress: bool = True,
+    cache_dir: str | Path | None = None, use_cache: bool = True,
 ) -> dict[str, Any]:
     """Search the gallery images for each query image; write ``out`` (JSON) and one picture per query next to it.
 
-    Returns ``{"results": [{"query", "neighbours": [{"path", "similarity"}], "picture"}], "cache", "cached"}``.
+    ``cache_dir`` / ``use_cache``: where the gallery's embeddings are cached (:func:`cached_gallery_index`).
+    Returns ``{"results": [{"query", "neighbours": [{"path", "similarity"}], "picture"}], "cache", "cached"}``
+    (``cache`` None without a cache).
     """
     from recallk.evaluation.plots import plot_neighbours
 
@@ -128,7 +142,7 @@ def search_run(
     model = load_model(model_path, device)
     if model.is_text:
         raise RecallkUsageError("recallk search works on images; for a text model embed sentences with --texts")
-    index, cache, cached = cached_gallery_index(model, model_path, gallery, batch_size, progress)
+    index, cache, cached = cached_gallery_index(model, model_path, gallery, batch_size, progress, cache_dir, use_cache)
     query_files = list_image_files(queries)
     found = index.search(model.embed(query_files, batch_size=batch_size), k=top_k)
     out = Path(out) if out is not None else Path("search_results.json")
@@ -143,6 +157,9 @@ def search_run(
             "neighbours": [{"path": n.item_id, "similarity": n.similarity} for n in neighbours],
             "picture": str(picture),
         })
-    report = {"model": str(model_path), "top_k": top_k, "results": results, "cache": str(cache), "cached": cached}
+    report = {
+        "model": str(model_path), "top_k": top_k, "results": results, "cache": str(cache) if cache else None,
+        "cached": cached,
+    }
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     return report

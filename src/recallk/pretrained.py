@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from PIL import Image
@@ -33,7 +34,7 @@ from recallk import __version__
 from recallk.config import Config, config_from_dict, config_to_dict, config_to_yaml
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
-from recallk.files import atomic_write_text
+from recallk.files import atomic_write_from_file, atomic_write_text
 from recallk.training.assemble import build_network, decode_like_the_reader, eval_transform, reader_decoding_of
 
 FORMAT = "recallk-pretrained-v1"
@@ -42,7 +43,7 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 HUB_PREFIX = "hf://"
 
-ImageItem = str | Path | Image.Image | Tensor
+ImageItem = str | Path | Image.Image | np.ndarray | Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,10 @@ class Preprocessing:
             mean=options.get("mean"), std=options.get("std"),
         )
 
-    def __call__(self, image: str | Path | Image.Image) -> Tensor:
-        if not isinstance(image, Image.Image):
+    def __call__(self, image: str | Path | Image.Image | np.ndarray) -> Tensor:
+        if isinstance(image, np.ndarray):
+            image = array_image(image)
+        elif not isinstance(image, Image.Image):
             image = open_image(image)
         image = decode_like_the_reader(image, "L" if self.grayscale else "RGB", self.invert)
         return self.transform_fn(image)
@@ -83,9 +86,33 @@ class Preprocessing:
         """The eval transform, built once (``data.transform: timm`` resolves the backbone's data config)."""
         return eval_transform(self.transform, self.image_size, self.backbone, self.mean, self.std)
 
-    @property
-    def channels(self) -> int:
-        return 1 if self.transform == "omniglot" else 3
+    @functools.cached_property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of a preprocessed image: what the network was trained and evaluated on."""
+        return tuple(self(Image.new("RGB", (self.image_size, self.image_size))).shape)
+
+
+def array_image(array: np.ndarray) -> Image.Image:
+    """A numpy image ``(H, W)`` or ``(H, W, C)`` (C = 1, 3 or 4; integers 0-255 or 0-65535, floats 0-1 or 0-255) as a
+    PIL image with its values on 0-255, decoded like an image file of that kind."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or array.size == 0:
+        raise ValueError(
+            f"a numpy image must be (H, W) or (H, W, C) with C = 1, 3 or 4, got shape {array.shape}; for a batch "
+            "pass a list of images"
+        )
+    if array.dtype == np.bool_ or array.dtype.kind not in "uif":
+        raise ValueError(f"a numpy image must hold integers or floats, got dtype {array.dtype}")
+    if array.dtype.kind == "f":
+        pixels = np.nan_to_num(array.astype(np.float64))
+        scale = 255.0 if pixels.max() <= 1.0 else 1.0  # as image files of floats are read
+        array = np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        pixels = array.astype(np.float64)
+        pixels = pixels * (255.0 / 65535.0) if pixels.max() > 255 else pixels  # 16-bit values, as in PNG files
+        array = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))  # decoded further like a file (decode_like_the_reader)
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -135,8 +162,11 @@ class RecallkModel(nn.Module):
     def embed(self, items: Any, batch_size: int = 256, progress: bool = False) -> Tensor:
         """Float32 unit-norm embeddings ``(N, D)`` on the CPU of ``items``, in order.
 
-        ``items``: one or a list of image file paths / PIL images (preprocessed here), a preprocessed tensor
-        ``(C, H, W)`` or batch ``(B, C, H, W)``; for text models a string or a list of strings.
+        ``items``: one or a list of image file paths, PIL images or numpy images ``(H, W)`` / ``(H, W, C)``
+        (uint8 0-255, or floats 0-1: preprocessed here, as image files are), a preprocessed tensor ``(C, H, W)``
+        or batch ``(B, C, H, W)`` of exactly the preprocessing's shape (:attr:`Preprocessing.input_shape`; other
+        sizes or channel counts are refused, not resized: ``model.preprocess(image)`` makes the tensor); for text
+        models a string or a list of strings.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -150,8 +180,10 @@ class RecallkModel(nn.Module):
                     f"expected an image tensor (C, H, W) or batch (B, C, H, W), got shape {tuple(items.shape)}"
                 )
             batch = items if items.dim() == 4 else items.unsqueeze(0)
+            assert self.preprocess is not None
+            _check_input_shape(batch[0] if len(batch) else batch.new_empty(batch.shape[1:]), self.preprocess)
             return (batch[i : i + batch_size] for i in range(0, len(batch), batch_size)), len(batch)
-        single = isinstance(items, (str, Path, Image.Image))
+        single = isinstance(items, (str, Path, Image.Image)) or (isinstance(items, np.ndarray) and items.ndim < 4)
         items = [items] if single else list(items)
         if not items:
             raise ValueError("nothing to embed: the list of items is empty")
@@ -171,23 +203,30 @@ class RecallkModel(nn.Module):
 
     # ------------------------------------------------------------------ saving and sharing
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors``, ``config.json`` and ``README.md`` (model card) into ``directory``."""
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and ``README.md`` (model card) into ``directory``.
+
+        A folder that already holds a saved model is refused unless ``overwrite=True``; a folder holding any of
+        those three files that is not a saved recallk model (e.g. a project's own README.md) is always refused.
+        The config carries no paths of this machine (:func:`shareable_config`): the folder is meant to be shared.
+        """
         from safetensors.torch import save_model
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self.network, str(directory / WEIGHTS_FILE))
+        check_save_folder(directory, overwrite)
+        config = shareable_config(self.config)
         document = {
             "format": FORMAT,
             "recallk_version": __version__,
             "embed_dim": self.embed_dim,
             "preprocessing": dataclasses.asdict(self.preprocess) if self.preprocess is not None else None,
             "metrics": self.metrics,
-            "config": config_to_dict(self.config),
+            "config": config_to_dict(config),
         }
+        # safetensors writes its file in place with mode 0600: written atomically with the usual permissions instead
+        atomic_write_from_file(directory / WEIGHTS_FILE, functools.partial(save_model, self.network))
         atomic_write_text(directory / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
-        atomic_write_text(directory / CARD_FILE, model_card(self.config, self.metrics, directory.name))
+        atomic_write_text(directory / CARD_FILE, model_card(config, self.metrics, directory.name))
         return directory
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -204,14 +243,82 @@ class RecallkModel(nn.Module):
         return f"https://huggingface.co/{repo_id}"
 
 
+def check_save_folder(directory: Path, overwrite: bool) -> None:
+    """Refuse to write a saved model into ``directory`` over files that are not a saved recallk model, or over a
+    saved model without ``overwrite``."""
+    if directory.exists() and not directory.is_dir():
+        raise RecallkUsageError(f"{directory} is a file; save the model into a new or empty folder")
+    present = [name for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE) if (directory / name).exists()]
+    if not present:
+        return
+    if not _is_saved_model(directory):
+        raise RecallkUsageError(
+            f"{directory} holds {' and '.join(present)} but is not a folder of a saved recallk model; save into a "
+            "new or empty folder (nothing was written)"
+        )
+    if not overwrite:
+        raise RecallkUsageError(
+            f"{directory} already holds a saved model; pass overwrite=True (recallk export --overwrite) to replace "
+            "it, or choose a new folder"
+        )
+
+
+def _is_saved_model(directory: Path) -> bool:
+    """Whether ``directory/config.json`` is a recallk model config (what :func:`load_model` reads)."""
+    try:
+        document = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        return False
+    card = directory / CARD_FILE
+    return not card.exists() or "library_name: recallk" in card.read_text(encoding="utf-8", errors="replace")
+
+
+def shareable_config(config: Config) -> Config:
+    """``config`` without the paths of this machine: no data root, run directory or local weights file, and only
+    the file name of any absolute path in ``data.options`` (they would be uploaded with the model)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: strip(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(strip(item) for item in value)
+        if isinstance(value, str) and Path(value).is_absolute():
+            return Path(value).name
+        return value
+
+    output_defaults = type(config.output)()
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, data_dir=None, options=strip(dict(config.data.options))),
+        model=dataclasses.replace(config.model, pretrained_path=None),
+        output=dataclasses.replace(config.output, run_dir=None, runs_root=output_defaults.runs_root),
+    )
+
+
 def _image_tensor(item: Any, preprocess: Preprocessing) -> Tensor:
     if isinstance(item, Tensor):
         if item.dim() != 3:
             raise ValueError(f"expected image tensors (C, H, W) in a list, got shape {tuple(item.shape)}")
-        return item
-    if isinstance(item, (str, Path, Image.Image)):
+        return _check_input_shape(item, preprocess)
+    if isinstance(item, (str, Path, Image.Image, np.ndarray)):
         return preprocess(item)
-    raise ValueError(f"cannot embed a {type(item).__name__}; pass image paths, PIL images or tensors")
+    raise ValueError(f"cannot embed a {type(item).__name__}; pass image paths, PIL images, numpy images or tensors")
+
+
+def _check_input_shape(image: Tensor, preprocess: Preprocessing) -> Tensor:
+    """``image`` (C, H, W) when it has the preprocessing's shape; else a one-line error (no silent resizing: a
+    network that accepts other sizes would return other embeddings)."""
+    expected = preprocess.input_shape
+    if tuple(image.shape) != expected:
+        what = "number of channels" if image.shape[0] != expected[0] else "size"
+        raise ValueError(
+            f"a preprocessed image tensor must have this model's input shape (C, H, W) = {expected}, got "
+            f"{tuple(image.shape)} (another {what}); pass the image itself (a path, PIL image or numpy array) to "
+            "have it preprocessed, or model.preprocess(image)"
+        )
+    return image
 
 
 def _import_hub() -> Any:

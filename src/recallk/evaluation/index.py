@@ -68,10 +68,17 @@ class Index:
         ids = list(item_ids) if item_ids is not None else [str(item) for item in items]
         return cls(model.embed(list(items), batch_size=batch_size, progress=progress), ids, fingerprint)
 
-    def search(self, queries: Tensor, k: int = 5, backend: str | None = None) -> list[list[Neighbour]]:
-        """The ``min(k, N)`` nearest gallery items of each query embedding (``queries``: ``(Q, D)`` or ``(D,)``)."""
+    def search(self, queries: Tensor | np.ndarray, k: int = 5, backend: str | None = None) -> list[list[Neighbour]]:
+        """The ``min(k, N)`` nearest gallery items of each query embedding (``queries``: ``(Q, D)`` or ``(D,)``, a
+        tensor or numpy array: embeddings, not images; ``model.embed(images)`` gives them)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if not isinstance(queries, (Tensor, np.ndarray)):
+            raise ValueError(
+                f"Index.search takes query embeddings (Q, D) (a tensor or numpy array), got a "
+                f"{type(queries).__name__}; embed the queries with the model that built the index first: "
+                "index.search(model.embed(['q.png']))"
+            )
         queries = torch.as_tensor(queries, dtype=torch.float32).cpu()
         queries = queries.unsqueeze(0) if queries.dim() == 1 else queries
         if queries.dim() != 2 or queries.shape[1] != self.embeddings.shape[1]:

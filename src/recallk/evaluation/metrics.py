@@ -25,6 +25,7 @@ from torch import Tensor
 
 from recallk.evaluation.knn import BACKENDS, iter_knn_chunks
 from recallk.losses.input_checks import as_embeddings, as_labels, check_k
+from recallk.losses.unit_norm import warn_if_not_unit_norm
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -42,8 +43,9 @@ def retrieval_metrics(
     """Exact-kNN retrieval metrics of query embeddings against references.
 
     Similarity is the dot product of the given embeddings: pass **L2-normalised** embeddings to rank by
-    cosine similarity. The search runs on the device of ``embeddings`` (references are moved there), chunked
-    over queries with memory ``O(chunk_size x num_references)``.
+    cosine similarity (others raise one ``UnnormalizedEmbeddingsWarning``, as the losses do). The search runs on
+    the device of ``embeddings`` (references are moved there), chunked over queries with memory
+    ``O(chunk_size x num_references)``.
 
     Neighbours are ranked by similarity descending, then reference index ascending (deterministic ties).
 
@@ -74,6 +76,7 @@ def retrieval_metrics(
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     ks = sorted(set(check_k(k)))
     queries = as_embeddings(embeddings, "embeddings")
+    warn_if_not_unit_norm(queries, "embeddings", "retrieval_metrics")
     query_labels = as_labels(labels, "labels", len(queries), "embeddings")
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("pass both ref_embeddings and ref_labels, or neither")
@@ -82,6 +85,7 @@ def retrieval_metrics(
         references, reference_labels = queries, query_labels
     else:
         references = as_embeddings(ref_embeddings, "ref_embeddings")
+        warn_if_not_unit_norm(references, "ref_embeddings", "retrieval_metrics")
         reference_labels = as_labels(ref_labels, "ref_labels", len(references), "ref_embeddings")
         if references.shape[1] != queries.shape[1]:
             raise ValueError(

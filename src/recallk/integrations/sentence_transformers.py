@@ -111,6 +111,14 @@ class CachedRecallAtKLoss(nn.Module):
         if labels is None:
             raise ValueError("CachedRecallAtKLoss needs class labels: give the dataset a 'label' column")
         labels = label_ids(labels)
+        if not self.gather_across_devices and len(labels) and len(torch.unique(labels)) == len(labels):
+            raise ValueError(
+                f"no two sentences of this batch of {len(labels)} share a label, so RS@k has no positive to rank: "
+                "sentence-transformers' default batch sampler draws sentences at random; pass "
+                "batch_sampler=BatchSamplers.GROUP_BY_LABEL to SentenceTransformerTrainingArguments "
+                "(from sentence_transformers.base.sampler import BatchSamplers), or batches with several "
+                "sentences per label to model.fit"
+            )
         inputs = _tensor_features(features[0])
         encoder = _ProgressEncoder(  # copies the features dict and L2-normalises, as recallk's models do
             SentenceEncoder(self.model), self.show_progress_bar, len(labels), self.mini_batch_size

@@ -6,6 +6,7 @@ convert them (:func:`as_embeddings`, :func:`as_labels`); both read ``k`` with :f
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ def check_embeddings(emb: torch.Tensor, name: str = "embeddings", nonempty: bool
         raise ValueError(f"{name} must be 2-D, shape (N, D), got shape {tuple(emb.shape)}")
     if not emb.is_floating_point():
         raise ValueError(f"{name} must hold floats, got dtype {emb.dtype}")
+    _check_not_meta(emb, name)
     if nonempty and (emb.shape[0] == 0 or emb.shape[1] == 0):
         raise ValueError(f"{name} is empty (shape {tuple(emb.shape)}); pass at least one embedding")
     bad_rows = (~torch.isfinite(emb).all(dim=1)).nonzero().squeeze(1)
@@ -31,16 +33,40 @@ def check_embeddings(emb: torch.Tensor, name: str = "embeddings", nonempty: bool
         )
 
 
+ENCODE_LABELS = "torch.as_tensor(np.unique(labels, return_inverse=True)[1]) numbers class names 0..C-1"
+
+
+def _check_not_meta(tensor: torch.Tensor, name: str) -> None:
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{name} are on the meta device (shapes without data: a model built under torch.device('meta') or "
+            "loaded with low_cpu_mem_usage/device_map and never materialised); load real weights, e.g. "
+            "model.to_empty(device='cpu') then load_state_dict, and pass the tensors it computes"
+        )
+
+
+def _label_kind(labels: object, name: str) -> str:
+    """What ``labels`` (not a tensor) are, and how to turn them into a tensor of class ids."""
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
+        return f"a numpy array; pass torch.as_tensor({name})"
+    if isinstance(labels, (np.ndarray, list, tuple)) and np.asarray(labels).dtype.kind in "USO":
+        kind = "numpy array" if isinstance(labels, np.ndarray) else type(labels).__name__
+        return f"a {kind} of class names; {ENCODE_LABELS}"
+    return f"a {type(labels).__name__}; {ENCODE_LABELS}"
+
+
 def check_labels(labels: torch.Tensor, length: int, name: str = "labels", of: str = "embeddings") -> None:
     """``labels`` must be a 1-D integer tensor with one entry per row of ``of`` (``length`` rows)."""
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be a 1-D integer torch.Tensor, got {type(labels).__name__}")
+        raise ValueError(f"{name} must be a 1-D integer torch.Tensor of class ids, got {_label_kind(labels, name)}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be a 1-D integer tensor, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
-            f"{name} must be an integer tensor of class ids (e.g. torch.long), got dtype {labels.dtype}"
+            f"{name} must be an integer tensor of class ids (e.g. torch.long), got dtype {labels.dtype}; "
+            f"{ENCODE_LABELS}"
         )
+    _check_not_meta(labels, name)
     if len(labels) != length:
         raise ValueError(f"{name} has {len(labels)} entries but {of} has {length} rows; they must match")
 
@@ -57,8 +83,9 @@ def as_embeddings(array: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 
 def as_labels(array: torch.Tensor | np.ndarray, name: str, num_items: int, of: str) -> torch.Tensor:
     """A tensor or numpy ``(N,)`` vector of class ids matching ``num_items`` rows of ``of``, as int64."""
-    if not isinstance(array, (torch.Tensor, np.ndarray)):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+    names = isinstance(array, np.ndarray) and array.dtype.kind in "USO"
+    if names or not isinstance(array, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray of class ids, got {_label_kind(array, name)}")
     tensor = torch.as_tensor(array)
     check_labels(tensor, num_items, name, of)
     return tensor.long()
@@ -111,4 +138,42 @@ def check_distance(distance: object) -> None:
         raise ValueError(
             f"RecallAtKLoss ranks by similarity and takes distance=CosineSimilarity() or DotProductSimilarity() "
             f"(power 1) from pytorch_metric_learning.distances, got {distance!r}"
+        )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses to build a graph: a loss with a closed-form gradient has no second one."""
+
+    @staticmethod
+    def forward(ctx: object, loss: torch.Tensor) -> torch.Tensor:
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(create_graph=True)
+            raise RuntimeError(
+                "RecallAtKLoss computes its gradient in closed form and has no second derivative, so "
+                "create_graph=True (double backward: gradient penalties, MAML, Hessian-vector products) is not "
+                "supported; call backward() / torch.autograd.grad without create_graph for this loss"
+            )
+        return grad
+
+
+def first_order_only(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` unchanged, whose backward with ``create_graph=True`` raises a clear error instead of returning a
+    gradient that silently has no graph."""
+    return _FirstOrderOnly.apply(loss) if loss.requires_grad else loss
+
+
+def warn_if_k_exceeds(k: Sequence[int], num_ranked: int) -> None:
+    """Warn (once per process with Python's default warning filter) when the largest k is not smaller than
+    ``num_ranked``, the items each query is ranked against: recall@k is then about 1 whatever the ranking."""
+    largest = max(k)
+    if num_ranked <= largest:
+        warnings.warn(
+            f"the largest k ({largest}) is not smaller than the number of items each query is ranked against (the "
+            f"batch, or ref_emb, without the query), so recall@{largest} is about 1 whatever the ranking and adds "
+            f"almost no gradient; use batches of more than {largest + 1} items or smaller k",
+            UserWarning,
+            stacklevel=2,
         )

@@ -37,6 +37,8 @@ from recallk.losses.input_checks import (
     check_labels,
     check_tau_k,
     check_temperature,
+    first_order_only,
+    warn_if_k_exceeds,
 )
 from recallk.losses.simix import SimilarityMixup
 from recallk.losses.unit_norm import warn_if_not_unit_norm
@@ -128,7 +130,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
             if ref_emb is not None:
                 check_embeddings(ref_emb, "ref_emb")
                 ref_emb = self.distance.normalize(ref_emb)
-        loss = self._rs_at_k(embeddings, labels, ref_emb, ref_labels, query_index)
+        loss = first_order_only(self._rs_at_k(embeddings, labels, ref_emb, ref_labels, query_index))
+        num_ranked = len(embeddings) - 1 if ref_emb is None else len(ref_emb) - (query_index is not None)
+        warn_if_k_exceeds(self.k, num_ranked + self.rank_includes_query)
         loss_dict = {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
         self.add_embedding_regularization_to_loss_dict(loss_dict, raw_embeddings)
         return self.reducer(loss_dict, raw_embeddings, labels)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from recallk.errors import RecallkUsageError
+from recallk.files import atomic_write, atomic_write_from_file
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 ONNX_INPUT = "images"
@@ -40,13 +41,13 @@ def export_network(network: nn.Module, example: torch.Tensor, path: str | Path, 
         )
     network = copy.deepcopy(network).cpu().eval()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
         if fmt == "torchscript":
-            torch.jit.script(network).save(str(path))
-        else:
-            _export_onnx(network, example.cpu(), path)
+            scripted = torch.jit.script(network)
+            atomic_write(path, lambda handle: torch.jit.save(scripted, handle))
+        else:  # the exporter writes to a file name: a scratch file, then atomically (clear errors, old file kept)
+            atomic_write_from_file(path, lambda name: _export_onnx(network, example.cpu(), Path(name)))
     return path
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from recallk.errors import RecallkUsageError
-from recallk.files import TEMPORARY_SUFFIX, atomic_write_text, read_metrics, write_json
+from recallk.files import TEMPORARY_SUFFIX, OutputWriteError, atomic_write_text, read_metrics, write_json
 
 # Files whose presence means the directory holds (part of) a run's results. A config.yaml alone does not count: it
 # is all a run leaves when it fails before its first epoch ends (e.g. on an undecodable image), and the same command
@@ -58,7 +58,7 @@ class RunDirectory:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RecallkUsageError(f"cannot create run directory {self.path}: {err.strerror}") from err
+            raise OutputWriteError(self.path, err) from err  # says why (read-only, permission, full); cli: --run-dir
         self._lock: TextIO | None = open(self.path / ".lock", "a")  # noqa: SIM115 - held until close(); "a": never wipe a running owner's pid
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

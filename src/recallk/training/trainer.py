@@ -263,7 +263,10 @@ class Trainer:
         _set_rng_state(state["rng"])
         if self.run is not None:
             self.run.truncate_metrics(self.epoch)
-        logger.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batch_in_epoch, self.step)
+        logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
+            "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
+            self.cfg.train.epochs, self.batch_in_epoch, self.steps_per_epoch, self.step,
+        )
 
     # ------------------------------------------------------------------ steps
 
@@ -352,9 +355,11 @@ class Trainer:
         cfg, stop = self.cfg, _StopRequests()
         max_steps = cfg.train.max_steps
         if self.val_size is not None:
+            items = "sentences" if hasattr(self.model, "tokenize") else "images"
             logger.info(
-                "validation split %r: %d images of %d classes (each image a query against the other %d)",
-                cfg.data.split_val, self.val_size["images"], self.val_size["classes"], self.val_size["images"] - 1,
+                "validation split %r: %d %s of %d classes (each a query against the other %d)",
+                cfg.data.split_val, self.val_size["images"], items, self.val_size["classes"],
+                self.val_size["images"] - 1,
             )
         with stop.installed():
             while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
