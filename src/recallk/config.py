@@ -36,7 +36,17 @@ from recallk._typed_yaml import (
 from recallk._typed_yaml import key as _key
 from recallk.errors import ConfigError
 from recallk.files import atomic_write_text
-from recallk.registry import AMP_MODES, DATASETS, LOSSES, NORMS, POOLINGS, SCHEDULES, TEXT_DATASETS, TRANSFORMS
+from recallk.registry import (
+    AMP_MODES,
+    DATASETS,
+    LOSSES,
+    NORMS,
+    POOLINGS,
+    SCHEDULES,
+    TEXT_DATASETS,
+    TRANSFORMS,
+    WHITENINGS,
+)
 
 DatasetName = Annotated[str, Names(DATASETS, TEXT_DATASETS)]
 TransformName = Annotated[str, Names(TRANSFORMS)]
@@ -49,6 +59,7 @@ Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
 SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 Norm = Annotated[str, Names(NORMS)]
+WhiteningName = Annotated[str, Names(WHITENINGS)]
 
 
 @dataclass
@@ -98,6 +109,9 @@ class ModelConfig:
                                "freezing)")
     channels_last: bool = _key(False, "NHWC memory format (faster convolutions on tensor cores)")
     compile: bool = _key(False, "wrap the model in torch.compile")
+    whitening: WhiteningName = _key("none", "whitening layer after the head; set by recallk whiten, which also "
+                                            "fits its weights")
+    whitening_dim: int | None = _key(None, "output size of the whitening layer; null: embed_dim")
 
 
 @dataclass
