@@ -93,3 +93,30 @@ def test_whitening_layer_checks_its_input_size() -> None:
         net.set_whitening(Whitening(6))
     with pytest.raises(recallk.errors.RecallkUsageError, match="unknown whitening 'zca'"):
         create_model("omniglot_cnn", embed_dim=8, widths=(4,), whitening="zca")
+
+
+def test_gem_exponent_gets_its_own_rate_and_no_weight_decay(tmp_path: Path) -> None:
+    from recallk.models.heads import with_gem_group
+    from recallk.training.trainer import Trainer
+
+    from data_fixtures import make_glyph_folder
+    from run_fixtures import tiny_config
+
+    model = create_model("omniglot_cnn", embed_dim=8, widths=(4,), pooling="gem")
+    groups = with_gem_group(model, model.parameter_groups(lr=1e-3, weight_decay=4e-4), lr=1e-2)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["gem"]["params"] == [model.head.pool.p]
+    assert by_name["gem"]["lr"] == 1e-2 and by_name["gem"]["weight_decay"] == 0.0
+    assert all(p is not model.head.pool.p for p in by_name["head"]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    fixed = create_model("omniglot_cnn", embed_dim=8, widths=(4,), pooling="gem", gem_learnable=False)
+    assert [g["name"] for g in with_gem_group(fixed, fixed.parameter_groups(lr=1e-3), 1e-2)] == ["backbone", "head"]
+
+    data = make_glyph_folder(tmp_path / "data", classes=8, per_class=2, size=16)
+    config = tiny_config(tmp_path, model__pooling="gem", optim__gem_lr_mult=10.0, optim__schedule="none")
+    trainer = Trainer(config, tmp_path / "run", data_dir=data, progress=False)
+    try:
+        rates = {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}
+        assert rates["gem"] == pytest.approx((3e-2, 0.0)) and rates["head"][0] == pytest.approx(3e-3)
+    finally:
+        trainer.close()

@@ -140,6 +140,8 @@ class OptimConfig:
     backbone_lr_mult: float = _key(1.0, "backbone learning rate = lr * backbone_lr_mult (the head uses lr)")
     loss_lr_mult: float = _key(1.0, "lr of the loss's own parameters (proxies) = lr * loss_lr_mult; proxy losses "
                                     "like 100")
+    gem_lr_mult: float = _key(1.0, "lr of learnable GeM exponents = lr * gem_lr_mult, without weight decay "
+                                   "(landmark retrieval: 10)")
     schedule: Schedule = _key("none", "learning-rate schedule over the epochs")
     warmup_epochs: int = _key(0, "linear warm-up from 0 to lr over this many epochs")
     step_epochs: tuple[int, ...] = _key((), "step schedule: multiply the lr by gamma at these epochs")
@@ -290,6 +292,7 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     positive("optim.backbone_lr_mult", o.backbone_lr_mult, allow_zero=True)
     positive("optim.loss_lr_mult", o.loss_lr_mult)
+    positive("optim.gem_lr_mult", o.gem_lr_mult)
     positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
     if not 0 < o.gamma <= 1:
         fail(("optim.gamma",), f"'optim.gamma' must be in (0, 1], got {o.gamma}", "use e.g. optim.gamma=0.3")
