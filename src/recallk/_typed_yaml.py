@@ -202,7 +202,8 @@ def _coerce(value: Any, annotation: Any, key: str, sources: Provenance) -> Any: 
             try:
                 return tuple(_coerce(item, item_type, key, sources) for item in items)
             except ConfigError:
-                pass
+                if _names_of(item_type) is not None:
+                    raise  # a list of names: the unknown name's own message (closest name, allowed ones)
     elif origin is dict:
         if value is None:
             return {}

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from recallk import __version__
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.files import atomic_write_text, write_json
+from recallk.registry import BENCHMARKS
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -81,9 +82,12 @@ examples:
   recallk evaluate runs/omniglot                   # every test split of the run's config
   recallk evaluate runs/sop/last.pt --split test --data-dir /data
   recallk evaluate runs/omniglot --out results/omniglot.json
+  recallk evaluate runs/sfm --benchmark roxford5k --data-dir /data          # <data>/roxford5k/gnd_roxford5k.pkl
+  recallk evaluate runs/sfm --benchmark rparis6k --scales 1 0.7071 0.5 --distractors /data/revisitop1m/list.txt
 
-The table is printed and saved as JSON (plus a .txt copy), by default in the run directory; splits
-evaluated earlier into the same file are kept (one entry per split).
+The table is printed and saved as JSON (plus a .txt copy), by default in the run directory; splits and
+benchmarks evaluated earlier into the same file are kept (one entry each). Benchmarks report mAP and mP@1/5/10
+of the Easy, Medium and Hard protocols (percentages in the table, fractions in the JSON).
 """
 
 EMBED_EPILOG = """\
@@ -206,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     evaluate.add_argument("--out", metavar="FILE", help="metrics JSON file (default: evaluation.json in the run)")
+    evaluate.add_argument("--benchmark", choices=list(BENCHMARKS),
+                          help="a landmark benchmark under the data root instead of the run's splits")
+    evaluate.add_argument("--distractors", metavar="LIST",
+                          help="with --benchmark: a file of extra database images (R1M), one path a line")
+    evaluate.add_argument("--scales", metavar="S", type=float, nargs="+",
+                          help="with --benchmark: descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales)")
 
     embed = _add_subcommand(
         subparsers, "embed", "export embeddings of a data split, image files or text lines", EMBED_EPILOG, _cmd_embed
@@ -328,6 +338,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume is not None)
     if summary:  # empty on the non-main ranks of a torchrun job
         print(format_metrics_table(summary["splits"]))
+        if "benchmarks" in summary:
+            from recallk.evaluation.revisited import format_revisited_table
+
+            print(format_revisited_table(summary["benchmarks"]))
         print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
     return EXIT_OK
 
@@ -339,14 +353,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"run directory or checkpoint '{path}' does not exist; pass a run directory created by 'recallk train'"
         )
     from recallk.evaluation.metrics import format_metrics_table
-    from recallk.training.evaluate_run import evaluate_run
+    from recallk.evaluation.revisited import format_revisited_table
+    from recallk.training.evaluate_run import evaluate_benchmark, evaluate_run
 
-    results = evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
-    print(format_metrics_table(results))
+    if args.benchmark is None and (args.distractors or args.scales):
+        raise RecallkUsageError("--distractors and --scales apply to a landmark benchmark; add --benchmark NAME")
+    if args.benchmark is not None and args.split is not None:
+        raise RecallkUsageError("--benchmark and --split choose what to evaluate; pass one of them")
+    if args.benchmark is not None:
+        results = evaluate_benchmark(path, args.benchmark, data_dir=args.data_dir, distractors=args.distractors,
+                                     scales=args.scales, device=args.device)
+        print(format_revisited_table(results))
+    else:
+        results = evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
+        print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
-    merged = {**_earlier_results(out), **results}  # other splits evaluated before are kept
+    merged = {**_earlier_results(out), **results}  # other splits and benchmarks evaluated before are kept
     write_json(out, merged, sort_keys=False)
-    atomic_write_text(out.with_suffix(".txt"), format_metrics_table(merged) + "\n")
+    splits = {name: value for name, value in merged.items() if "medium" not in value}
+    benchmarks = {name: value for name, value in merged.items() if "medium" in value}  # Easy/Medium/Hard results
+    tables = [format_metrics_table(splits)] * bool(splits) + [format_revisited_table(benchmarks)] * bool(benchmarks)
+    atomic_write_text(out.with_suffix(".txt"), "\n\n".join(tables) + "\n")
     print(f"saved {out} and {out.with_suffix('.txt')} (splits: {', '.join(merged)})")
     return EXIT_OK
 

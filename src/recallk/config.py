@@ -38,6 +38,7 @@ from recallk.errors import ConfigError
 from recallk.files import atomic_write_text
 from recallk.registry import (
     AMP_MODES,
+    BENCHMARKS,
     DATASETS,
     LOSSES,
     NORMS,
@@ -60,6 +61,7 @@ NanPolicy = Literal["stop", "skip"]
 SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 Norm = Annotated[str, Names(NORMS)]
 WhiteningName = Annotated[str, Names(WHITENINGS)]
+BenchmarkName = Annotated[str, Names(BENCHMARKS)]
 
 
 @dataclass
@@ -172,6 +174,10 @@ class EvalConfig:
 
     k: tuple[int, ...] = _key((1, 2, 4, 8), "recall@k values reported")
     batch_size: int = _key(256, "images per forward pass when embedding")
+    benchmarks: tuple[BenchmarkName, ...] = _key((), "landmark benchmarks evaluated after training (e.g. "
+                                                  "[roxford5k, rparis6k]), read from <data root>/<name>/")
+    image_size: int = _key(1024, "longer side of benchmark images (shrink only; queries keep their full image's scale)")
+    scales: tuple[float, ...] = _key((1.0,), "benchmark descriptor scales, e.g. [1, 0.7071, 0.5] (multi-scale GeM)")
 
 
 @dataclass
@@ -318,6 +324,10 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
 
     _check_increasing_positive(cfg.eval.k, "eval.k", sources)
     positive("eval.batch_size", cfg.eval.batch_size)
+    positive("eval.image_size", cfg.eval.image_size)
+    if not cfg.eval.scales or any(s <= 0 for s in cfg.eval.scales):
+        fail(("eval.scales",), f"'eval.scales' must be non-empty and positive, got {list(cfg.eval.scales)}",
+             "write e.g. eval.scales=[1,0.7071,0.5]")
     if not cfg.output.runs_root:
         fail(("output.runs_root",), "'output.runs_root' is empty", "set it to a directory, e.g. output.runs_root=runs")
 

@@ -63,6 +63,10 @@ TEXT_DATASETS = Registry("text dataset", "data.dataset", {
     "clinc150": "CLINC150 intents (seen intents train, unseen intents test)",
     "banking77": "BANKING77 intents (seen intents train, unseen intents test)",
 })
+BENCHMARKS = Registry("benchmark", "eval.benchmarks", {
+    "roxford5k": "Revisited Oxford 5k (<root>/roxford5k/: gnd_roxford5k.pkl + jpg/), Easy/Medium/Hard mAP and mP@k",
+    "rparis6k": "Revisited Paris 6k (<root>/rparis6k/: gnd_rparis6k.pkl + jpg/), Easy/Medium/Hard mAP and mP@k",
+})
 TRANSFORMS = Registry("transform", "data.transform", {
     "imagenet": "RGB, ImageNet mean/std; train: RandomResizedCrop + flip, test: resize + center crop",
     "omniglot": "one channel in [0, 1]; train: a small random affine",

@@ -1,19 +1,29 @@
 """Evaluating and exporting a trained model from a run directory or a checkpoint file (``recallk evaluate``,
-``recallk embed``); the parts come from :mod:`recallk.training.assemble`, as in training."""
+``recallk embed``); the parts come from :mod:`recallk.training.assemble`, as in training.
+
+:func:`benchmark_metrics` is the one code path of landmark benchmarks (ROxf / RPar): the trainer calls it after
+training for ``eval.benchmarks`` and ``recallk evaluate --benchmark`` through :func:`evaluate_benchmark`."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from recallk.config import Config, config_from_dict
+from recallk.data.revisited import LandmarkImages, RevisitedBenchmark, read_revisited
 from recallk.engine.distributed import resolve_device
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
-from recallk.training.assemble import build_network, build_split
+from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors, multiscale_descriptors
+from recallk.evaluation.revisited import search_metrics
+from recallk.training.assemble import build_network, build_split, eval_transform, reader_decoding_of
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -94,3 +104,73 @@ def export_embeddings(
     out = Path(out)
     save_embeddings(out, embeddings, source)
     return out
+
+
+def landmark_tensor_transform(config: Config) -> Callable[[Image.Image], torch.Tensor]:
+    """The run's evaluation transform without its resize and crop: colour conversion, tensor, normalisation."""
+    data = config.data
+    full = eval_transform(data.transform, data.image_size, config.model.backbone, data.options.get("mean"),
+                          data.options.get("std"))
+    return T.Compose([step for step in full.transforms if not isinstance(step, (T.Resize, T.CenterCrop))])
+
+
+def benchmark_metrics(
+    model: nn.Module,
+    config: Config,
+    benchmark: RevisitedBenchmark,
+    device: torch.device,
+    scales: Sequence[float] | None = None,
+    post_process: PostProcess | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Easy/Medium/Hard mAP and mP@1/5/10 of ``model`` on ``benchmark`` (distractors included), as fractions.
+
+    Images are decoded as the run's reader decodes, queries cropped to their box, everything scaled to
+    ``eval.image_size`` (shrink only) and described at ``scales`` (default ``eval.scales``); ``post_process``
+    (e.g. whitening) maps the aggregated descriptors. Distractor descriptors are scored chunk by chunk and dropped.
+    Returns ``{"easy": {...}, "medium": {...}, "hard": {...}, "image_size", "scales", "database", "distractors"}``.
+    """
+    scales = tuple(scales or config.eval.scales)
+    mode, invert = reader_decoding_of(config)
+    to_tensor = landmark_tensor_transform(config)
+
+    def images(paths: list[Path], boxes: list | None = None) -> DataLoader:
+        dataset = LandmarkImages(paths, config.eval.image_size, to_tensor, mode, invert, boxes)
+        return DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)  # one image at a time
+
+    options: dict[str, Any] = {"scales": scales, "post_process": post_process, "progress": progress}
+    queries = multiscale_descriptors(model, images(benchmark.queries, benchmark.boxes), device,
+                                     total=len(benchmark.queries), desc=f"{benchmark.name} queries", **options)
+    database = multiscale_descriptors(model, images(benchmark.database), device, total=len(benchmark.database),
+                                      desc=f"{benchmark.name} database", **options)
+    distractors = iter_multiscale_descriptors(model, images(benchmark.distractors), device,
+                                              total=len(benchmark.distractors), desc="distractors", **options)
+    results: dict[str, Any] = search_metrics(queries.to(device), database, benchmark.gnd, distractors)
+    results.update(image_size=config.eval.image_size, scales=list(scales), database=len(benchmark.database),
+                   distractors=len(benchmark.distractors))
+    return results
+
+
+def benchmark_key(name: str, distractors: str | Path | None) -> str:
+    """The results key of a benchmark: ``roxford5k``, or ``roxford5k+<list file stem>`` with distractors."""
+    return name if distractors is None else f"{name}+{Path(distractors).stem}"
+
+
+def evaluate_benchmark(
+    path: str | Path,
+    benchmark: str,
+    data_dir: str | Path | None = None,
+    distractors: str | Path | None = None,
+    scales: Sequence[float] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics`) of a trained model on a landmark
+    benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the run's ``data.data_dir``)."""
+    from recallk.data.paths import resolve_data_dir
+
+    torch_device = resolve_device(device)
+    model, config, _ = load_trained_model(path, torch_device)
+    read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
+    metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress)
+    return {benchmark_key(benchmark, distractors): metrics}

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
+from recallk.data.paths import resolve_data_dir
+from recallk.data.revisited import read_revisited
 from recallk.data.sources import BatchSource
 from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.engine.distributed import (
@@ -51,6 +53,7 @@ from recallk.training.assemble import (
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
@@ -121,6 +124,10 @@ class Trainer:
         # Built now so that a typo in data.split_test fails before training, not after it.
         self.test_sources = {
             split: build_split(config, split, model, data_dir=data_root) for split in config.data.split_test
+        } if self.is_main else {}
+        # Landmark benchmarks (eval.benchmarks) are read now too: a missing or bad file fails before training.
+        self.benchmarks = {
+            name: read_revisited(resolve_data_dir(data_root), name) for name in config.eval.benchmarks
         } if self.is_main else {}
         for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
             if source is not None:
@@ -438,6 +445,10 @@ class Trainer:
                 from recallk.evaluation.plots import plot_retrievals
 
                 plot_retrievals(self.run.plots / f"retrievals_{split}.png", embeddings, source)
+        benchmarks = {
+            name: benchmark_metrics(self.model, cfg, benchmark, self.device, progress=False)
+            for name, benchmark in self.benchmarks.items()
+        }
         primary = splits[cfg.data.split_test[0]] if splits else {}
         summary = {
             **primary,
@@ -450,6 +461,8 @@ class Trainer:
             "train_seconds": round(self.seconds, 2),
             "run_dir": str(self.run.path),
         }
+        if benchmarks:
+            summary["benchmarks"] = benchmarks
         if cfg.output.plots:
             from recallk.evaluation.plots import plot_recall_curves, plot_training_curves
 
