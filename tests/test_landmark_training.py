@@ -1,19 +1,25 @@
-"""Landmark retrieval end to end on the CPU: the SfM-120k recipe trains a tiny model on an SfM-format fixture, then
-`recallk whiten` learns a whitening from its val pairs and every way of loading the run applies it."""
+"""Landmark retrieval end to end on the CPU: the SfM-120k recipe trains a tiny model on an SfM-format fixture (and
+evaluates Revisited Oxford/Paris fixtures after training), `recallk whiten` learns a whitening from its val pairs,
+every way of loading the run applies it, and `recallk evaluate --benchmark roxford5k` evaluates the whitened model."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import recallk
 from recallk.cli import main
 from recallk.data.landmarks import sfm120k_pairs
+from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.export import load_exported
 from recallk.training.checkpoint import load_checkpoint
+from recallk.training.evaluate_run import landmark_tensor_transform
+from revisited_fixtures import write_revisited
 
 from data_fixtures import landmark_image, make_sfm120k
 
@@ -30,10 +36,15 @@ def sfm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("sfm")
     make_sfm120k(base / "data", {"train": {c: 3 for c in range(6)}, "val": {c: 4 for c in range(10, 16)}},
                  size=16, whiten=True)
+    for benchmark in ("roxford5k", "rparis6k"):  # the recipe's eval.benchmarks
+        write_revisited(base / "data", benchmark)
     run = base / "run"
     status = main(["train", "sfm120k_resnet101_gem", *TINY, "--data-dir", str(base / "data"), "--run-dir", str(run),
                    "--device", "cpu"])
     assert status == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["benchmarks"]) == {"roxford5k", "rparis6k"}
+    assert summary["benchmarks"]["roxford5k"]["scales"] == [1.0, 0.7071, 0.5]
     return run
 
 
@@ -43,7 +54,7 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     unwhitened = plain.embed(images)
     assert unwhitened.shape == (5, 8)
 
-    assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "6", "--device", "cpu"]) == 0
+    assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "6", "--scales", "1", "--device", "cpu"]) == 0
     assert "(whitening learned from pairs 'val', 8 -> 6 dims)" in capsys.readouterr().out
     whitened_file = sfm_run / "checkpoints" / "whitened.pt"
     state = load_checkpoint(whitened_file)
@@ -56,7 +67,9 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     torch.testing.assert_close(model.embed(images), expected, atol=1e-5, rtol=0)
     # fitted on the run's own descriptors of the val pairs: their differences now have unit variance in every direction
     base, names, pairs = sfm120k_pairs(sfm_run.parent / "data", "val")
-    descriptors = plain.embed([base / n for n in names]).double()
+    to_tensor = landmark_tensor_transform(plain.config)  # full images (16 px < eval.image_size), at scale 1
+    full_images = [to_tensor(Image.open(base / n).convert("RGB")) for n in names]
+    descriptors = multiscale_descriptors(plain.network, full_images, torch.device("cpu"), progress=False).double()
     projection = model.network.whitening.projection.double()
     differences = (descriptors[pairs[:, 0]] - descriptors[pairs[:, 1]]) @ projection.t()
     torch.testing.assert_close(differences.t() @ differences / len(pairs), torch.eye(6, dtype=torch.float64),
@@ -67,6 +80,14 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     exported = sfm_run.parent / "model.pt"
     assert main(["export", str(sfm_run), "--format", "torchscript", "--out", str(exported)]) == 0
     torch.testing.assert_close(load_exported(exported, "torchscript")(images), expected, atol=1e-5, rtol=0)
+
+    # the benchmark: multi-scale descriptors (the recipe's eval.scales), whitened after aggregation
+    assert main(["evaluate", str(sfm_run), "--benchmark", "roxford5k", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "medium" in printed and "mP@10" in printed
+    saved = json.loads((sfm_run / "evaluation.json").read_text())["roxford5k"]
+    assert saved["whitening"] == "learned" and saved["scales"] == [1.0, 0.7071, 0.5]
+    assert all(0 <= saved[protocol]["map"] <= 1 for protocol in ("easy", "medium", "hard"))
 
     # never overwritten silently; --force replaces it
     assert main(["whiten", str(sfm_run), "--pairs", "val"]) == 2

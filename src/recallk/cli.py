@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("--force", action="store_true", help="replace an existing whitened checkpoint")
     whiten.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     whiten.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
-    whiten.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    whiten.add_argument("--scales", metavar="S", type=float, nargs="+",
+                        help="descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales, as the benchmarks)")
 
     recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
     recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
@@ -469,7 +470,7 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     images = list_image_files(args.images) if args.images else ()
     out, layer = whiten_run(
         args.path, pairs=args.pairs, images=images, dim=args.dim, power=args.power, out=args.out, force=args.force,
-        data_dir=args.data_dir, device=args.device, batch_size=args.batch_size,
+        data_dir=args.data_dir, device=args.device, scales=args.scales,
     )
     kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {args.power}"
     print(f"saved {out} (whitening {kind}, {layer.in_dim} -> {layer.out_dim} dims)")

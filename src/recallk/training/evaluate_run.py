@@ -23,6 +23,7 @@ from recallk.engine.distributed import resolve_device
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors, multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
+from recallk.models.factory import EmbeddingModel
 from recallk.training.assemble import build_network, build_split, eval_transform, reader_decoding_of
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -172,5 +173,8 @@ def evaluate_benchmark(
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(path, torch_device)
     read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
-    metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress)
+    # a learned whitening (recallk whiten) maps the multi-scale aggregate, as it was fitted on it (cirtorch's order)
+    whitening = model.pop_whitening() if isinstance(model, EmbeddingModel) else None
+    metrics = benchmark_metrics(model, config, read, torch_device, scales, post_process=whitening, progress=progress)
+    metrics["whitening"] = config.model.whitening
     return {benchmark_key(benchmark, distractors): metrics}
