@@ -107,6 +107,8 @@ def test_pca_whitening_from_images_and_bad_requests(sfm_run: Path, tmp_path: Pat
     assert "(whitening PCA, power 0.25, 8 -> 4 dims)" in capsys.readouterr().out
     assert recallk.load_model(out).embed(torch.rand(2, 3, 16, 16)).shape == (2, 4)
 
+    assert main(["whiten", str(sfm_run), "--pairs", "val", "--power", "0.25", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--power sets PCA whitening (--images)" in capsys.readouterr().err
     assert main(["whiten", str(sfm_run), "--pairs", "test", "--out", str(tmp_path / "x.pt")]) == 2
     assert "unknown sfm120k pairs split 'test'" in capsys.readouterr().err
     assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "9", "--out", str(tmp_path / "x.pt")]) == 2

@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(sfm120k: val, train or whiten)")
     source.add_argument("--images", metavar="PATH", nargs="+", help="PCA whitening from these image files or folders")
     whiten.add_argument("--dim", type=int, metavar="D", help="output dimensions (default: the embedding size)")
-    whiten.add_argument("--power", type=float, default=0.5,
+    whiten.add_argument("--power", type=float,
                         help="PCA eigenvalue power: 0.5 whitens fully, 0.25 as deep-image-retrieval (default: 0.5)")
     whiten.add_argument("--out", metavar="FILE", help="whitened checkpoint (default: checkpoints/whitened.pt)")
     whiten.add_argument("--force", action="store_true", help="replace an existing whitened checkpoint")
@@ -467,12 +467,15 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     from recallk.inference import list_image_files
     from recallk.training.whiten_run import whiten_run
 
+    if args.pairs and args.power is not None:
+        raise RecallkUsageError("--power sets PCA whitening (--images); learned whitening (--pairs) has none")
+    power = 0.5 if args.power is None else args.power
     images = list_image_files(args.images) if args.images else ()
     out, layer = whiten_run(
-        args.path, pairs=args.pairs, images=images, dim=args.dim, power=args.power, out=args.out, force=args.force,
+        args.path, pairs=args.pairs, images=images, dim=args.dim, power=power, out=args.out, force=args.force,
         data_dir=args.data_dir, device=args.device, scales=args.scales,
     )
-    kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {args.power}"
+    kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {power}"
     print(f"saved {out} (whitening {kind}, {layer.in_dim} -> {layer.out_dim} dims)")
     return EXIT_OK
 
