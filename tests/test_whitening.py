@@ -120,3 +120,26 @@ def test_gem_exponent_gets_its_own_rate_and_no_weight_decay(tmp_path: Path) -> N
         assert rates["gem"] == pytest.approx((3e-2, 0.0)) and rates["head"][0] == pytest.approx(3e-3)
     finally:
         trainer.close()
+
+
+def test_run_directory_resolves_to_the_whitened_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    from recallk.training.evaluate_run import resolve_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("last.pt", "best.pt"):
+        (folder / name).write_bytes(b"")
+    assert resolve_checkpoint(tmp_path) == folder / "best.pt"
+    (folder / "whitened.pt").write_bytes(b"")
+    os.utime(folder / "best.pt", (1, 1))
+    os.utime(folder / "last.pt", (1, 1))
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(tmp_path) == folder / "whitened.pt"
+    assert "older than" not in caplog.text
+    os.utime(folder / "last.pt")  # training went on after recallk whiten
+    os.utime(folder / "whitened.pt", (2, 2))
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(tmp_path) == folder / "whitened.pt"
+    assert "whitened.pt is older than last.pt" in caplog.text and "run recallk whiten again" in caplog.text
