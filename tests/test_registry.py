@@ -64,7 +64,7 @@ def test_unregistered_names_are_refused_with_a_suggestion() -> None:
 @pytest.mark.parametrize(("key", "registry_of_key"), [
     ("data.dataset", registry.DATASETS), ("data.transform", registry.TRANSFORMS), ("loss.name", registry.LOSSES),
     ("model.pooling", registry.POOLINGS), ("model.norm", registry.NORMS), ("optim.schedule", registry.SCHEDULES),
-    ("train.amp", registry.AMP_MODES),
+    ("train.amp", registry.AMP_MODES), ("eval.benchmarks", registry.BENCHMARKS),
 ])
 def test_the_config_validates_against_the_registries(key: str, registry_of_key: registry.Registry) -> None:
     section, field = key.split(".")

@@ -3,12 +3,14 @@ descriptors and ``recallk evaluate --benchmark`` on a generated tree in the offi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from PIL import Image
 
 from recallk.data.revisited import LandmarkImages, read_revisited
 from recallk.errors import RecallkUsageError
+from recallk.evaluation import revisited_metrics
 from recallk.evaluation.multiscale import gem_exponent, multiscale_descriptors, rescale
-from recallk.evaluation.revisited import format_revisited_table, revisited_metrics, search_metrics
+from recallk.evaluation.revisited import format_revisited_table, search_metrics
 from recallk.models.factory import create_model
 from revisited_fixtures import write_distractors, write_revisited
 
@@ -130,6 +133,19 @@ def test_search_with_distractor_chunks_equals_the_full_matrix() -> None:
     chunked = search_metrics(queries, database, gnd, distractors.split(7), chunk_size=6)
     assert chunked == full
     assert full != revisited_metrics(queries @ database.T, gnd)  # the distractors change the result
+
+    produced: list[weakref.ref] = []
+
+    def one_chunk_at_a_time():
+        for chunk in distractors.split(7):
+            chunk = chunk.clone()
+            assert len(produced) < 2 or produced[-2]() is None  # the chunk before the last one is freed
+            produced.append(weakref.ref(chunk))
+            yield chunk
+            del chunk
+
+    assert search_metrics(queries, database, gnd, one_chunk_at_a_time(), chunk_size=6) == full
+    assert len(produced) == 5
     table = format_revisited_table({"roxford5k": full})
     assert f"{100 * full['medium']['map']:.2f}" in table and "mP@10" in table
 
@@ -297,6 +313,7 @@ def test_evaluate_command_on_a_benchmark(trained_run: Path, tmp_path: Path, caps
 
 
 def test_benchmarks_evaluated_at_the_end_of_training(tmp_path: Path) -> None:
+    from recallk.training.preflight import preflight
     from recallk.training.trainer import train
 
     from data_fixtures import make_glyph_folder
@@ -306,6 +323,8 @@ def test_benchmarks_evaluated_at_the_end_of_training(tmp_path: Path) -> None:
     write_revisited(data)
     config = tiny_config(tmp_path / "runs", train__epochs=1, eval__benchmarks=["roxford5k"], eval__scales=[1, 0.5],
                          output__plots=False, output__export_embeddings=False)
+    with pytest.raises(RecallkUsageError, match="gnd_rparis6k.pkl does not exist"):  # also what --dry-run runs
+        preflight(dataclasses.replace(config, eval=dataclasses.replace(config.eval, benchmarks=("rparis6k",))), data)
     summary = train(config, tmp_path / "run", data_dir=data, progress=False)
     assert set(summary["benchmarks"]["roxford5k"]) >= {"easy", "medium", "hard"}
     assert summary["benchmarks"]["roxford5k"]["scales"] == [1.0, 0.5]

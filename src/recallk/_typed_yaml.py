@@ -152,7 +152,10 @@ def _describe(annotation: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(annotation))
     if origin is tuple:
-        return f"a list of {_describe(get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
+        item = get_args(annotation)[0]
+        if _names_of(item) is not None:
+            return "a list, each item " + _describe(item)
+        return f"a list of {_describe(item).removeprefix('an ').removeprefix('a ')}s"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Any: "any value"}.get(

@@ -28,6 +28,7 @@ database size (a million distractors included).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -75,7 +76,6 @@ class RelevantRankCounter:
         num_queries, width = relevant.shape
         self.above = torch.zeros(num_queries, width + 1, dtype=torch.long)  # histogram of searchsorted slots
         self.ties = torch.zeros(num_queries, width, dtype=torch.long)
-        self.seen = 0
 
     def add(self, start: int, scores: Tensor) -> None:
         """Count database items ``start .. start + C - 1`` with their ``(Q, C)`` similarities to every query."""
@@ -97,7 +97,6 @@ class RelevantRankCounter:
                 slot = slot.clamp(max=self.ties.shape[1] - 1)
                 before = hit & (tied_cols + start < self.sorted_index[tied_rows, slot])
                 self.ties.index_put_((tied_rows[before], slot[before]), torch.ones_like(slot[before]), accumulate=True)
-        self.seen = max(self.seen, stop)
 
     def ranks(self) -> Tensor:
         """``(Q, R)`` 0-based positions of the items of ``relevant`` (in its column order; -1 for padding)."""
@@ -238,7 +237,7 @@ def search_metrics(
     queries = queries.float()
 
     def score_chunks() -> Iterator[Tensor]:
-        for rows in (*database.split(chunk_size), *distractors):
+        for rows in itertools.chain(database.split(chunk_size), distractors):  # lazily: one chunk held at a time
             yield queries @ rows.to(queries.device, queries.dtype).T
 
     def relevant_scores(index: Tensor) -> Tensor:

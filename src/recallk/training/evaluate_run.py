@@ -20,6 +20,7 @@ from torchvision import transforms as T
 from recallk.config import Config, config_from_dict
 from recallk.data.revisited import LandmarkImages, RevisitedBenchmark, read_revisited
 from recallk.engine.distributed import resolve_device
+from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors, multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
@@ -131,6 +132,8 @@ def benchmark_metrics(
     (e.g. whitening) maps the aggregated descriptors. Distractor descriptors are scored chunk by chunk and dropped.
     Returns ``{"easy": {...}, "medium": {...}, "hard": {...}, "image_size", "scales", "database", "distractors"}``.
     """
+    if hasattr(model, "tokenize"):
+        raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
     scales = tuple(scales or config.eval.scales)
     mode, invert = reader_decoding_of(config)
     to_tensor = landmark_tensor_transform(config)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from recallk.config import Config
+from recallk.data.paths import resolve_data_dir
+from recallk.data.revisited import read_revisited
 from recallk.data.sources import check_data_config
 from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
@@ -17,10 +19,14 @@ TRANSFORM_CHANNELS = {"imagenet": 3, "omniglot": 1}  # channels of the tensors e
 
 def preflight(config: Config, data_dir: str | Path | None = None) -> None:
     """Check the data set, transform, reader options and data root (:func:`~recallk.data.sources.check_data_config`),
-    the loss parameters and that the model takes as many input channels as the transform produces."""
-    check_data_config(config.data, data_dir if data_dir is not None else config.data.data_dir)
+    the loss parameters, that the model takes as many input channels as the transform produces, and the files of
+    the landmark benchmarks of ``eval.benchmarks``."""
+    root = data_dir if data_dir is not None else config.data.data_dir
+    check_data_config(config.data, root)
     check_loss_params(config)
     check_channels(config)
+    for name in config.eval.benchmarks:
+        read_revisited(resolve_data_dir(root), name)
 
 
 def check_loss_params(config: Config) -> None:

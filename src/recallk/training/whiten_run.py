@@ -74,6 +74,9 @@ def whiten_run(
     if not isinstance(network, EmbeddingModel):
         raise RecallkUsageError("whitening applies to image models only; this run trained a text model")
     network.set_whitening(None)  # fit on the head's own descriptors, also when re-whitening a whitened model
+    size = network.head.fc.out_features
+    if dim is not None and not 0 < dim <= size:
+        raise RecallkUsageError(f"--dim {dim}: the whitening dimension must be in 1..{size} (the embedding size)")
     paths, pair_index = _images_to_describe(config, pairs, images, data_dir)
     torch_device = resolve_device(device)
     scales = tuple(scales or config.eval.scales)
