@@ -268,3 +268,66 @@ def write_banking_fixture(root: Path) -> None:
             writer.writerow(["text", "category"])
             for intent, texts in SENTENCES.items():
                 writer.writerows([t, intent] for t in texts[rows])
+
+
+def landmark_image(path: Path, cluster: int, rng: np.random.Generator, size: int = 8) -> Path:
+    """A JPEG (whatever the name) of a landmark: a colour set by ``cluster`` with per-image noise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = np.array([(37 * cluster) % 256, (91 * cluster) % 256, (53 * cluster + 100) % 256], dtype=np.float64)
+    pixels = np.clip(base + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels, "RGB").save(path, format="JPEG")
+    return path
+
+
+def make_sfm120k(
+    root: Path, parts: dict[str, dict[int, int]], size: int = 8, seed: int = 0, whiten: bool = False
+) -> Path:
+    """cirtorch's layout: ``root/train/retrieval-SfM-120k/{retrieval-SfM-120k.pkl, ims/}``.
+
+    ``parts`` maps ``train``/``val`` to ``{cluster: images}``. Each image is a JPEG without suffix at
+    ``ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``; the pairs join consecutive images of a cluster. With
+    ``whiten``, ``retrieval-SfM-120k-whiten.pkl`` holds the val part's cids and pairs (top level, as cirtorch's).
+    Returns the data set folder.
+    """
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "train" / "retrieval-SfM-120k"
+    db: dict[str, dict[str, list]] = {}
+    for part, clusters in parts.items():
+        cids, cluster_of, queries, positives = [], [], [], []
+        for cluster, count in clusters.items():
+            for i in range(count):
+                cid = hashlib.md5(f"{part}-{cluster}-{i}".encode()).hexdigest()
+                landmark_image(folder / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid, cluster, rng, size)
+                if i > 0:
+                    queries.append(len(cids) - 1)
+                    positives.append(len(cids))
+                cids.append(cid)
+                cluster_of.append(cluster)
+        db[part] = {"cids": cids, "cluster": cluster_of, "qidxs": queries, "pidxs": positives}
+    with open(folder / "retrieval-SfM-120k.pkl", "wb") as f:
+        pickle.dump(db, f)
+    if whiten:
+        val = db["val"]
+        with open(folder / "retrieval-SfM-120k-whiten.pkl", "wb") as f:
+            pickle.dump({"cids": val["cids"], "qidxs": val["qidxs"], "pidxs": val["pidxs"]}, f)
+    return folder
+
+
+def make_gldv2(root: Path, landmarks: dict[int, int], seed: int = 0) -> Path:
+    """GLDv2 clean: ``root/gldv2/train_clean.csv`` and ``train/a/b/c/<id>.jpg`` for ``{landmark_id: images}``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "gldv2"
+    rows = []
+    for landmark, count in landmarks.items():
+        ids = [hashlib.sha1(f"{landmark}-{i}".encode()).hexdigest()[:16] for i in range(count)]
+        for image_id in ids:
+            landmark_image(folder / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", landmark,
+                           rng)
+        rows.append([landmark, " ".join(ids)])
+    with open(folder / "train_clean.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["landmark_id", "images"])
+        writer.writerows(rows)
+    return folder

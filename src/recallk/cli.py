@@ -60,6 +60,7 @@ examples:
   recallk embed runs/omniglot --split test --out test.npz
   recallk search runs/omniglot --gallery photos/ --query q.png
   recallk export runs/omniglot --format onnx --out model.onnx
+  recallk whiten runs/sfm --pairs val              # learn a whitening, stored with the model
   recallk config --explain data                    # every config key with its type, default and meaning
 
 'recallk COMMAND --help' shows each command's options.
@@ -128,6 +129,16 @@ TorchScript and ONNX take preprocessed images (B, C, H, W) with any batch size B
 embeddings (B, D); the exported model is checked against the eager one on a random batch. 'pretrained' writes
 the Hugging Face Hub layout that recallk.load_model reads, without paths of this machine; it refuses a folder
 that already holds a saved model (unless --overwrite) or other README.md/config.json files.
+"""
+
+WHITEN_EPILOG = """\
+examples:
+  recallk whiten runs/sfm120k --pairs val                  # learned whitening from SfM-120k's val pairs
+  recallk whiten runs/sfm120k --pairs whiten --dim 256     # cirtorch's whitening pairs, reduced to 256-d
+  recallk whiten runs/gldv2 --images /data/sample/ --power 0.25    # PCA whitening (0.5: full)
+
+The whitened model is saved as checkpoints/whitened.pt beside the checkpoint used (never over an existing file
+without --force); 'recallk evaluate', 'embed', 'search', 'export' and recallk.load_model on the run then use it.
 """
 
 RECIPES_EPILOG = """\
@@ -253,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="PATH", required=True, help="output file (folder for pretrained)")
     export.add_argument("--overwrite", action="store_true",
                         help="pretrained: replace the saved model already in the --out folder")
+
+    whiten = _add_subcommand(
+        subparsers, "whiten", "learn a descriptor whitening for a trained model and store it with the model",
+        WHITEN_EPILOG, _cmd_whiten,
+    )
+    whiten.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a checkpoint file")
+    source = whiten.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", metavar="PART",
+                        help="learned whitening from the matching pairs of this part of the run's data set "
+                             "(sfm120k: val, train or whiten)")
+    source.add_argument("--images", metavar="PATH", nargs="+", help="PCA whitening from these image files or folders")
+    whiten.add_argument("--dim", type=int, metavar="D", help="output dimensions (default: the embedding size)")
+    whiten.add_argument("--power", type=float,
+                        help="PCA eigenvalue power: 0.5 whitens fully, 0.25 as deep-image-retrieval (default: 0.5)")
+    whiten.add_argument("--out", metavar="FILE", help="whitened checkpoint (default: checkpoints/whitened.pt)")
+    whiten.add_argument("--force", action="store_true", help="replace an existing whitened checkpoint")
+    whiten.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
+    whiten.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
+    whiten.add_argument("--scales", metavar="S", type=float, nargs="+",
+                        help="descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales, as the benchmarks)")
 
     recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
     recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
@@ -452,6 +483,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     difference = float((load_exported(out, args.format)(example) - model.embed(example)).abs().max())
     checked = f"; max |exported - eager| = {difference:.2e} on a batch of 4"
     print(f"saved {out} ({args.format}, input (B, {', '.join(map(str, shape))}){checked})")
+    return EXIT_OK
+
+
+def _cmd_whiten(args: argparse.Namespace) -> int:
+    from recallk.inference import list_image_files
+    from recallk.training.whiten_run import whiten_run
+
+    if args.pairs and args.power is not None:
+        raise RecallkUsageError("--power sets PCA whitening (--images); learned whitening (--pairs) has none")
+    power = 0.5 if args.power is None else args.power
+    images = list_image_files(args.images) if args.images else ()
+    out, layer = whiten_run(
+        args.path, pairs=args.pairs, images=images, dim=args.dim, power=power, out=args.out, force=args.force,
+        data_dir=args.data_dir, device=args.device, scales=args.scales,
+    )
+    kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {power}"
+    print(f"saved {out} (whitening {kind}, {layer.in_dim} -> {layer.out_dim} dims)")
     return EXIT_OK
 
 

@@ -46,6 +46,7 @@ from recallk.registry import (
     SCHEDULES,
     TEXT_DATASETS,
     TRANSFORMS,
+    WHITENINGS,
 )
 
 DatasetName = Annotated[str, Names(DATASETS, TEXT_DATASETS)]
@@ -59,6 +60,7 @@ Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
 SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 Norm = Annotated[str, Names(NORMS)]
+WhiteningName = Annotated[str, Names(WHITENINGS)]
 BenchmarkName = Annotated[str, Names(BENCHMARKS)]
 
 
@@ -110,6 +112,9 @@ class ModelConfig:
                                "freezing)")
     channels_last: bool = _key(False, "NHWC memory format (faster convolutions on tensor cores)")
     compile: bool = _key(False, "wrap the model in torch.compile")
+    whitening: WhiteningName = _key("none", "whitening layer after the head; set by recallk whiten, which also "
+                                            "fits its weights")
+    whitening_dim: int | None = _key(None, "output size of the whitening layer; null: embed_dim")
 
 
 @dataclass
@@ -138,6 +143,8 @@ class OptimConfig:
     backbone_lr_mult: float = _key(1.0, "backbone learning rate = lr * backbone_lr_mult (the head uses lr)")
     loss_lr_mult: float = _key(1.0, "lr of the loss's own parameters (proxies) = lr * loss_lr_mult; proxy losses "
                                     "like 100")
+    gem_lr_mult: float = _key(1.0, "lr of learnable GeM exponents = lr * gem_lr_mult, without weight decay "
+                                   "(landmark retrieval: 10)")
     schedule: Schedule = _key("none", "learning-rate schedule over the epochs")
     warmup_epochs: int = _key(0, "linear warm-up from 0 to lr over this many epochs")
     step_epochs: tuple[int, ...] = _key((), "step schedule: multiply the lr by gamma at these epochs")
@@ -292,6 +299,7 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     positive("optim.backbone_lr_mult", o.backbone_lr_mult, allow_zero=True)
     positive("optim.loss_lr_mult", o.loss_lr_mult)
+    positive("optim.gem_lr_mult", o.gem_lr_mult)
     positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
     if not 0 < o.gamma <= 1:
         fail(("optim.gamma",), f"'optim.gamma' must be in (0, 1], got {o.gamma}", "use e.g. optim.gamma=0.3")

@@ -54,6 +54,8 @@ DATASETS = Registry("dataset", "data.dataset", {
     "inat2018": "iNaturalist 2018 (the Brown et al. retrieval splits)",
     "vehicleid": "PKU VehicleID",
     "inshop": "DeepFashion In-shop (query and gallery)",
+    "sfm120k": "retrieval-SfM-120k landmarks (cirtorch's pickle; train and val parts, val pairs for whitening)",
+    "gldv2": "Google Landmarks v2 clean (train_clean.csv; val: data.options.val_landmarks held-out landmarks)",
     "folder": "a folder per class (data.data_dir/<split>/<class>/<image>)",
     "csv": "a CSV file of path,label rows per split (data.options.csv_file)",
 })
@@ -89,6 +91,11 @@ SCHEDULES = Registry("schedule", "optim.schedule", {
     "none": "constant learning rate (after the warm-up)",
     "cosine": "cosine decay from lr to 0 over train.epochs",
     "step": "multiply by optim.gamma at each of optim.step_epochs",
+})
+WHITENINGS = Registry("whitening", "model.whitening", {
+    "none": "no whitening: the head's L2-normalised embedding",
+    "learned": "learned from matching pairs (Radenović et al.), fitted by recallk whiten --pairs",
+    "pca": "PCA whitening with an eigenvalue power, fitted by recallk whiten --images",
 })
 NORMS = Registry("norm", "model.norm", {
     "batch": "BatchNorm (chunked batches need model.freeze_batchnorm)",

@@ -8,6 +8,7 @@ from typing import Any
 
 from recallk.data.folder_csv import build_csv, build_folder
 from recallk.data.image_dataset import ImageDataset
+from recallk.data.landmarks import build_gldv2, build_sfm120k
 from recallk.data.omniglot import build_omniglot
 from recallk.data.paths import resolve_data_dir
 from recallk.data.standard_datasets import (
@@ -29,6 +30,8 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
     "inat2018": build_inat2018,
     "vehicleid": build_vehicleid,
     "inshop": build_inshop,
+    "sfm120k": build_sfm120k,
+    "gldv2": build_gldv2,
     "folder": build_folder,
     "csv": build_csv,
 }

@@ -312,6 +312,8 @@ def build_source(
         kwargs.setdefault("val_classes", _val_classes(cfg))
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("download", cfg.download)
+    if "min_images" in reader_options(cfg.dataset):  # landmark readers drop classes the sampler would pad
+        kwargs.setdefault("min_images", cfg.samples_per_class)
     dataset = build_dataset(
         cfg.dataset, data_dir, split,
         transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),

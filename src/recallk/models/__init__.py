@@ -1,4 +1,4 @@
-"""Backbones and the embedding head (pool -> LayerNorm -> Linear -> L2 normalisation)."""
+"""Backbones, the embedding head (pool -> LayerNorm -> Linear -> L2 normalisation) and the optional whitening."""
 
 from recallk.models.factory import (
     EmbeddingModel,
@@ -8,6 +8,7 @@ from recallk.models.factory import (
 )
 from recallk.models.heads import EmbeddingHead, GeM, GlobalAvgPool
 from recallk.models.small_cnn import SmallCNN
+from recallk.models.whitening import Whitening, learn_whitening, pca_whitening
 
 __all__ = [
     "EmbeddingHead",
@@ -15,7 +16,10 @@ __all__ = [
     "GeM",
     "GlobalAvgPool",
     "SmallCNN",
+    "Whitening",
     "create_model",
     "create_model_from_config",
+    "learn_whitening",
     "list_backbones",
+    "pca_whitening",
 ]

@@ -25,7 +25,8 @@ from recallk.models.heads import EmbeddingHead, backbone_and_head_groups
 from recallk.models.small_cnn import SmallCNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
 from recallk.models.text import SentenceEncoder, create_sentence_encoder
-from recallk.registry import NORMS, POOLINGS
+from recallk.models.whitening import Whitening
+from recallk.registry import NORMS, POOLINGS, WHITENINGS
 
 if TYPE_CHECKING:
     from recallk.config import ModelConfig
@@ -34,24 +35,53 @@ SMALL_CNN = "omniglot_cnn"
 
 
 class EmbeddingModel(nn.Module):
-    """``backbone`` followed by an :class:`EmbeddingHead`: images ``(B, C, H, W)`` -> embeddings ``(B, embed_dim)``.
+    """``backbone`` followed by an :class:`EmbeddingHead` and, once learned (``recallk whiten``), a
+    :class:`~recallk.models.whitening.Whitening`: images ``(B, C, H, W)`` -> embeddings ``(B, embed_dim)``.
 
-    Every output row has unit L2 norm, so the dot product of two embeddings is their cosine similarity.
+    Every output row has unit L2 norm, so the dot product of two embeddings is their cosine similarity. The
+    whitening is part of the module (its buffers are in the state dict), so every path that runs the model (saved
+    checkpoints and folders, ``embed``, ``search``, TorchScript/ONNX export) applies it.
     """
 
-    def __init__(self, backbone: nn.Module, head: EmbeddingHead, channels_last: bool = False) -> None:
+    def __init__(
+        self, backbone: nn.Module, head: EmbeddingHead, channels_last: bool = False,
+        whitening: Whitening | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.embed_dim = head.fc.out_features
         self.channels_last = channels_last
+        self.whitening: nn.Module = nn.Identity()
+        self.embed_dim = head.fc.out_features
+        if whitening is not None:
+            self.set_whitening(whitening)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def set_whitening(self, whitening: Whitening | None) -> None:
+        """Append ``whitening`` after the head (``None``: remove it); ``embed_dim`` becomes its output size."""
+        if whitening is not None and whitening.in_dim != self.head.fc.out_features:
+            raise ValueError(
+                f"whitening takes {whitening.in_dim}-d descriptors but the head gives {self.head.fc.out_features}"
+            )
+        self.whitening = nn.Identity() if whitening is None else whitening
+        self.embed_dim = self.head.fc.out_features if whitening is None else whitening.out_dim
+
+    def pop_whitening(self) -> Whitening | None:
+        """Remove the whitening layer and return it (``None`` when there is none): for callers that aggregate the
+        head's descriptors first (multi-scale) and whiten afterwards."""
+        whitening = self.whitening if isinstance(self.whitening, Whitening) else None
+        self.set_whitening(None)
+        return whitening
+
+    def unwhitened(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's unit-norm descriptors ``(B, head dim)`` before any whitening (what whitening is fitted on)."""
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.whitening(self.unwhitened(images))
 
     def parameter_groups(self, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
         """The backbone at ``lr * backbone_lr_mult``, the head at ``lr`` (:func:`backbone_and_head_groups`)."""
@@ -80,6 +110,8 @@ def create_model(
     widths: Sequence[int] = (64, 128, 256, 256),
     channels_last: bool = False,
     norm: str = "batch",
+    whitening: str = "none",
+    whitening_dim: int | None = None,
 ) -> EmbeddingModel:
     """Build an embedding model: backbone -> pool -> LayerNorm -> Linear(embed_dim) -> L2 normalisation.
 
@@ -97,6 +129,9 @@ def create_model(
         channels_last: store weights and inputs in NHWC memory format.
         norm: normalisation layers of ``omniglot_cnn``: ``"batch"`` (BatchNorm) or ``"group"`` (GroupNorm, no batch
             statistics, so it trains with chunked batches without freezing); timm backbones take ``"batch"`` only.
+        whitening, whitening_dim: ``"none"``, or the kind (``"learned"``/``"pca"``) of a whitening layer with
+            ``whitening_dim`` outputs (None: ``embed_dim``) appended after the head; its buffers come from the weights
+            loaded afterwards (``recallk whiten`` fits them).
 
     Raises:
         RecallkUsageError: unknown backbone, a pooling that does not fit the backbone, or an unknown norm.
@@ -106,6 +141,8 @@ def create_model(
         raise RecallkUsageError(POOLINGS.unknown(pooling))
     if norm not in NORMS:
         raise RecallkUsageError(NORMS.unknown(norm))
+    if whitening not in WHITENINGS:
+        raise RecallkUsageError(WHITENINGS.unknown(whitening))
     if backbone == SMALL_CNN:
         net: nn.Module = _create_small_cnn(in_chans or 1, widths, pretrained, pretrained_path, pooling, norm)
     else:
@@ -118,7 +155,8 @@ def create_model(
     if freeze_batchnorm:
         _freeze_batchnorm(net)
     head = EmbeddingHead(net.num_features, embed_dim, pooling, gem_p, gem_learnable, layernorm)
-    return EmbeddingModel(net, head, channels_last=channels_last)
+    layer = None if whitening == "none" else Whitening(embed_dim, whitening_dim)
+    return EmbeddingModel(net, head, channels_last=channels_last, whitening=layer)
 
 
 def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncoder:
@@ -126,6 +164,8 @@ def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncod
     trainer's job); a backbone ``st:<name>`` is a sentence-transformers text encoder
     (:func:`~recallk.models.text.create_sentence_encoder`)."""
     if cfg.backbone.startswith(TEXT_PREFIX):
+        if cfg.whitening != "none":
+            raise RecallkUsageError("whitening applies to image models only; set model.whitening=none")
         return create_sentence_encoder(cfg.backbone, cfg.embed_dim)
     return create_model(
         cfg.backbone,
@@ -141,6 +181,8 @@ def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncod
         widths=cfg.widths,
         channels_last=cfg.channels_last,
         norm=cfg.norm,
+        whitening=cfg.whitening,
+        whitening_dim=cfg.whitening_dim,
     )
 
 

@@ -96,3 +96,17 @@ def backbone_and_head_groups(
         {"name": "head", "params": [p for p in head if p.requires_grad], "lr": lr, "weight_decay": weight_decay},
     ]
     return [g for g in groups if g["params"]]
+
+
+def with_gem_group(model: nn.Module, groups: list[dict], lr: float) -> list[dict]:
+    """``groups`` with the learnable exponent ``p`` of every :class:`GeM` in ``model`` moved into a group ``gem`` at
+    ``lr`` without weight decay (as the landmark-retrieval literature trains it, e.g. cirtorch: 10x the rate of the
+    rest, no decay, so that ``p`` is not pulled towards 0). Groups left empty are dropped."""
+    learnable = [m.p for m in model.modules() if isinstance(m, GeM) and isinstance(m.p, nn.Parameter)]
+    exponents = {id(p): p for p in learnable if p.requires_grad}
+    if not exponents:
+        return groups
+    moved = [{**g, "params": [p for p in g["params"] if id(p) not in exponents]} for g in groups]
+    return [g for g in moved if g["params"]] + [
+        {"name": "gem", "params": list(exponents.values()), "lr": lr, "weight_decay": 0.0}
+    ]

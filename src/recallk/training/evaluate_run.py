@@ -6,6 +6,7 @@ training for ``eval.benchmarks`` and ``recallk evaluate --benchmark`` through :f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,38 @@ from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors, multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
+from recallk.models.factory import EmbeddingModel
 from recallk.training.assemble import build_network, build_split, eval_transform, reader_decoding_of
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
 
+logger = logging.getLogger(__name__)
+
+
+WHITENED_CHECKPOINT = "whitened.pt"  # written by ``recallk whiten`` (recallk.training.whiten_run)
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's ``checkpoints/best.pt`` (else ``last.pt``)."""
+    """A checkpoint file, or a run directory's ``checkpoints/whitened.pt`` (the model with its learned whitening),
+    else ``best.pt``, else ``last.pt``. A ``whitened.pt`` older than ``best.pt``/``last.pt`` (training went on
+    after ``recallk whiten``) is still used, with a warning to fit it again."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
+        folder = path / "checkpoints"
+        for name in (WHITENED_CHECKPOINT, "best.pt", "last.pt"):
+            if (folder / name).is_file():
+                if name == WHITENED_CHECKPOINT:
+                    _warn_if_stale(folder / name)
+                return folder / name
         raise CheckpointError(f"run directory {path} has no checkpoints/best.pt or last.pt; train it first")
     return path
+
+
+def _warn_if_stale(whitened: Path) -> None:
+    newer = [p.name for p in (whitened.with_name("best.pt"), whitened.with_name("last.pt"))
+             if p.is_file() and p.stat().st_mtime > whitened.stat().st_mtime]
+    if newer:
+        logger.warning("%s is older than %s: training went on after recallk whiten; run recallk whiten again "
+                       "(with --force) to whiten the new weights", whitened, " and ".join(newer))
 
 
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, Path]:
@@ -156,5 +176,8 @@ def evaluate_benchmark(
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(path, torch_device)
     read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
-    metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress)
+    # a learned whitening (recallk whiten) maps the multi-scale aggregate, as it was fitted on it (cirtorch's order)
+    whitening = model.pop_whitening() if isinstance(model, EmbeddingModel) else None
+    metrics = benchmark_metrics(model, config, read, torch_device, scales, post_process=whitening, progress=progress)
+    metrics["whitening"] = config.model.whitening
     return {benchmark_key(benchmark, distractors): metrics}

@@ -44,6 +44,7 @@ from recallk.engine.distributed import (
 from recallk.engine.multistage import multistage_backward
 from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
+from recallk.models.heads import with_gem_group
 from recallk.training.assemble import (
     build_loss_from_config,
     build_network,
@@ -209,10 +210,12 @@ class Trainer:
             save_checkpoint(self.run.checkpoints / name, self._state())
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimiser groups from the config: backbone, head, and the loss's own parameters (proxies: no weight decay,
+        """Optimiser groups from the config: backbone, head, GeM exponents (no weight decay,
+        ``optim.lr * optim.gem_lr_mult``) and the loss's own parameters (proxies: no weight decay,
         ``optim.lr * optim.loss_lr_mult``)."""
         optim = self.cfg.optim
         groups = self.model.parameter_groups(optim.lr, optim.backbone_lr_mult, optim.weight_decay)
+        groups = with_gem_group(self.model, groups, optim.lr * optim.gem_lr_mult)
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if loss_params:
             groups.append(

@@ -1,0 +1,135 @@
+"""``recallk whiten``: fit a whitening for a trained model and store it with the model, as a new checkpoint.
+
+The trained network's descriptors (the head's output before any whitening, float32, computed as the landmark
+benchmarks compute them: full images, ``eval.image_size``, ``eval.scales``) of the images of matching pairs (learned
+whitening, :func:`~recallk.models.whitening.learn_whitening`) or of a set of images (PCA whitening,
+:func:`~recallk.models.whitening.pca_whitening`) are fitted. The result is written as
+``checkpoints/whitened.pt`` next to the checkpoint it came from: the same weights plus the whitening buffers, and a
+config with ``model.whitening`` and ``model.whitening_dim`` set, so that every loader builds the layer and applies
+it. A run directory resolves to ``whitened.pt`` before ``best.pt``
+(:func:`~recallk.training.evaluate_run.resolve_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from recallk.config import Config, config_from_dict, config_to_dict
+from recallk.data.landmarks import sfm120k_pairs
+from recallk.data.paths import resolve_data_dir
+from recallk.data.revisited import LandmarkImages
+from recallk.engine.distributed import resolve_device
+from recallk.errors import RecallkUsageError
+from recallk.evaluation.multiscale import multiscale_descriptors
+from recallk.models.factory import EmbeddingModel
+from recallk.models.whitening import Whitening, learn_whitening, pca_whitening
+from recallk.training.assemble import build_network, reader_decoding_of
+from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+from recallk.training.evaluate_run import WHITENED_CHECKPOINT, landmark_tensor_transform, resolve_checkpoint
+
+# Data sets whose reader lists matching pairs: name -> reader of (images folder, image names, pairs (M, 2)).
+PAIR_READERS = {"sfm120k": sfm120k_pairs}
+
+
+def whiten_run(
+    path: str | Path,
+    pairs: str | None = None,
+    images: Sequence[Path] = (),
+    dim: int | None = None,
+    power: float = 0.5,
+    out: str | Path | None = None,
+    force: bool = False,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    scales: Sequence[float] | None = None,
+    progress: bool = True,
+) -> tuple[Path, Whitening]:
+    """Fit a whitening for the model at ``path`` (a run directory or a checkpoint) and save the whitened model.
+
+    ``pairs``: a part of the run's data set that lists matching pairs (sfm120k: ``val``, ``train`` or ``whiten``)
+    -> learned whitening; ``images``: image files -> PCA whitening with eigenvalue ``power``. ``dim``: output
+    size (default: the embedding size). Descriptors are computed as the landmark benchmarks compute them (full
+    images with the longer side ``eval.image_size``, aggregated over ``scales``, default ``eval.scales``), so the
+    whitening fits what ``recallk evaluate --benchmark`` whitens. ``out``: the new checkpoint (default
+    ``checkpoints/whitened.pt`` beside the source); an existing file is replaced only with ``force``. Returns the
+    file written and the whitening layer.
+    """
+    if (pairs is None) == (not images):
+        raise RecallkUsageError("pass either --pairs PART (learned whitening) or --images PATH ... (PCA whitening)")
+    checkpoint = resolve_checkpoint(path)
+    target = Path(out) if out is not None else checkpoint.parent / WHITENED_CHECKPOINT
+    if target.exists() and not force:
+        raise RecallkUsageError(f"{target} already exists; pass --force to replace it or --out FILE to write elsewhere")
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    network = build_network(config, weights_follow=True)
+    network.load_state_dict(state["model"])
+    if not isinstance(network, EmbeddingModel):
+        raise RecallkUsageError("whitening applies to image models only; this run trained a text model")
+    network.set_whitening(None)  # fit on the head's own descriptors, also when re-whitening a whitened model
+    size = network.head.fc.out_features
+    if dim is not None and not 0 < dim <= size:
+        raise RecallkUsageError(f"--dim {dim}: the whitening dimension must be in 1..{size} (the embedding size)")
+    paths, pair_index = _images_to_describe(config, pairs, images, data_dir)
+    torch_device = resolve_device(device)
+    scales = tuple(scales or config.eval.scales)
+    descriptors = _descriptors(network.to(torch_device), config, paths, scales, torch_device, progress)
+    if pair_index is not None:
+        kind, layer = "learned", learn_whitening(descriptors, torch.from_numpy(pair_index), dim)
+    else:
+        kind, layer = "pca", pca_whitening(descriptors, dim, power)
+    network.set_whitening(layer)
+    whitened = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, whitening=kind, whitening_dim=layer.out_dim)
+    )
+    about: dict[str, Any] = {
+        "kind": kind, "dim": layer.out_dim, "source_checkpoint": str(checkpoint), "images": len(paths),
+        "image_size": config.eval.image_size, "scales": list(scales),
+        "pairs": None if pair_index is None else f"{config.data.dataset} {pairs} ({len(pair_index)} pairs)",
+        "power": power if kind == "pca" else None,
+    }
+    save_checkpoint(target, {"config": config_to_dict(whitened), "model": network.cpu().state_dict(),
+                             "whitening": about})
+    return target, layer
+
+
+def _images_to_describe(
+    config: Config, pairs: str | None, images: Sequence[Path], data_dir: str | Path | None
+) -> tuple[list[Path], np.ndarray | None]:
+    """The image files to describe and the (query, positive) pairs among them (``None`` for PCA)."""
+    if pairs is None:
+        return [Path(p) for p in images], None
+    data = config.data
+    reader = PAIR_READERS.get(data.dataset)
+    if reader is None:
+        raise RecallkUsageError(
+            f"data set {data.dataset!r} lists no matching pairs (only {', '.join(PAIR_READERS)} does); use "
+            "--images PATH for PCA whitening"
+        )
+    base, names, index = reader(resolve_data_dir(data_dir if data_dir is not None else data.data_dir), pairs)
+    paths = [base / name for name in names]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of the {pairs} pairs are missing, e.g. "
+                                f"{missing[0]}; the {data.dataset} images must sit under {base}")
+    return paths, index
+
+
+def _descriptors(
+    network: EmbeddingModel, config: Config, paths: list[Path], scales: Sequence[float], device: torch.device,
+    progress: bool,
+) -> torch.Tensor:
+    """Descriptors ``(N, D)`` as the landmark benchmarks compute them: full images at ``eval.image_size`` (shrink
+    only), one at a time, aggregated over ``scales`` (:mod:`recallk.evaluation.multiscale`)."""
+    mode, invert = reader_decoding_of(config)
+    dataset = LandmarkImages(paths, config.eval.image_size, landmark_tensor_transform(config), mode, invert)
+    loader = DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)
+    return multiscale_descriptors(network, loader, device, scales=scales, total=len(paths), progress=progress,
+                                  desc="descriptors for whitening")
