@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     embed.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    embed.add_argument("--skip-bad-images", action="store_true",
+                       help="--images: leave out files that cannot be decoded (reported in one warning)")
+    embed.add_argument("--max-image-pixels", type=int, metavar="N",
+                       help="--images: Pillow's decompression-bomb limit in pixels (default 89,478,485)")
 
     search = _add_subcommand(
         subparsers, "search", "find the gallery images most similar to query images", SEARCH_EPILOG, _cmd_search
@@ -220,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results JSON (default: search_results.json); pictures are written next to it")
     search.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     search.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
+    search.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out gallery and query files that cannot be decoded (reported in one warning)")
+    search.add_argument("--max-image-pixels", type=int, metavar="N",
+                        help="Pillow's decompression-bomb limit in pixels (default 89,478,485)")
 
     export = _add_subcommand(
         subparsers, "export", "export a trained model to TorchScript, ONNX or a shareable folder", EXPORT_EPILOG,
@@ -343,6 +351,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         out = embed_items(
             args.checkpoint, args.out, images=args.images or (), texts=args.texts,
             device=_resolved_device(args.device), batch_size=args.batch_size or 256,
+            skip_bad_images=args.skip_bad_images, max_image_pixels=_pixel_limit(args.max_image_pixels),
         )
         print(f"saved embeddings to {out}")
         return EXIT_OK
@@ -361,6 +370,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pixel_limit(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise RecallkUsageError(f"--max-image-pixels must be >= 1, got {value}; pass e.g. --max-image-pixels 300000000")
+    return value
+
+
 def _resolved_device(name: str) -> str:
     from recallk.engine.distributed import resolve_device
 
@@ -373,7 +388,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import recallk.inference as inference
     report = inference.search_run(
         args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, skip_bad_images=args.skip_bad_images,
+        max_image_pixels=_pixel_limit(args.max_image_pixels),
     )
     print(f"gallery: {report['cache']} ({'cached' if report['cached'] else 'embedded now'})")
     for result in report["results"]:

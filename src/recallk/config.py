@@ -36,7 +36,17 @@ from recallk._typed_yaml import (
 from recallk._typed_yaml import key as _key
 from recallk.errors import ConfigError
 from recallk.files import atomic_write_text
-from recallk.registry import AMP_MODES, DATASETS, LOSSES, NORMS, POOLINGS, SCHEDULES, TEXT_DATASETS, TRANSFORMS
+from recallk.registry import (
+    AMP_MODES,
+    DATASETS,
+    LOSSES,
+    NORMS,
+    POOLINGS,
+    SCHEDULES,
+    SMALL_CLASSES,
+    TEXT_DATASETS,
+    TRANSFORMS,
+)
 
 DatasetName = Annotated[str, Names(DATASETS, TEXT_DATASETS)]
 TransformName = Annotated[str, Names(TRANSFORMS)]
@@ -49,6 +59,7 @@ Device = Literal["auto", "cpu", "cuda"]
 NanPolicy = Literal["stop", "skip"]
 SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 Norm = Annotated[str, Names(NORMS)]
+SmallClasses = Annotated[str, Names(SMALL_CLASSES)]
 
 
 @dataclass
@@ -76,6 +87,10 @@ class DataConfig:
     samples_per_class: int = _key(4, "images of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
     skip_bad_images: bool = _key(False, "skip undecodable images with a warning instead of stopping")
+    small_classes: SmallClasses = _key("pad", "training classes with fewer than samples_per_class images: pad "
+                                              "(fill with repeated images, logged) or drop (leave out, logged)")
+    max_image_pixels: int | None = _key(None, "largest image (width x height) read without a decompression-bomb "
+                                              "warning, up to twice that refused; null: Pillow's 89,478,485")
 
 
 @dataclass
@@ -163,7 +178,7 @@ class OutputConfig:
     """Where results go."""
 
     runs_root: str = _key("runs", "folder under which run directories are created")
-    run_dir: str | None = _key(None, "this run's directory; null: <runs_root>/<name>-<timestamp>")
+    run_dir: str | None = _key(None, "this run's directory; null: <runs_root>/<name>-<timestamp>-<random suffix>")
     export_embeddings: bool = _key(True, "save test embeddings, labels and ids after training")
     plots: bool = _key(True, "save training-curve, recall@k and retrieval plots")
 
@@ -231,6 +246,7 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
         positive(f"data.{key}", getattr(d, key))
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("data.val_classes", d.val_classes)
+    positive("data.max_image_pixels", d.max_image_pixels)
     if "val_classes" in d.options or "seed" in d.options:
         fail(("data.options",), "'data.options' repeats 'val_classes' or 'seed', which have their own keys",
              "set data.val_classes and the top-level seed instead")

@@ -55,7 +55,7 @@ DATASETS = Registry("dataset", "data.dataset", {
     "vehicleid": "PKU VehicleID",
     "inshop": "DeepFashion In-shop (query and gallery)",
     "folder": "a folder per class (data.data_dir/<split>/<class>/<image>)",
-    "csv": "a CSV file of path,label rows per split (data.options.csv_file)",
+    "csv": "a CSV file of path,label rows per split (<split>.csv, or data.options.csv_files)",
 })
 TEXT_DATASETS = Registry("text dataset", "data.dataset", {
     "clinc150": "CLINC150 intents (seen intents train, unseen intents test)",
@@ -89,6 +89,10 @@ SCHEDULES = Registry("schedule", "optim.schedule", {
 NORMS = Registry("norm", "model.norm", {
     "batch": "BatchNorm (chunked batches need model.freeze_batchnorm)",
     "group": "GroupNorm (chunkable without freezing)",
+})
+SMALL_CLASSES = Registry("small-class policy", "data.small_classes", {
+    "pad": "fill a class with fewer than data.samples_per_class images with repeats of its images (logged once)",
+    "drop": "leave such classes out of the training batches (logged once)",
 })
 AMP_MODES = Registry("precision", "train.amp", {
     "auto": "bf16 on CUDA, none on CPU",

@@ -53,7 +53,7 @@ from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_c
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
-from recallk.training.run_dir import RunDirectory, check_run_dir
+from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
 from recallk.training.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
@@ -514,10 +514,11 @@ def train(
 
 
 def default_run_dir(config: Config) -> Path:
-    """``<output.runs_root>/<name>-<YYYYmmdd-HHMMSS>`` unless ``output.run_dir`` is set."""
+    """``<output.runs_root>/<name>-<YYYYmmdd-HHMMSS>-<suffix>`` (:func:`~recallk.training.run_dir.new_run_name`:
+    unique for runs started in the same second) unless ``output.run_dir`` is set."""
     if config.output.run_dir:
         return Path(config.output.run_dir)
-    return Path(config.output.runs_root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output.runs_root) / new_run_name(config.name)
 
 
 def _is_collective_failure(err: RuntimeError) -> bool:
