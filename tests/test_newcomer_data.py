@@ -277,8 +277,11 @@ def test_images_over_the_pixel_limit(
     with pytest.raises(ValueError, match=r"has 576 pixels, more than twice Pillow's limit of 250.*"
                                          r"data.max_image_pixels=576"):
         source.dataset[0]
-    config = load_config(None, ["data.dataset=folder", "data.transform=omniglot", "data.image_size=16",
-                                "data.max_image_pixels=400"])  # over the warning limit, under twice it
+    options = ["data.dataset=folder", "data.transform=omniglot", "data.image_size=16", "data.max_image_pixels=400"]
+    checked = load_config(None, [*options, "data.skip_bad_images=true"])  # opens every image while it is built
+    assert len(build_source(checked.data, "test", False, data_dir).labels) == 72
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 250)
+    config = load_config(None, options)  # 576 pixels: over the warning limit of 400, under twice it
     source = build_source(config.data, "test", False, data_dir)
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="recallk"):
         warnings.simplefilter("error")  # Pillow's raw DecompressionBombWarning would fail here
