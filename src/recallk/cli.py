@@ -295,9 +295,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from recallk.training.preflight import preflight
         from recallk.training.resume_config import check_resume_config
 
-        preflight(cfg)
         if args.resume is not None:
             check_resume_config(Path(run_dir), cfg)
+        preflight(cfg)  # after the resume check: a changed data set is named as such
         sys.stdout.write(config_to_yaml(cfg))
         return EXIT_OK
     from recallk.evaluation.metrics import format_metrics_table

@@ -76,7 +76,8 @@ class DataConfig:
                                        "null: no validation")
     val_classes: int | None = _key(None, "readers that carve val out of the training classes (omniglot): how many")
     split_test: tuple[str, ...] = _key(("test",), "splits evaluated after training, one metrics table each")
-    options: dict[str, Any] = _key(factory=dict, help="extra reader keyword arguments (e.g. csv_file)")
+    options: dict[str, Any] = _key(factory=dict, help="extra reader keyword arguments (e.g. csv: csv_files, "
+                                                      "path_column, label_column, delimiter)")
     download: bool = _key(False, "fetch missing files where the reader can (omniglot)")
     in_memory: bool = _key(False, "omniglot: decode the split once into arrays and augment whole batches")
     image_size: int = _key(224, "side of the square network input in pixels")

@@ -148,6 +148,14 @@ def embed_items(
     return out
 
 
+def _open_reported(path: str | Path) -> Image.Image:
+    """:func:`~recallk.pretrained.open_image` of a file already embedded: its size was reported then, so Pillow's
+    decompression-bomb warning is not repeated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return open_image(path)
+
+
 def model_fingerprint(model: RecallkModel) -> str:
     """SHA-256 of the network's weights and buffers and of its preprocessing: changes whenever the model does."""
     digest = hashlib.sha256(repr(model.preprocess).encode())
@@ -229,7 +237,7 @@ def search_run(
     for number, (query, neighbours) in enumerate(zip(query_files, found), start=1):
         picture = out.with_name(f"{out.stem}_{number}_{query.stem}.png")
         plot_neighbours(
-            picture, open_image(query), [(open_image(n.item_id), n.similarity) for n in neighbours], str(query)
+            picture, _open_reported(query), [(_open_reported(n.item_id), n.similarity) for n in neighbours], str(query)
         )
         results.append({
             "query": str(query),

@@ -116,9 +116,12 @@ def build_csv(
     numerically, else as text. A row with a missing or extra field, or an empty path or label, is a ``ValueError``
     naming the file and line. ``grayscale`` and ``invert`` as in :func:`build_folder`.
     """
-    if len(delimiter) != 1:
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise ValueError(f"data.options.delimiter must be one character, got {delimiter!r}; e.g. ',' or ';'")
     path = csv_split_file(root, split, csv_file, csv_files)
+    if not all(isinstance(c, str) and c for c in (path_column, label_column)):
+        raise ValueError(f"data.options path_column and label_column must be column names, got {path_column!r} and "
+                         f"{label_column!r}")
     if not path.is_file():
         raise FileNotFoundError(
             f"CSV split file {path} not found; write it with a header line '{path_column}{delimiter}{label_column}'"

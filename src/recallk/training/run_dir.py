@@ -100,7 +100,8 @@ class RunDirectory:
         except RecallkUsageError:
             self.close()
             raise
-        (self.path / OWNER_MARKER).touch()
+        if not (self.path / OWNER_MARKER).exists():
+            (self.path / OWNER_MARKER).touch()  # once: a resumed run changes nothing it does not write
         self._remove_partial_writes()
 
     def __enter__(self) -> RunDirectory:

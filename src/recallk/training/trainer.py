@@ -104,10 +104,10 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
         data_root = data_dir if data_dir is not None else config.data.data_dir
-        preflight(config, data_root)
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
         self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
+        preflight(config, data_root)  # after the resume check: a changed data set is named as such
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
