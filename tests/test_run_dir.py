@@ -11,7 +11,7 @@ import pytest
 
 from recallk.errors import RecallkUsageError
 from recallk.files import read_metrics
-from recallk.training.run_dir import RunDirectory, check_run_dir, run_dir_in_use
+from recallk.training.run_dir import OWNER_MARKER, RunDirectory, check_run_dir, run_dir_in_use
 from recallk.training.schedule import lr_multiplier
 
 HOLD_LOCK = """
@@ -54,10 +54,11 @@ def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path: Path
 def test_partial_writes_of_a_crash_are_removed(tmp_path: Path) -> None:
     path = tmp_path / "run"
     path.mkdir()
+    (path / OWNER_MARKER).touch()  # a directory recallk created for a run that crashed
     (path / ".metrics.csv.abc123.tmp").write_text("half")
     (path / "notes.txt").write_text("kept")
     RunDirectory(path).close()
-    assert sorted(p.name for p in path.iterdir()) == [".lock", "notes.txt"]
+    assert sorted(p.name for p in path.iterdir()) == [".lock", OWNER_MARKER, "notes.txt"]
 
 
 def test_the_lock_refuses_a_second_process_and_is_released(tmp_path: Path) -> None:

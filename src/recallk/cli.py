@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     embed.add_argument("--batch-size", type=int, metavar="N", help="images or sentences per forward pass")
+    embed.add_argument("--skip-bad-images", action="store_true",
+                       help="--images: leave out files that cannot be decoded (reported in one warning)")
+    embed.add_argument("--max-image-pixels", type=int, metavar="N",
+                       help="--images: Pillow's decompression-bomb limit in pixels (default 89,478,485)")
 
     search = _add_subcommand(
         subparsers, "search", "find the gallery images most similar to query images", SEARCH_EPILOG, _cmd_search
@@ -253,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache = search.add_mutually_exclusive_group()
     cache.add_argument("--cache", metavar="DIR", help="folder for the gallery cache (default: <MODEL>/search_cache)")
     cache.add_argument("--no-cache", action="store_true", help="embed the gallery without reading or writing a cache")
+    search.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out gallery and query files that cannot be decoded (reported in one warning)")
+    search.add_argument("--max-image-pixels", type=int, metavar="N",
+                        help="Pillow's decompression-bomb limit in pixels (default 89,478,485)")
 
     export = _add_subcommand(
         subparsers, "export", "export a trained model to TorchScript, ONNX or a shareable folder", EXPORT_EPILOG,
@@ -342,9 +350,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from recallk.training.preflight import preflight
         from recallk.training.resume_config import check_resume_config
 
-        preflight(cfg)
         if args.resume is not None:
             check_resume_config(Path(run_dir), cfg)
+        preflight(cfg)  # after the resume check: a changed data set is named as such
         sys.stdout.write(config_to_yaml(cfg))
         return EXIT_OK
     from recallk.evaluation.metrics import format_metrics_table
@@ -415,6 +423,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         out = embed_items(
             args.checkpoint, args.out, images=args.images or (), texts=args.texts,
             device=_resolved_device(args.device), batch_size=args.batch_size or 256,
+            skip_bad_images=args.skip_bad_images, max_image_pixels=_pixel_limit(args.max_image_pixels),
         )
         print(f"saved embeddings to {out}")
         return EXIT_OK
@@ -433,6 +442,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pixel_limit(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise RecallkUsageError(f"--max-image-pixels must be >= 1, got {value}; pass e.g. --max-image-pixels 300000000")
+    return value
+
+
 def _resolved_device(name: str) -> str:
     from recallk.engine.distributed import resolve_device
 
@@ -448,6 +463,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         report = inference.search_run(
             args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
             batch_size=args.batch_size, cache_dir=args.cache, use_cache=not args.no_cache,
+            skip_bad_images=args.skip_bad_images, max_image_pixels=_pixel_limit(args.max_image_pixels),
         )
     except OutputWriteError as err:
         in_cache = err.path.parent == cache_folder

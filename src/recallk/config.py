@@ -44,6 +44,7 @@ from recallk.registry import (
     NORMS,
     POOLINGS,
     SCHEDULES,
+    SMALL_CLASSES,
     TEXT_DATASETS,
     TRANSFORMS,
     WHITENINGS,
@@ -62,6 +63,7 @@ SelectMetric = Literal["recall@1", "map@r", "r_precision"]
 Norm = Annotated[str, Names(NORMS)]
 WhiteningName = Annotated[str, Names(WHITENINGS)]
 BenchmarkName = Annotated[str, Names(BENCHMARKS)]
+SmallClasses = Annotated[str, Names(SMALL_CLASSES)]
 
 
 @dataclass
@@ -79,7 +81,8 @@ class DataConfig:
                                        "null: no validation")
     val_classes: int | None = _key(None, "readers that carve val out of the training classes (omniglot): how many")
     split_test: tuple[str, ...] = _key(("test",), "splits evaluated after training, one metrics table each")
-    options: dict[str, Any] = _key(factory=dict, help="extra reader keyword arguments (e.g. csv_file)")
+    options: dict[str, Any] = _key(factory=dict, help="extra reader keyword arguments (e.g. csv: csv_files, "
+                                                      "path_column, label_column, delimiter)")
     download: bool = _key(False, "fetch missing files where the reader can (omniglot)")
     in_memory: bool = _key(False, "omniglot: decode the split once into arrays and augment whole batches")
     image_size: int = _key(224, "side of the square network input in pixels")
@@ -90,6 +93,10 @@ class DataConfig:
     samples_per_class: int = _key(4, "items of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
     skip_bad_images: bool = _key(False, "skip undecodable images with a warning instead of stopping")
+    small_classes: SmallClasses = _key("pad", "training classes with fewer than samples_per_class images: pad "
+                                              "(fill with repeated images, logged) or drop (leave out, logged)")
+    max_image_pixels: int | None = _key(None, "largest image (width x height) read without a decompression-bomb "
+                                              "warning, up to twice that refused; null: Pillow's 89,478,485")
 
 
 @dataclass
@@ -186,7 +193,7 @@ class OutputConfig:
     """Where results go."""
 
     runs_root: str = _key("runs", "folder under which run directories are created")
-    run_dir: str | None = _key(None, "this run's directory; null: <runs_root>/<name>-<timestamp>")
+    run_dir: str | None = _key(None, "this run's directory; null: <runs_root>/<name>-<timestamp>-<random suffix>")
     export_embeddings: bool = _key(True, "save test embeddings, labels and ids after training")
     plots: bool = _key(True, "save training-curve, recall@k and retrieval plots")
 
@@ -254,6 +261,7 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
         positive(f"data.{key}", getattr(d, key))
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("data.val_classes", d.val_classes)
+    positive("data.max_image_pixels", d.max_image_pixels)
     if "val_classes" in d.options or "seed" in d.options:
         fail(("data.options",), "'data.options' repeats 'val_classes' or 'seed', which have their own keys",
              "set data.val_classes and the top-level seed instead")

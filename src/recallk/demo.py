@@ -22,7 +22,7 @@ from recallk.evaluation.embed import raw_pixel_embeddings
 from recallk.evaluation.metrics import format_metrics_table, retrieval_metrics
 from recallk.evaluation.plots import plot_recall_curves
 from recallk.files import write_json
-from recallk.training.run_dir import run_dir_in_use
+from recallk.training.run_dir import is_recallk_run, run_dir_in_use
 from recallk.training.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,14 @@ def _free_run_dir(path: Path) -> None:
     """Move a finished earlier demo run aside (``<path>.previous``) instead of overwriting or refusing."""
     if not path.exists() or not any(path.iterdir()):
         return
+    if not is_recallk_run(path):
+        return  # not a run: left alone, and refused by the run directory's own check
     if run_dir_in_use(path):
         raise RecallkUsageError(f"{path} is in use by another recallk process; wait for it or pass --run-dir")
     previous = path.with_name(path.name + ".previous")
     if previous.exists():
+        if not is_recallk_run(previous):
+            raise RecallkUsageError(f"{previous} exists and is not a recallk run; move it away or pass --run-dir")
         shutil.rmtree(previous)
     path.rename(previous)
     logger.info("moved the earlier demo run to %s", previous)

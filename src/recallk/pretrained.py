@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from recallk import __version__
 from recallk.config import Config, config_from_dict, config_to_dict, config_to_yaml
+from recallk.data.image_dataset import too_large_message
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
 from recallk.files import atomic_write_from_file, atomic_write_text
@@ -124,7 +125,10 @@ def open_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        option = "--max-image-pixels {0} (recallk embed/search; in Python PIL.Image.MAX_IMAGE_PIXELS = {0})"
+        raise RecallkUsageError(too_large_message(str(path), err, option)) from None
+    except (OSError, ValueError) as err:
         raise RecallkUsageError(f"cannot decode image {path} ({err}); pass a PNG/JPEG image file") from None
 
 

@@ -57,7 +57,7 @@ DATASETS = Registry("dataset", "data.dataset", {
     "sfm120k": "retrieval-SfM-120k landmarks (cirtorch's pickle; train and val parts, val pairs for whitening)",
     "gldv2": "Google Landmarks v2 clean (train_clean.csv; val: data.options.val_landmarks held-out landmarks)",
     "folder": "a folder per class (data.data_dir/<split>/<class>/<image>)",
-    "csv": "a CSV file of path,label rows per split (data.options.csv_file)",
+    "csv": "a CSV file of path,label rows per split (<split>.csv, or data.options.csv_files)",
 })
 TEXT_DATASETS = Registry("text dataset", "data.dataset", {
     "clinc150": "CLINC150 intents (seen intents train, unseen intents test)",
@@ -100,6 +100,10 @@ WHITENINGS = Registry("whitening", "model.whitening", {
 NORMS = Registry("norm", "model.norm", {
     "batch": "BatchNorm (chunked batches need model.freeze_batchnorm)",
     "group": "GroupNorm (chunkable without freezing)",
+})
+SMALL_CLASSES = Registry("small-class policy", "data.small_classes", {
+    "pad": "fill a class with fewer than data.samples_per_class images with repeats of its images (logged once)",
+    "drop": "leave such classes out of the training batches (logged once)",
 })
 AMP_MODES = Registry("precision", "train.amp", {
     "auto": "bf16 on CUDA, none on CPU",

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from recallk.data.folder_csv import build_csv, build_folder
-from recallk.data.image_dataset import ImageDataset
+from recallk.data.image_dataset import ImageDataset, apply_pixel_limit
 from recallk.data.landmarks import build_gldv2, build_sfm120k
 from recallk.data.omniglot import build_omniglot
 from recallk.data.paths import resolve_data_dir
@@ -43,17 +43,23 @@ def build_dataset(
     split: str,
     transform: Callable[..., Any] | None = None,
     skip_bad_images: bool = False,
+    max_image_pixels: int | None = None,
     **kwargs: Any,
 ) -> ImageDataset:
     """Read data set ``name``'s ``split`` from ``root`` (``None``: :func:`~recallk.data.paths.resolve_data_dir`).
 
     ``kwargs`` go to the reader: Omniglot takes ``val_classes``, ``seed``, ``download``, ``base_url``,
-    ``checksums``; ``csv`` takes ``csv_file``. Splits per data set are in each reader's docstring.
+    ``checksums``; ``csv`` takes ``csv_files``, ``csv_file``, ``path_column``, ``label_column``, ``delimiter``.
+    Splits per data set are in each reader's docstring. ``max_image_pixels``: Pillow's decompression-bomb limit
+    (:func:`~recallk.data.image_dataset.apply_pixel_limit`; ``None``: Pillow's default).
     """
     reader = READERS.get(name)
     if reader is None:
         raise ValueError(DATASETS.unknown(name))
-    return reader(resolve_data_dir(root), split, transform=transform, skip_bad_images=skip_bad_images, **kwargs)
+    apply_pixel_limit(max_image_pixels)  # before the reader: skip_bad_images opens every image at construction
+    dataset = reader(resolve_data_dir(root), split, transform=transform, skip_bad_images=skip_bad_images, **kwargs)
+    dataset.max_image_pixels = max_image_pixels
+    return dataset
 
 
 def reader_decoding(name: str, options: Mapping[str, Any]) -> tuple[str, bool]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,35 +66,101 @@ def build_folder(
     )
 
 
+def csv_split_file(
+    root: str | Path, split: str, csv_file: str | Path | None = None, csv_files: Mapping[str, str] | None = None
+) -> Path:
+    """The CSV that :func:`build_csv` reads for ``split``: ``csv_files[split]``, else ``csv_file``, else ``root``
+    itself when it is a ``.csv`` file, else ``<root>/<split>.csv``. Relative entries of ``csv_files`` and
+    ``csv_file`` are relative to ``root`` when ``root`` is a folder."""
+    root = Path(root)
+    if csv_files is not None and not isinstance(csv_files, Mapping):
+        raise ValueError(
+            f"data.options.csv_files must map split names to CSV files, got {csv_files!r}; write e.g. "
+            "csv_files: {train: train.csv, val: val.csv, test: test.csv}"
+        )
+    if csv_files is not None and split in csv_files:
+        chosen: str | Path | None = csv_files[split]
+    elif csv_files is not None and csv_file is None:
+        raise ValueError(
+            f"data.options.csv_files names no file for split {split!r} (it has {', '.join(map(repr, csv_files))}); "
+            f"add '{split}: FILE.csv' to data.options.csv_files"
+        )
+    else:
+        chosen = csv_file
+    if chosen is not None:
+        path = Path(chosen).expanduser()
+        return path if path.is_absolute() or root.suffix.lower() == ".csv" else root / path
+    return root if root.suffix.lower() == ".csv" else root / f"{split}.csv"
+
+
 def build_csv(
     root: str | Path,
     split: str = "train",
     transform: Transform = None,
     skip_bad_images: bool = False,
     csv_file: str | Path | None = None,
+    csv_files: Mapping[str, str] | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    delimiter: str = ",",
     grayscale: bool = False,
     invert: bool = False,
 ) -> ImageDataset:
-    """Images listed in a CSV with a header holding the columns ``path`` and ``label``.
+    """Images listed in a CSV with a header naming the columns ``path_column`` and ``label_column`` (default
+    ``path`` and ``label``), fields separated by ``delimiter``; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is
+    accepted.
 
-    The file is ``csv_file`` if given, else ``root`` itself when it is a ``.csv`` file, else ``<root>/<split>.csv``.
-    Relative paths are relative to the CSV's folder. Labels are any text; when all are integers they are ordered
-    numerically, else as text. ``grayscale`` and ``invert`` as in :func:`build_folder`.
+    The file of ``split`` is :func:`csv_split_file`: ``csv_files`` maps split names to files (one per split, e.g.
+    ``{"train": "train.csv", "test": "test.csv"}``), ``csv_file`` is one file (for a single split). Relative image
+    paths are relative to the CSV's folder. Labels are any text; when all are integers they are ordered
+    numerically, else as text. A row with a missing or extra field, or an empty path or label, is a ``ValueError``
+    naming the file and line. ``grayscale`` and ``invert`` as in :func:`build_folder`.
     """
-    root = Path(root)
-    path = Path(csv_file) if csv_file is not None else root if root.suffix.lower() == ".csv" else root / f"{split}.csv"
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        raise ValueError(f"data.options.delimiter must be one character, got {delimiter!r}; e.g. ',' or ';'")
+    path = csv_split_file(root, split, csv_file, csv_files)
+    if not all(isinstance(c, str) and c for c in (path_column, label_column)):
+        raise ValueError(f"data.options path_column and label_column must be column names, got {path_column!r} and "
+                         f"{label_column!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"CSV split file {path} not found; write it with a header line 'path,label'")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(
-                f"{path} must start with a header naming the columns 'path' and 'label', got {reader.fieldnames}"
-            )
-        rows = [(r["path"].strip(), r["label"].strip()) for r in reader]
+        raise FileNotFoundError(
+            f"CSV split file {path} not found; write it with a header line '{path_column}{delimiter}{label_column}'"
+        )
+    rows = read_csv_rows(path, path_column, label_column, delimiter)
     labels, classes = encode_labels(class_keys([label for _, label in rows]))
     return ImageDataset(
         DirectoryStore(path.parent), [p for p, _ in rows], labels, classes, transform=transform,
         image_mode="L" if grayscale else "RGB", invert=invert, skip_bad_images=skip_bad_images,
         missing_hint=f"paths in {path} are relative to {path.parent}",
     )
+
+
+def read_csv_rows(path: Path, path_column: str, label_column: str, delimiter: str) -> list[tuple[str, str]]:
+    """``(image path, label)`` of every data row of the CSV ``path``, stripped; one-line errors naming the line."""
+    columns = (path_column, label_column)
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: drops a byte-order mark if there is one
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+            raise ValueError(
+                f"{path} must start with a header naming the columns {path_column!r} and {label_column!r} "
+                f"separated by {delimiter!r}, got {reader.fieldnames}; fix the header, or set data.options "
+                "path_column, label_column or delimiter"
+            )
+        width = len(reader.fieldnames)
+        rows = []
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            if None in row:
+                raise ValueError(
+                    f"{where} has {width + len(row[None])} fields, the header {width}; quote fields that hold "
+                    f"{delimiter!r} or remove the extra fields"
+                )
+            if any(row[c] is None for c in columns):
+                given = sum(v is not None for v in row.values())
+                raise ValueError(f"{where} has {given} field(s), the header {width}; give every row a path and a label")
+            image, label = row[path_column].strip(), row[label_column].strip()
+            if not image or not label:
+                empty = label_column if image else path_column
+                raise ValueError(f"{where} has an empty {empty!r}; fill it in or remove the row")
+            rows.append((image, label))
+    return rows

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,6 +24,44 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
 class BadImageError(RecallkUsageError):
     """An image file exists but cannot be decoded (a data set problem the user fixes: the CLI exits with status 2)."""
+
+
+def apply_pixel_limit(limit: int | None) -> None:
+    """Set Pillow's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS`` of this process to ``limit`` pixels
+    (Pillow warns above it and refuses images over twice it); ``None`` leaves it as it is (Pillow's default
+    89,478,485)."""
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_image(file: IO[bytes] | str | Path) -> tuple[Image.Image, int | None]:
+    """The decoded image of ``file``, and its pixel count when it is over Pillow's decompression-bomb warning limit
+    (``None`` otherwise): Pillow's ``DecompressionBombWarning`` is caught here, for the caller to report once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        image = Image.open(file)
+        image.load()
+    large = False
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            large = True
+        else:  # not ours to swallow
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return image, (image.width * image.height if large else None)
+
+
+def too_large_message(image: str, err: Exception, option: str) -> str:
+    """One line for Pillow's ``DecompressionBombError`` on ``image``: its size, the limit and ``option``, how the
+    user raises ``PIL.Image.MAX_IMAGE_PIXELS`` (``{}`` in it is replaced by the image's pixel count)."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    pixels = int(found.group(1)) if found else None
+    size = f"{pixels:,} pixels" if pixels else "more pixels than Pillow accepts"
+    limit = Image.MAX_IMAGE_PIXELS
+    bound = f"twice Pillow's limit of {limit:,}" if limit else "Pillow's limit"
+    return (
+        f"image {image} has {size}, more than {bound} (a guard against decompression bombs, files that expand to "
+        f"huge images); if the image is genuine, raise the limit: {option.format(pixels or 'PIXELS')}"
+    )
 
 
 # Modes holding more than 8 bits per pixel: Pillow's convert("L"/"RGB") clips them at 255 instead of rescaling.
@@ -76,7 +117,14 @@ class ImageDataset(Dataset):
     decoding pixels, so a truncated JPEG may still pass and then fail in ``__getitem__``. Without the flag an
     undecodable image raises :class:`BadImageError` naming the file when it is loaded. Dropping images never
     renumbers classes, so splits that share a label space (In-Shop query/gallery) stay aligned.
+
+    ``max_image_pixels`` (set by :func:`~recallk.data.factory.build_dataset`) is Pillow's decompression-bomb limit
+    in every process that loads images (:func:`apply_pixel_limit`); an image over the limit is read and reported
+    once per process in a log line (not Pillow's raw warning), one over twice the limit is a :class:`BadImageError`
+    naming ``data.max_image_pixels``.
     """
+
+    max_image_pixels: int | None = None
 
     def __init__(
         self,
@@ -100,6 +148,7 @@ class ImageDataset(Dataset):
         self.image_mode = image_mode
         self.invert = invert
         self.class_names = [str(c) for c in class_names]
+        self._large_reported = False
         self._check_exist(names, missing_hint)
         keep = self._verify(names) if skip_bad_images else np.ones(len(names), dtype=bool)
         if not keep.any():
@@ -123,12 +172,16 @@ class ImageDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The untransformed image ``index`` in ``image_mode`` (:func:`convert_image`; inverted when ``invert``)."""
         name = self.item_ids[index]
+        apply_pixel_limit(self.max_image_pixels)  # loader workers started by spawn do not inherit it
         try:
             with self.store.open(name) as f:
-                image = Image.open(f)
-                image.load()
+                image, large = read_image(f)
         except FileNotFoundError:
             raise
+        except Image.DecompressionBombError as exc:
+            raise BadImageError(
+                too_large_message(self.store.describe(name), exc, "data.max_image_pixels={}")
+            ) from exc
         except _DECODE_ERRORS as exc:
             raise BadImageError(
                 f"cannot decode image {self.store.describe(name)} ({exc}); replace or delete the file and run the "
@@ -136,6 +189,13 @@ class ImageDataset(Dataset):
                 "build the dataset with skip_bad_images=True (config: data.skip_bad_images=true) to drop "
                 "undecodable images"
             ) from exc
+        if large is not None and not self._large_reported:
+            self._large_reported = True
+            logger.warning(
+                "image %s has %s pixels, over Pillow's decompression-bomb warning limit of %s; it is read as usual "
+                "(set data.max_image_pixels=%d to raise the limit; reported once)",
+                self.store.describe(name), f"{large:,}", f"{Image.MAX_IMAGE_PIXELS:,}", large,
+            )
         image = convert_image(image, self.image_mode)
         return ImageOps.invert(image) if self.invert else image
 
@@ -151,7 +211,8 @@ class ImageDataset(Dataset):
         keep = np.ones(len(names), dtype=bool)
         for i, name in enumerate(names):
             try:
-                with self.store.open(name) as f:
+                with self.store.open(name) as f, warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported when loaded
                     Image.open(f).verify()
             except _DECODE_ERRORS:
                 keep[i] = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -9,6 +10,10 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from recallk.registry import SMALL_CLASSES
+
+logger = logging.getLogger(__name__)
 
 
 def _nearest_multiples(value: int, unit: int) -> str:
@@ -45,7 +50,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     Classes are taken from a stream of random permutations of all classes (a class repeated across a permutation
     boundary moves to the next batch), so over an epoch every class appears equally often, give or take one.
     Within a class, indices are drawn from a reshuffled cycle through its items, never twice in one batch; a class
-    with fewer than ``m`` items contributes all of them plus random repeats (drawn with replacement) up to ``m``.
+    with fewer than ``m`` items contributes all of them plus random repeats (drawn with replacement) up to ``m``
+    (``small_classes="pad"``, logged once with the number of such classes and of repeated images), or is left out
+    of training (``small_classes="drop"``, logged once with the number of classes and images dropped).
 
     An epoch has ``batches_per_epoch`` batches (default ``len(labels) // batch_size``, at least 1). Each new
     iteration moves to the next epoch by itself (as pytorch-metric-learning's ``MPerClassSampler`` reshuffles every
@@ -64,9 +71,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         batches_per_epoch: int | None = None,
+        small_classes: str = "pad",
     ) -> None:
         labels = np.asarray(labels).reshape(-1)
         m = samples_per_class
+        if small_classes not in SMALL_CLASSES:
+            raise ValueError(SMALL_CLASSES.unknown(small_classes))
         if m < 1 or batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) and samples_per_class ({m}) must be positive")
         if batch_size % m:
@@ -82,24 +92,46 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 f"= {world_size * m} so every rank holds whole classes; use batch_size "
                 f"{_nearest_multiples(batch_size, world_size * m)}"
             )
-        classes, inverse = np.unique(labels, return_inverse=True)
+        classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.cumsum(counts)[:-1])
+        small = counts < m
+        if small.any() and small_classes == "drop":
+            logger.warning(
+                "dropped %d of %d classes (%d images) with fewer than samples_per_class=%d images from training "
+                "(data.small_classes=drop)", small.sum(), len(classes), counts[small].sum(), m,
+            )
+            members = [items for items, keep in zip(members, ~small) if keep]
+            classes = classes[~small]
+        elif small.any():
+            logger.warning(
+                "%d of %d classes have fewer than samples_per_class=%d images: a batch that draws one pads it with "
+                "repeated images (%d repeats to fill each of them once); set data.small_classes=drop to leave them "
+                "out",
+                small.sum(), len(classes), m, (m - counts[small]).sum(),
+            )
+        if not members:
+            raise ValueError(
+                f"no class has samples_per_class={m} or more items; lower samples_per_class or use "
+                "small_classes='pad'"
+            )
         if batch_size // m > len(classes):
+            dropped = f" with {m} or more items" if small_classes == "drop" else ""
             raise ValueError(
                 f"batch_size {batch_size} / samples_per_class {m} = {batch_size // m} classes per batch, but the "
-                f"labels hold only {len(classes)} classes; use batch_size <= {len(classes) * m} or a larger "
-                "samples_per_class"
+                f"labels hold only {len(classes)} classes{dropped}; use batch_size <= {len(classes) * m} or a "
+                "larger samples_per_class"
             )
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
-        order = np.argsort(inverse, kind="stable")
-        self._members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+        self._members = members
         self.num_samples = len(labels)
         self.batch_size = batch_size
         self.samples_per_class = m
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.batches_per_epoch = batches_per_epoch or max(1, len(labels) // batch_size)
+        self.batches_per_epoch = batches_per_epoch or max(1, sum(map(len, members)) // batch_size)
         self.epoch = 0
         self.batches_done = 0
         self._resume_at = 0

@@ -232,7 +232,9 @@ class TextSource:
 
 
 TRANSFORM_OPTIONS = ("mean", "std")  # data.options that set the transform's normalisation, not the reader's
-_SET_BY_BUILD_SOURCE = ("root", "split", "transform", "skip_bad_images", "val_classes", "seed", "download")
+_SET_BY_BUILD_SOURCE = (
+    "root", "split", "transform", "skip_bad_images", "max_image_pixels", "val_classes", "seed", "download",
+)
 
 
 def check_data_config(cfg: DataConfig, data_dir: str | Path | None) -> None:
@@ -317,7 +319,7 @@ def build_source(
     dataset = build_dataset(
         cfg.dataset, data_dir, split,
         transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
-        skip_bad_images=cfg.skip_bad_images, **kwargs,
+        skip_bad_images=cfg.skip_bad_images, max_image_pixels=cfg.max_image_pixels, **kwargs,
     )
     return DatasetSource(dataset, cfg.num_workers)
 

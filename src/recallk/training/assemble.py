@@ -73,10 +73,11 @@ def build_split(
 
 
 def build_sampler(config: Config, labels: Tensor, rank: int = 0, world_size: int = 1) -> ClassBalancedBatchSampler:
-    """Class-balanced training batches of ``data.batch_size`` (``data.samples_per_class`` per class)."""
+    """Class-balanced training batches of ``data.batch_size`` (``data.samples_per_class`` per class; classes with
+    fewer images are padded or dropped as ``data.small_classes`` says)."""
     return ClassBalancedBatchSampler(
         labels.numpy(), config.data.batch_size, config.data.samples_per_class, seed=config.seed, rank=rank,
-        world_size=world_size,
+        world_size=world_size, small_classes=config.data.small_classes,
     )
 
 

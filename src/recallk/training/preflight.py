@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from recallk.config import Config
 from recallk.data.paths import resolve_data_dir
 from recallk.data.revisited import read_revisited
 from recallk.data.sources import check_data_config
+from recallk.data.split_checks import check_user_splits
 from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import SMALL_CNN
@@ -19,14 +22,28 @@ TRANSFORM_CHANNELS = {"imagenet": 3, "omniglot": 1}  # channels of the tensors e
 
 def preflight(config: Config, data_dir: str | Path | None = None) -> None:
     """Check the data set, transform, reader options and data root (:func:`~recallk.data.sources.check_data_config`),
-    the loss parameters, that the model takes as many input channels as the transform produces, and the files of
-    the landmark benchmarks of ``eval.benchmarks``."""
+    the loss parameters, that the model takes as many input channels as the transform produces, that
+    ``train.device`` exists, for user data (csv, folder) the splits' listings
+    (:func:`~recallk.data.split_checks.check_user_splits`: files and images exist, no split shares another's), and
+    the files of the landmark benchmarks of ``eval.benchmarks``."""
     root = data_dir if data_dir is not None else config.data.data_dir
     check_data_config(config.data, root)
     check_loss_params(config)
     check_channels(config)
+    check_device(config)
+    data = config.data
+    check_user_splits(data, root, [data.split_train, *([data.split_val] if data.split_val else []), *data.split_test])
     for name in config.eval.benchmarks:
         read_revisited(resolve_data_dir(root), name)
+
+
+def check_device(config: Config) -> None:
+    """``train.device=cuda`` needs a CUDA device that PyTorch can use."""
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise RecallkUsageError(
+            "train.device=cuda but PyTorch finds no CUDA device (torch.cuda.is_available() is False: no GPU, no "
+            "driver, or a CPU-only torch build); set train.device=auto or train.device=cpu"
+        )
 
 
 def check_loss_params(config: Config) -> None:

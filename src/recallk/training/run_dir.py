@@ -7,17 +7,22 @@ Layout::
     checkpoints/last.pt  the latest resumable state;  checkpoints/best.pt  the best on validation
     plots/*.png          curves and retrieval examples
     summary.json         final metrics (written last, atomically: its presence means the run finished)
+    .recallk-run         written when recallk creates the directory: it is recallk's to write in
 
 A directory that already holds a run is never overwritten: a new run refuses it unless it resumes, and an
-exclusive lock (``.lock``) stops two processes from using the same directory at once.
+exclusive lock (``.lock``) stops two processes from using the same directory at once. A non-empty directory
+without ``.recallk-run`` (files recallk did not write) is refused as well, so no file of the user is overwritten.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import io
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,6 +33,14 @@ from recallk.files import TEMPORARY_SUFFIX, OutputWriteError, atomic_write_text,
 # is all a run leaves when it fails before its first epoch ends (e.g. on an undecodable image), and the same command
 # must work again once the problem is fixed.
 RUN_MARKERS = ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt", "summary.json")
+OWNER_MARKER = ".recallk-run"  # created with the directory: everything in it is the run's to write
+LOCK_FILE = ".lock"
+
+
+def is_recallk_run(path: Path | str) -> bool:
+    """Whether ``path`` is a directory recallk created for a run (its marker, or an earlier version's run files)."""
+    path = Path(path)
+    return (path / OWNER_MARKER).exists() or any((path / m).exists() for m in RUN_MARKERS)
 
 
 def check_run_dir(path: Path | str, resume: bool = False) -> None:
@@ -42,6 +55,16 @@ def check_run_dir(path: Path | str, resume: bool = False) -> None:
             f"run directory {path} already holds a run ({', '.join(existing)}); pass --resume {path} "
             "to continue it, or choose a new --run-dir"
         )
+    if path.exists() and not path.is_dir():
+        raise RecallkUsageError(f"run directory {path} is a file; choose a new or empty folder with --run-dir")
+    if not resume and path.is_dir() and not is_recallk_run(path):
+        foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise RecallkUsageError(
+                f"run directory {path} is not empty ({shown}) and is not a recallk run; choose a new or empty folder "
+                "with --run-dir (recallk never writes into a folder of other files)"
+            )
     if resume and not (path / "checkpoints" / "last.pt").is_file():
         raise RecallkUsageError(
             f"cannot resume: {path / 'checkpoints' / 'last.pt'} does not exist (not a run directory, or its run "
@@ -59,7 +82,7 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputWriteError(self.path, err) from err  # says why (read-only, permission, full); cli: --run-dir
-        self._lock: TextIO | None = open(self.path / ".lock", "a")  # noqa: SIM115 - held until close(); "a": never wipe a running owner's pid
+        self._lock: TextIO | None = open(self.path / LOCK_FILE, "a")  # noqa: SIM115 - held until close(); "a": never wipe a running owner's pid
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -77,6 +100,8 @@ class RunDirectory:
         except RecallkUsageError:
             self.close()
             raise
+        if not (self.path / OWNER_MARKER).exists():
+            (self.path / OWNER_MARKER).touch()  # once: a resumed run changes nothing it does not write
         self._remove_partial_writes()
 
     def __enter__(self) -> RunDirectory:
@@ -134,9 +159,21 @@ class RunDirectory:
             path.unlink()
 
 
+def new_run_name(name: str) -> str:
+    """``<name>-<YYYYmmdd-HHMMSS>-<6 hex digits>``: the start time, and a suffix that tells apart runs started in the
+    same second (random; in a torchrun job derived from the job's rendezvous, so that every rank names the same
+    folder)."""
+    job = [os.environ.get(key, "") for key in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(job):
+        suffix = hashlib.sha256("\0".join(job).encode()).hexdigest()[:6]
+    else:
+        suffix = secrets.token_hex(3)
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+
+
 def run_dir_in_use(path: Path) -> bool:
     """True while another process holds the run directory's lock."""
-    lock = Path(path) / ".lock"
+    lock = Path(path) / LOCK_FILE
     if not lock.is_file():
         return False
     with open(lock) as handle:

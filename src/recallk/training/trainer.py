@@ -57,7 +57,7 @@ from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
-from recallk.training.run_dir import RunDirectory, check_run_dir
+from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
 from recallk.training.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,10 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
         data_root = data_dir if data_dir is not None else config.data.data_dir
-        preflight(config, data_root)
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
         self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
+        preflight(config, data_root)  # after the resume check: a changed data set is named as such
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
@@ -535,10 +535,11 @@ def train(
 
 
 def default_run_dir(config: Config) -> Path:
-    """``<output.runs_root>/<name>-<YYYYmmdd-HHMMSS>`` unless ``output.run_dir`` is set."""
+    """``<output.runs_root>/<name>-<YYYYmmdd-HHMMSS>-<suffix>`` (:func:`~recallk.training.run_dir.new_run_name`:
+    unique for runs started in the same second) unless ``output.run_dir`` is set."""
     if config.output.run_dir:
         return Path(config.output.run_dir)
-    return Path(config.output.runs_root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output.runs_root) / new_run_name(config.name)
 
 
 def _is_collective_failure(err: RuntimeError) -> bool:
