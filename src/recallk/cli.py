@@ -160,6 +160,21 @@ def _add_subcommand(
     return parser
 
 
+def _add_progress_switches(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--quiet``; without either, bars are drawn only on a terminal (never into a log file)."""
+    switches = parser.add_mutually_exclusive_group()
+    switches.add_argument("--progress", action="store_true", default=None,
+                          help="draw progress bars even when the output is not a terminal")
+    switches.add_argument("--quiet", action="store_true",
+                          help="no progress bars, and only warnings and errors on the console")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    from recallk.training.console import show_progress
+
+    return show_progress(False if args.quiet else args.progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``recallk`` argument parser."""
     parser = _ArgumentParser(
@@ -186,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="check the config (data directory, dataset, transform, reader options, loss parameters, "
                             "model/transform channels, resume changes), print it as YAML and exit")
+    _add_progress_switches(train)
 
     evaluate = _add_subcommand(
         subparsers, "evaluate", "compute retrieval metrics of a trained model", EVALUATE_EPILOG, _cmd_evaluate
@@ -195,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     evaluate.add_argument("--out", metavar="FILE", help="metrics JSON file (default: evaluation.json in the run)")
+    _add_progress_switches(evaluate)
 
     embed = _add_subcommand(
         subparsers, "embed", "export embeddings of a data split, image files or text lines", EMBED_EPILOG, _cmd_embed
@@ -208,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     embed.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    _add_progress_switches(embed)
 
     search = _add_subcommand(
         subparsers, "search", "find the gallery images most similar to query images", SEARCH_EPILOG, _cmd_search
@@ -220,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results JSON (default: search_results.json); pictures are written next to it")
     search.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     search.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
+    _add_progress_switches(search)
 
     export = _add_subcommand(
         subparsers, "export", "export a trained model to TorchScript, ONNX or a shareable folder", EXPORT_EPILOG,
@@ -245,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", metavar="DIR", help="data root holding omniglot/ (default: $RECALLK_DATA)")
     demo.add_argument("--run-dir", metavar="DIR", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
+    _add_progress_switches(demo)
 
     return parser
 
@@ -295,7 +315,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recallk.evaluation.metrics import format_metrics_table
     from recallk.training.trainer import train
 
-    summary = train(cfg, resume=args.resume is not None)
+    summary = train(cfg, resume=args.resume is not None, progress=_progress(args))
     if summary:  # empty on the non-main ranks of a torchrun job
         print(format_metrics_table(summary["splits"]))
         print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
@@ -311,7 +331,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from recallk.evaluation.metrics import format_metrics_table
     from recallk.training.evaluate_run import evaluate_run
 
-    results = evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
+    results = evaluate_run(
+        path, split=args.split, data_dir=args.data_dir, device=args.device, progress=_progress(args)
+    )
     print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
     merged = {**_earlier_results(out), **results}  # other splits evaluated before are kept
@@ -342,7 +364,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
         out = embed_items(
             args.checkpoint, args.out, images=args.images or (), texts=args.texts,
-            device=_resolved_device(args.device), batch_size=args.batch_size or 256,
+            device=_resolved_device(args.device), batch_size=args.batch_size or 256, progress=_progress(args),
         )
         print(f"saved embeddings to {out}")
         return EXIT_OK
@@ -356,6 +378,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         batch_size=args.batch_size,
+        progress=_progress(args),
     )
     print(f"saved embeddings to {out}")
     return EXIT_OK
@@ -373,7 +396,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import recallk.inference as inference
     report = inference.search_run(
         args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, progress=_progress(args),
     )
     print(f"gallery: {report['cache']} ({'cached' if report['cached'] else 'embedded now'})")
     for result in report["results"]:
@@ -428,7 +451,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import recallk.demo as demo
-    demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device)
+    demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device, progress=_progress(args))
     return EXIT_OK
 
 
@@ -467,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
     )
+    if getattr(args, "quiet", False):  # the console shows warnings only; a run's train.log keeps every line
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

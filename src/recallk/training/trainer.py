@@ -29,6 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from recallk import __version__
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sources import BatchSource
@@ -51,6 +52,7 @@ from recallk.training.assemble import (
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from recallk.training.console import RunLog, show_progress
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
@@ -97,11 +99,11 @@ class Trainer:
         run_dir: Path,
         resume: bool = False,
         data_dir: str | Path | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
         dist_context: DistributedContext | None = None,
     ) -> None:
         self.cfg = config
-        self.progress = progress
+        self.progress = show_progress(progress)
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
@@ -171,6 +173,9 @@ class Trainer:
         self._tracker_ids: dict[str, str] = {}  # the tracker runs to continue on resume
         self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
+        self.run_log = RunLog(self.run.path) if self.run is not None else None  # console lines, also in train.log
+        if self.run is not None:
+            logger.info("recallk %s: %s run %s", __version__, "resuming" if resume else "starting", self.run.path)
         if resume:
             try:
                 self._load(self.run_path / "checkpoints" / "last.pt")
@@ -554,6 +559,9 @@ class Trainer:
         if self.trackers is not None:
             self.trackers.close()
             self.trackers = None
+        if self.run_log is not None:
+            self.run_log.close()
+            self.run_log = None
         if self.run is not None:
             self.run.close()
 
@@ -563,9 +571,12 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     data_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``)."""
+    """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``).
+
+    ``progress``: draw progress bars (``None``: only on a terminal, see :func:`recallk.training.console.show_progress`).
+    """
     path = Path(run_dir) if run_dir is not None else default_run_dir(config)
     owns_process_group = not torch.distributed.is_initialized()  # a caller's own group is left to the caller
     trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress)
