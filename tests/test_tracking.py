@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recallk.training.trainer import train
+from recallk.training.trainer import Trainer, train
 
 from data_fixtures import make_glyph_folder
 from run_fixtures import tiny_config
@@ -56,7 +56,8 @@ def test_mlflow_and_wandb_get_params_metrics_and_the_test_table(
     cfg = tiny_config(tmp_path, train__epochs=1, train__max_steps=2, train__mlflow=True, train__mlflow_uri=store,
                       train__wandb=True, output__plots=False, output__export_embeddings=False)
     run_dir = tmp_path / "run"
-    summary = train(cfg, run_dir, data_dir=make_glyph_folder(tmp_path / "glyphs"), progress=False)
+    data_dir = make_glyph_folder(tmp_path / "glyphs")
+    summary = train(cfg, run_dir, data_dir=data_dir, progress=False)
 
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
@@ -82,3 +83,15 @@ def test_mlflow_and_wandb_get_params_metrics_and_the_test_table(
     assert any("epoch/val_recall@1" in row for row in history)
     assert summary_items["test/test/recall@1"] == pytest.approx(summary["recall@1"])
     assert config_items["optim.lr"] == 0.003
+
+    # a resumed training continues the same MLflow run (its id is in the checkpoint)
+    resumed = tiny_config(tmp_path, train__epochs=1, train__max_steps=3, train__mlflow=True, train__mlflow_uri=store,
+                          train__wandb=False, output__plots=False, output__export_embeddings=False)
+    trainer = Trainer(resumed, run_dir, resume=True, data_dir=data_dir, progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    (again,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
