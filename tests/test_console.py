@@ -53,7 +53,7 @@ def test_no_bars_in_a_log_file_or_with_tqdm_disable_and_train_log_keeps_the_line
     assert "\r" not in text  # no progress bar redrawing its line into the file
     assert "epoch 1 step 1: loss" in text and "epoch 1 step 2: loss" in text
     first = (run / "train.log").read_text()
-    assert "starting run" in first and "epoch 1 step 2: loss" in first
+    assert "from step 0" in first and "epoch 1 step 2: loss" in first
 
     # a terminal with TQDM_DISABLE=1: still no bars (a terminal turns "\n" into "\r\n"; a bar's "\r" stands alone)
     master, slave = pty.openpty()
@@ -64,7 +64,8 @@ def test_no_bars_in_a_log_file_or_with_tqdm_disable_and_train_log_keeps_the_line
     assert process.returncode == 0, shown
     assert not re.search("\r(?!\n)", shown) and "epoch 1 step 3: loss" in shown
     both = (run / "train.log").read_text()
-    assert both.startswith(first) and "resuming run" in both and "epoch 1 step 3: loss" in both
+    assert both.startswith(first) and "resumed from" in both and "from step 2" in both
+    assert "epoch 1 step 3: loss" in both
 
 
 def test_bars_are_drawn_on_a_terminal_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,7 @@ class TensorBoardTracker:
     def log(self, values: Mapping[str, float], step: int) -> None:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # on disk at once: a killed run keeps its curves up to the last step
 
     def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
         for split, metrics in splits.items():

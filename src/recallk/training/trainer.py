@@ -174,8 +174,6 @@ class Trainer:
         self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
         self.run_log = RunLog(self.run.path) if self.run is not None else None  # console lines, also in train.log
-        if self.run is not None:
-            logger.info("recallk %s: %s run %s", __version__, "resuming" if resume else "starting", self.run.path)
         if resume:
             try:
                 self._load(self.run_path / "checkpoints" / "last.pt")
@@ -389,6 +387,8 @@ class Trainer:
         returns the summary."""
         cfg, stop = self.cfg, _StopRequests()
         max_steps = cfg.train.max_steps
+        if self.is_main:
+            logger.info("recallk %s: training %s from step %d", __version__, self.run_path, self.step)
         if self.val_size is not None:
             logger.info(
                 "validation split %r: %d images of %d classes (each image a query against the other %d)",
