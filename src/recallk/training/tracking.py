@@ -101,6 +101,7 @@ class MLflowTracker:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id: str | None = run_id
+        self.finished = False
 
     def start(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -117,9 +118,11 @@ class MLflowTracker:
     def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
         self.log({f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}, 0)
         self.client.set_terminated(self.run_id)
+        self.finished = True
 
     def close(self) -> None:
-        pass  # the client holds no open resources; an unfinished run stays RUNNING until resumed
+        if not self.finished:  # interrupted or failed: KILLED until a resume sets it RUNNING again
+            self.client.set_terminated(self.run_id, status="KILLED")
 
 
 def _mlflow_name(key: str) -> str:
@@ -140,6 +143,7 @@ class WandbTracker:
         path.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name, dir=str(path), id=run_id, resume="allow")
         self.run_id: str | None = self.run.id
+        self.finished = False
 
     def start(self, params: Mapping[str, Any]) -> None:
         self.run.config.update(dict(params), allow_val_change=True)
@@ -151,9 +155,10 @@ class WandbTracker:
         self.run.summary.update(
             {f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}
         )
+        self.finished = True
 
     def close(self) -> None:
-        self.run.finish()
+        self.run.finish(exit_code=0 if self.finished else 1)
 
 
 class Trackers:
