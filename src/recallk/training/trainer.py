@@ -7,6 +7,11 @@
   backward pass;
 - every ``train.eval_every`` epochs the validation split is evaluated; the best checkpoint is chosen on it (never
   on the test split), and the test split(s) are evaluated once at the end with that checkpoint;
+- training ends after ``train.epochs``, at ``train.max_steps`` (mid-epoch too: that part-epoch is validated and
+  saved like a whole one, with a fractional epoch), or by early stopping (``train.early_stopping_patience``);
+  ``optim.clip_grad_norm`` clips each step's gradient; with ``train.ema_decay`` the moving average of the weights
+  is what is validated, saved as ``"model"`` and tested; progress goes to the console, ``train.log`` and the
+  trackers of :mod:`recallk.training.tracking`;
 - ``checkpoints/last.pt`` holds everything needed to continue (model, optimiser, schedule, scaler, sampler
   position, RNG states); Ctrl-C stops after the current step, saves it and raises :class:`TrainingInterrupted`;
   a resumed run repeats the losses of an uninterrupted one exactly (batch augmentation is seeded by position).
