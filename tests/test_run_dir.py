@@ -25,14 +25,14 @@ with RunDirectory(sys.argv[1]):
 
 def test_metrics_rows_extend_the_header_and_truncate(tmp_path: Path) -> None:
     with RunDirectory(tmp_path / "run") as run:
-        run.append_metrics({"epoch": 1, "train_loss": 0.5})
-        run.append_metrics({"epoch": 2, "train_loss": 0.25, "val_recall@1": 0.75})
+        run.append_metrics({"epoch": 1, "step": 4, "train_loss": 0.5})
+        run.append_metrics({"epoch": 2, "step": 8, "train_loss": 0.25, "val_recall@1": 0.75})
         rows = read_metrics(run.path / "metrics.csv")
         assert rows == [
-            {"epoch": "1", "train_loss": "0.5", "val_recall@1": ""},
-            {"epoch": "2", "train_loss": "0.25", "val_recall@1": "0.75"},
+            {"epoch": "1", "step": "4", "train_loss": "0.5", "val_recall@1": ""},
+            {"epoch": "2", "step": "8", "train_loss": "0.25", "val_recall@1": "0.75"},
         ]
-        run.truncate_metrics(1)
+        run.truncate_metrics(7)
         assert [r["epoch"] for r in read_metrics(run.path / "metrics.csv")] == ["1"]
         run.truncate_metrics(0)
         assert not (run.path / "metrics.csv").exists()

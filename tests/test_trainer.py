@@ -75,7 +75,9 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path: Path, data_dir
     finally:
         trainer.close()
     full, cut = read_metrics(full_dir / "metrics.csv"), read_metrics(cut_dir / "metrics.csv")
-    assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in full]
+    # the stop at step 6 validated the half-trained epoch 2 (its own row); the resumed run then continued exactly
+    assert [r["epoch"] for r in cut] == ["1", "1.5", "2", "3"] and cut[1]["val_recall@1"]
+    assert [r["train_loss"] for r in cut if r["epoch"] != "1.5"] == [r["train_loss"] for r in full]
     a = load_checkpoint(full_dir / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(cut_dir / "checkpoints" / "last.pt")["model"]
     for key in a:
@@ -150,7 +152,7 @@ def test_tensorboard_events_are_written(tmp_path: Path, data_dir: Path) -> None:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert len(events.Scalars("train/loss")) == 4
-    assert events.Scalars("epoch/val_recall@1")[0].step == 1
+    assert events.Scalars("epoch/val_recall@1")[0].step == 4  # every tracker's x axis is the optimiser step
 
 
 def test_resume_applies_a_new_learning_rate(tmp_path: Path, data_dir: Path) -> None:
@@ -190,8 +192,8 @@ def test_a_typo_in_the_test_split_fails_before_training(tmp_path: Path, data_dir
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from recallk.training.trainer import _event_writer
+    from recallk.training.tracking import TensorBoardTracker
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail, as when not installed
     with pytest.raises(RecallkUsageError, match=r"pip install 'recallk\[tensorboard\]'"):
-        _event_writer(tmp_path / "tb")
+        TensorBoardTracker(tmp_path / "tb")

@@ -184,6 +184,21 @@ def _add_subcommand(
     return parser
 
 
+def _add_progress_switches(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--quiet``; without either, bars are drawn only on a terminal (never into a log file)."""
+    switches = parser.add_mutually_exclusive_group()
+    switches.add_argument("--progress", action="store_true", default=None,
+                          help="draw progress bars even when the output is not a terminal")
+    switches.add_argument("--quiet", action="store_true",
+                          help="no progress bars, and only warnings and errors on the console")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    from recallk.training.console import show_progress
+
+    return show_progress(False if args.quiet else args.progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``recallk`` argument parser."""
     parser = _ArgumentParser(
@@ -210,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="check the config (data directory, dataset, transform, reader options, loss parameters, "
                             "model/transform channels, resume changes), print it as YAML and exit")
+    _add_progress_switches(train)
 
     evaluate = _add_subcommand(
         subparsers, "evaluate", "compute retrieval metrics of a trained model", EVALUATE_EPILOG, _cmd_evaluate
@@ -225,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --benchmark: a file of extra database images (R1M), one path a line")
     evaluate.add_argument("--scales", metavar="S", type=float, nargs="+",
                           help="with --benchmark: descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales)")
+    _add_progress_switches(evaluate)
 
     embed = _add_subcommand(
         subparsers, "embed", "export embeddings of a data split, image files or text lines", EMBED_EPILOG, _cmd_embed
@@ -242,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--images: leave out files that cannot be decoded (reported in one warning)")
     embed.add_argument("--max-image-pixels", type=int, metavar="N",
                        help="--images: Pillow's decompression-bomb limit in pixels (default 89,478,485)")
+    _add_progress_switches(embed)
 
     search = _add_subcommand(
         subparsers, "search", "find the gallery images most similar to query images", SEARCH_EPILOG, _cmd_search
@@ -261,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out gallery and query files that cannot be decoded (reported in one warning)")
     search.add_argument("--max-image-pixels", type=int, metavar="N",
                         help="Pillow's decompression-bomb limit in pixels (default 89,478,485)")
+    _add_progress_switches(search)
 
     export = _add_subcommand(
         subparsers, "export", "export a trained model to TorchScript, ONNX or a shareable folder", EXPORT_EPILOG,
@@ -308,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", metavar="DIR", help="data root holding omniglot/ (default: $RECALLK_DATA)")
     demo.add_argument("--run-dir", metavar="DIR", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
+    _add_progress_switches(demo)
 
     return parser
 
@@ -358,7 +378,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recallk.evaluation.metrics import format_metrics_table
     from recallk.training.trainer import train
 
-    summary = train(cfg, resume=args.resume is not None)
+    summary = train(cfg, resume=args.resume is not None, progress=_progress(args))
     if summary:  # empty on the non-main ranks of a torchrun job
         print(format_metrics_table(summary["splits"]))
         if "benchmarks" in summary:
@@ -385,10 +405,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise RecallkUsageError("--benchmark and --split choose what to evaluate; pass one of them")
     if args.benchmark is not None:
         results = evaluate_benchmark(path, args.benchmark, data_dir=args.data_dir, distractors=args.distractors,
-                                     scales=args.scales, device=args.device)
+                                     scales=args.scales, device=args.device, progress=_progress(args))
         print(format_revisited_table(results))
     else:
-        results = evaluate_run(path, split=args.split, data_dir=args.data_dir, device=args.device)
+        results = evaluate_run(
+            path, split=args.split, data_dir=args.data_dir, device=args.device, progress=_progress(args)
+        )
         print(format_metrics_table(results))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "evaluation.json"
     merged = {**_earlier_results(out), **results}  # other splits and benchmarks evaluated before are kept
@@ -422,7 +444,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
         out = embed_items(
             args.checkpoint, args.out, images=args.images or (), texts=args.texts,
-            device=_resolved_device(args.device), batch_size=args.batch_size or 256,
+            device=_resolved_device(args.device), batch_size=args.batch_size or 256, progress=_progress(args),
             skip_bad_images=args.skip_bad_images, max_image_pixels=_pixel_limit(args.max_image_pixels),
         )
         print(f"saved embeddings to {out}")
@@ -437,6 +459,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         batch_size=args.batch_size,
+        progress=_progress(args),
     )
     print(f"saved embeddings to {out}")
     return EXIT_OK
@@ -462,7 +485,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     try:
         report = inference.search_run(
             args.model, args.gallery, args.query, top_k=args.top_k, out=args.out, device=_resolved_device(args.device),
-            batch_size=args.batch_size, cache_dir=args.cache, use_cache=not args.no_cache,
+            batch_size=args.batch_size, progress=_progress(args), cache_dir=args.cache, use_cache=not args.no_cache,
             skip_bad_images=args.skip_bad_images, max_image_pixels=_pixel_limit(args.max_image_pixels),
         )
     except OutputWriteError as err:
@@ -542,7 +565,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import recallk.demo as demo
-    demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device)
+    demo.run_demo(data_dir=args.data_dir, run_dir=args.run_dir, device=args.device, progress=_progress(args))
     return EXIT_OK
 
 
@@ -581,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
     )
+    if getattr(args, "quiet", False):  # the console shows warnings only; a run's train.log keeps every line
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -154,6 +154,10 @@ class OptimConfig:
                                    "(landmark retrieval: 10)")
     schedule: Schedule = _key("none", "learning-rate schedule over the epochs")
     warmup_epochs: int = _key(0, "linear warm-up from 0 to lr over this many epochs")
+    warmup_steps: int = _key(0, "linear warm-up from 0 to lr over this many optimiser steps (instead of "
+                                "warmup_epochs)")
+    clip_grad_norm: float | None = _key(None, "clip the gradient of all trained parameters to this total L2 norm "
+                                              "before each step; null: no clipping")
     step_epochs: tuple[int, ...] = _key((), "step schedule: multiply the lr by gamma at these epochs")
     gamma: float = _key(0.3, "step schedule: the factor applied at each step")
 
@@ -169,11 +173,23 @@ class TrainConfig:
     checkpoint_every: int = _key(1, "save a checkpoint every N epochs; 0: only the final one")
     log_every: int = _key(10, "log the mean training loss every N steps (INFO)")
     device: Device = _key("auto", "auto: cuda when available, else cpu")
-    max_steps: int | None = _key(None, "stop after this many optimiser steps (smoke tests); null: no limit")
+    max_steps: int | None = _key(None, "stop after this many optimiser steps, validated and saved even mid-epoch; "
+                                       "null: no limit")
     nan_policy: NanPolicy = _key("stop", "non-finite loss: stop with an error, or skip the step")
     select_metric: SelectMetric = _key("recall@1", "validation metric that picks checkpoints/best.pt")
     tensorboard: bool = _key(False, "also write TensorBoard events to <run_dir>/tensorboard (pip install "
                                     "tensorboard)")
+    mlflow: bool = _key(False, "also log params, metrics and the test table to MLflow (pip install "
+                               "'recallk[mlflow]')")
+    mlflow_uri: str | None = _key(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else a local store in "
+                                        "<output.runs_root>/mlruns")
+    wandb: bool = _key(False, "also log to Weights & Biases, files in <run_dir>/wandb (pip install "
+                              "'recallk[wandb]'; WANDB_MODE=offline: no upload)")
+    wandb_project: str = _key("recallk", "Weights & Biases project name")
+    ema_decay: float | None = _key(None, "keep an exponential moving average of the weights with this decay "
+                                         "(e.g. 0.999), evaluated and saved instead of the raw weights; null: off")
+    early_stopping_patience: int | None = _key(None, "stop when validation select_metric has not improved for this "
+                                                     "many evaluations (needs data.split_val); null: never")
 
 
 @dataclass
@@ -320,6 +336,11 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
             fail(("optim.step_epochs", "train.epochs"),
                  f"'optim.step_epochs' {list(o.step_epochs)} has steps at or after train.epochs={t.epochs}",
                  "use steps below train.epochs or raise train.epochs")
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    positive("optim.clip_grad_norm", o.clip_grad_norm)
+    if o.warmup_epochs and o.warmup_steps:
+        fail(("optim.warmup_epochs", "optim.warmup_steps"),
+             "both 'optim.warmup_epochs' and 'optim.warmup_steps' are set", "set one of them to 0")
     if o.warmup_epochs >= t.epochs > 0 and o.warmup_epochs > 0:
         fail(("optim.warmup_epochs", "train.epochs"),
              f"optim.warmup_epochs={o.warmup_epochs} leaves no epoch after warm-up (train.epochs={t.epochs})",
@@ -330,6 +351,14 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     positive("train.eval_every", t.eval_every, allow_zero=True)
     positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
     positive("train.max_steps", t.max_steps)
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        fail(("train.ema_decay",), f"'train.ema_decay' must be in (0, 1), got {t.ema_decay}",
+             "use e.g. train.ema_decay=0.999, or null to turn the average off")
+    positive("train.early_stopping_patience", t.early_stopping_patience)
+    if t.early_stopping_patience is not None and d.split_val is None:
+        fail(("train.early_stopping_patience", "data.split_val"),
+             "'train.early_stopping_patience' needs a validation split but data.split_val is null",
+             "set data.split_val (e.g. data.split_val=val) or train.early_stopping_patience=null")
 
     _check_increasing_positive(cfg.eval.k, "eval.k", sources)
     positive("eval.batch_size", cfg.eval.batch_size)

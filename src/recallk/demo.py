@@ -22,6 +22,7 @@ from recallk.evaluation.embed import raw_pixel_embeddings
 from recallk.evaluation.metrics import format_metrics_table, retrieval_metrics
 from recallk.evaluation.plots import plot_recall_curves
 from recallk.files import write_json
+from recallk.training.console import show_progress
 from recallk.training.run_dir import is_recallk_run, run_dir_in_use
 from recallk.training.trainer import train
 
@@ -57,10 +58,13 @@ def run_demo(
     run_dir: str | Path = "runs/demo",
     device: str = "auto",
     overrides: list[str] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns (and writes to ``<run_dir>/summary.json``) the metrics after training."""
+    """Run the demo; returns (and writes to ``<run_dir>/summary.json``) the metrics after training.
+
+    ``progress``: draw progress bars (``None``: only on a terminal and without ``TQDM_DISABLE``)."""
     started = time.perf_counter()
+    progress = show_progress(progress)
     config: Config = load_config(demo_config_path(), overrides or [], {"train.device": device})
     root = resolve_data_dir(data_dir)
     run_path = Path(run_dir)

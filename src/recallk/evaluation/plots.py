@@ -42,7 +42,7 @@ def plot_training_curves(
     rows = read_metrics(metrics_csv)
     if not rows:
         return None
-    epochs = [int(r["epoch"]) for r in rows]
+    epochs = [float(r["epoch"]) for r in rows]  # fractional for a run that ended mid-epoch (train.max_steps)
     shown = [k for k in rows[0] if k.startswith("val_recall@")]
     selected = f"val_{select_metric}" if select_metric else None
     if selected in rows[0] and selected not in shown:

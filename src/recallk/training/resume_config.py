@@ -23,7 +23,8 @@ from recallk.files import atomic_write_text
 
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.eval_every", "train.checkpoint_every", "train.log_every",
-    "train.device", "train.nan_policy", "train.tensorboard",
+    "train.device", "train.nan_policy", "train.tensorboard", "train.mlflow", "train.mlflow_uri", "train.wandb",
+    "train.wandb_project", "train.early_stopping_patience", "optim.clip_grad_norm",
     "optim.lr", "optim.weight_decay", "optim.backbone_lr_mult", "optim.loss_lr_mult",
     "optim.gem_lr_mult",
     "data.data_dir", "data.num_workers", "data.skip_bad_images", "data.max_image_pixels", "eval.batch_size",

@@ -149,10 +149,10 @@ class RunDirectory:
         lines = _csv_text(fields, rows)
         atomic_write_text(path, lines)
 
-    def truncate_metrics(self, after_epoch: int) -> None:
-        """Drop rows past ``after_epoch`` (written after the checkpoint a resumed run starts from)."""
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows past optimiser step ``after_step`` (written after the checkpoint a resumed run starts from)."""
         path = self.path / "metrics.csv"
-        rows = [r for r in read_metrics(path) if int(r["epoch"]) <= after_epoch]
+        rows = [r for r in read_metrics(path) if int(r["step"]) <= after_step]
         if rows:
             atomic_write_text(path, _csv_text(list(rows[0].keys()), rows))
         elif path.exists():

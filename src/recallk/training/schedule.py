@@ -33,3 +33,14 @@ def lr_multiplier(
         return warm
 
     return multiplier
+
+
+def step_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """``f(step) -> multiplier``: a linear warm-up over the first ``warmup_steps`` optimiser steps (0: none).
+
+    Step ``s`` (0-based) trains at ``min(1, (s + 1) / warmup_steps)`` of the rate, so no step is taken at lr 0 and
+    step ``warmup_steps - 1`` is the first at the full rate; it multiplies the epoch schedule of :func:`lr_multiplier`.
+    """
+    if warmup_steps <= 0:
+        return lambda step: 1.0
+    return lambda step: min(1.0, (step + 1) / warmup_steps)

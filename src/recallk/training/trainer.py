@@ -7,6 +7,11 @@
   backward pass;
 - every ``train.eval_every`` epochs the validation split is evaluated; the best checkpoint is chosen on it (never
   on the test split), and the test split(s) are evaluated once at the end with that checkpoint;
+- training ends after ``train.epochs``, at ``train.max_steps`` (mid-epoch too: that part-epoch is validated and
+  saved like a whole one, with a fractional epoch), or by early stopping (``train.early_stopping_patience``);
+  ``optim.clip_grad_norm`` clips each step's gradient; with ``train.ema_decay`` the moving average of the weights
+  is what is validated, saved as ``"model"`` and tested; progress goes to the console, ``train.log`` and the
+  trackers of :mod:`recallk.training.tracking`;
 - ``checkpoints/last.pt`` holds everything needed to continue (model, optimiser, schedule, scaler, sampler
   position, RNG states); Ctrl-C stops after the current step, saves it and raises :class:`TrainingInterrupted`;
   a resumed run repeats the losses of an uninterrupted one exactly (batch augmentation is seeded by position).
@@ -26,8 +31,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from recallk import __version__
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.paths import resolve_data_dir
@@ -53,12 +60,14 @@ from recallk.training.assemble import (
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from recallk.training.console import RunLog, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
-from recallk.training.schedule import lr_multiplier
+from recallk.training.schedule import lr_multiplier, step_warmup
+from recallk.training.tracking import Trackers, flat_params
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +108,11 @@ class Trainer:
         run_dir: Path,
         resume: bool = False,
         data_dir: str | Path | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
         dist_context: DistributedContext | None = None,
     ) -> None:
         self.cfg = config
-        self.progress = progress
+        self.progress = show_progress(progress)
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
@@ -144,8 +153,9 @@ class Trainer:
             config.optim.schedule, config.train.epochs, config.optim.warmup_epochs, config.optim.step_epochs,
             config.optim.gamma,
         )
+        warm = step_warmup(config.optim.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: mult(step / self.steps_per_epoch)
+            self.optimizer, lambda step: mult(step / self.steps_per_epoch) * warm(step)
         )
         self.amp_dtype = resolve_precision(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
@@ -160,15 +170,23 @@ class Trainer:
         self.train_model = wrap_ddp(model, self.dist) if self.dist.world_size > 1 else model
         if config.model.compile:
             self.train_model = torch.compile(self.train_model)
+        # train.ema_decay: the moving average of the weights (parameters and buffers) is what is evaluated and saved
+        self.ema: AveragedModel | None = None
+        if config.train.ema_decay is not None:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_losses: list[float] = []  # losses of the current epoch's steps so far
         # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf, "map@r": -math.inf}
+        self.evals_since_best = 0  # validations without improvement, for train.early_stopping_patience
+        self.stop_reason = "epochs"  # or "max_steps", "early_stopping": why fit() ended (summary.json)
         self.skipped_steps = 0
         self.health = StuckTrainingCheck()
         self.seconds = 0.0
-        self.events = None
+        self._tracker_ids: dict[str, str] = {}  # the tracker runs to continue on resume
+        self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
+        self.run_log = RunLog(self.run.path) if self.run is not None else None  # console lines, also in train.log
         if resume:
             try:
                 self._load(self.run_path / "checkpoints" / "last.pt")
@@ -181,14 +199,29 @@ class Trainer:
                     f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
         elif self.run is not None:
             self.run.write_text("config.yaml", config_to_yaml(config))
-        if config.train.tensorboard and self.run is not None:
-            self.events = _event_writer(self.run.path / "tensorboard")
+        if self.run is not None:
+            try:
+                self.trackers = Trackers(config, self.run.path, self._tracker_ids)
+                self.trackers.start(flat_params(config_to_dict(config)))
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that is evaluated, selected and saved as ``"model"``: the weight average with
+        ``train.ema_decay``, else the trained network itself."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _state(self) -> dict[str, Any]:
+        averaged = {} if self.ema is None else {
+            "trained_model": self.model.state_dict(), "ema_updates": int(self.ema.n_averaged),
+        }
         return {
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **averaged,
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -199,9 +232,11 @@ class Trainer:
             "step": self.step,
             "epoch_losses": list(self.epoch_losses),
             "best": self.best,
+            "evals_since_best": self.evals_since_best,
             "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
             "rng": _rng_state(),
+            "trackers": self.trackers.ids() if self.trackers is not None else self._tracker_ids,
             "config": config_to_dict(self.cfg),
         }
 
@@ -239,7 +274,10 @@ class Trainer:
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
         try:
-            self.model.load_state_dict(state["model"])
+            self.eval_model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.model.load_state_dict(state["trained_model"])
+                self.ema.n_averaged.fill_(state["ema_updates"])
             self.loss_fn.load_state_dict(state["loss"])
         except RuntimeError as err:
             first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
@@ -263,9 +301,11 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_losses = list(state["epoch_losses"])
         self.best, self.skipped_steps, self.seconds = state["best"], state["skipped_steps"], state["seconds"]
+        self.evals_since_best = state.get("evals_since_best", 0)
+        self._tracker_ids = dict(state.get("trackers", {}))
         _set_rng_state(state["rng"])
         if self.run is not None:
-            self.run.truncate_metrics(self.epoch)
+            self.run.truncate_metrics(self.step)
         logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
             "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
             self.cfg.train.epochs, self.batch_in_epoch, self.steps_per_epoch, self.step,
@@ -317,8 +357,15 @@ class Trainer:
             if self.health.watching:
                 scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
                 self.health.observe(value, gradient_norm(self.model.parameters()) / scale)
+            if self.cfg.optim.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the loss-scaled one
+                torch.nn.utils.clip_grad_norm_(
+                    [p for group in self.optimizer.param_groups for p in group["params"]], self.cfg.optim.clip_grad_norm
+                )
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         self.scheduler.step()
         return value
 
@@ -343,7 +390,7 @@ class Trainer:
     def embed(self, source: BatchSource, desc: str) -> torch.Tensor:
         """Float32 embeddings of a split, whatever ``train.amp`` is (the path ``recallk evaluate`` takes too)."""
         return embed_source(
-            self.model, source, self.cfg.eval.batch_size, self.device, progress=self.progress and self.is_main,
+            self.eval_model, source, self.cfg.eval.batch_size, self.device, progress=self.progress and self.is_main,
             desc=desc,
         )
 
@@ -354,9 +401,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        """Train for ``train.epochs`` epochs (or ``train.max_steps`` steps), then evaluate; returns the summary."""
+        """Train for ``train.epochs`` epochs (or ``train.max_steps`` steps, or until early stopping), then evaluate;
+        returns the summary."""
         cfg, stop = self.cfg, _StopRequests()
         max_steps = cfg.train.max_steps
+        if self.is_main:
+            logger.info("recallk %s: training %s from step %d", __version__, self.run_path, self.step)
         if self.val_size is not None:
             items = "sentences" if hasattr(self.model, "tokenize") else "images"
             logger.info(
@@ -365,7 +415,10 @@ class Trainer:
                 self.val_size["images"] - 1,
             )
         with stop.installed():
-            while self.epoch < cfg.train.epochs and not (max_steps and self.step >= max_steps):
+            while self.epoch < cfg.train.epochs and self.stop_reason == "epochs":
+                if max_steps and self.step >= max_steps:
+                    self.stop_reason = "max_steps"
+                    break
                 started = time.perf_counter()
                 self.sampler.set_epoch(self.epoch)  # keeps a mid-epoch position restored by _load
                 batches = self.train_source.train_batches(self.sampler.planned(), cfg.seed)
@@ -383,8 +436,9 @@ class Trainer:
                         recent = self.epoch_losses[-cfg.train.log_every:]
                         logger.info("epoch %d step %d: loss %.4f (mean of the last %d steps of this epoch)",
                                     self.epoch + 1, self.step, float(np.nanmean(recent)), len(recent))
-                    if self.events is not None:
-                        self.events.add_scalar("train/loss", value, self.step)
+                    if self.trackers is not None:
+                        self.trackers.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]},
+                                          self.step)
                     if stop.requested or (max_steps and self.step >= max_steps):
                         break
                 bar.close()
@@ -392,43 +446,70 @@ class Trainer:
                 if stop.requested:
                     self._save("last.pt")
                     raise TrainingInterrupted(self.run_path, self.step)
-                if self.batch_in_epoch < self.steps_per_epoch and max_steps and self.step >= max_steps:
-                    self._save("last.pt")
-                    break
-                self._end_epoch()
+                partial = self.batch_in_epoch < self.steps_per_epoch
+                if partial:  # train.max_steps ended the run mid-epoch: validate and save all the same
+                    self.stop_reason = "max_steps"
+                self._end_epoch(partial)
         return self._finish()
 
-    def _end_epoch(self) -> None:
+    def _epochs_done(self) -> float | int:
+        """Completed epochs, with the fraction of a partly trained one (``1.5``: half-way through epoch 2)."""
+        if self.batch_in_epoch == 0:
+            return self.epoch
+        return round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
+
+    def _end_epoch(self, partial: bool = False) -> None:
+        """One ``metrics.csv`` row (training loss, learning rate, validation when due), ``best.pt`` when validation
+        improves, ``last.pt``, and the early-stopping count. ``partial``: the training ends mid-epoch
+        (``train.max_steps``): the row is that of the part trained and validation always runs."""
         cfg = self.cfg
-        losses, self.epoch_losses = self.epoch_losses, []
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        losses = self.epoch_losses
+        if not partial:
+            self.epoch_losses = []
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        position = self._epochs_done()
         row: dict[str, Any] = {
-            "epoch": self.epoch, "step": self.step,
+            "epoch": position, "step": self.step,
             "train_loss": float(np.nanmean(losses)) if losses else float("nan"),
             "lr": self.optimizer.param_groups[-1]["lr"], "seconds": round(self.seconds, 2),
         }
-        last = self.epoch == cfg.train.epochs
+        last = partial or self.epoch == cfg.train.epochs
         due = cfg.train.eval_every > 0 and self.epoch % cfg.train.eval_every == 0
+        patience = cfg.train.early_stopping_patience
         if self.val_source is not None and (due or last) and self.is_main:
-            metrics, _ = self.evaluate(self.val_source, "validation")
+            with _rng_preserved():  # validating leaves the training's random streams as they were
+                metrics, _ = self.evaluate(self.val_source, "validation")
             row.update({f"val_{k}": v for k, v in metrics.items() if not k.startswith("num_")})
             value = metrics[cfg.train.select_metric]
             if (value, metrics["map@r"]) > (self.best["value"], self.best["map@r"]):
-                self.best = {"epoch": self.epoch, "value": value, "map@r": metrics["map@r"]}
+                self.best = {"epoch": position, "value": value, "map@r": metrics["map@r"]}
+                self.evals_since_best = 0
                 self._save("best.pt")
+            else:
+                self.evals_since_best += 1
+            if patience is not None and self.evals_since_best >= patience and not last:
+                self.stop_reason = "early_stopping"
+                logger.info(
+                    "early stopping after epoch %s: validation %s has not improved for %d evaluations (best %.4f at "
+                    "epoch %s; train.early_stopping_patience=%d)", position, cfg.train.select_metric,
+                    self.evals_since_best, self.best["value"], self.best["epoch"], patience,
+                )
+        if patience is not None and self.dist.world_size > 1:  # every rank stops with rank 0
+            flag = torch.tensor([self.stop_reason == "early_stopping"], dtype=torch.int32, device=self.device)
+            torch.distributed.broadcast(flag, 0)
+            if bool(flag.item()):
+                self.stop_reason = "early_stopping"
         if self.is_main:
             assert self.run is not None
             self.run.append_metrics(row)
-            if self.events is not None:
-                for key, value in row.items():
-                    if key.startswith("val_") or key in ("train_loss", "lr"):
-                        self.events.add_scalar(f"epoch/{key}", value, self.epoch)
-                self.events.flush()
-            if cfg.train.checkpoint_every > 0 and (self.epoch % cfg.train.checkpoint_every == 0 or last):
+            if self.trackers is not None:
+                self.trackers.log({f"epoch/{k}": v for k, v in row.items() if k != "step"}, self.step)
+            stopping = last or self.stop_reason == "early_stopping"
+            if stopping or (cfg.train.checkpoint_every > 0 and self.epoch % cfg.train.checkpoint_every == 0):
                 self._save("last.pt")
             shown = " ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", "val_recall@1") if k in row)
-            logger.info("epoch %d/%d step %d %s (%.0fs)", self.epoch, cfg.train.epochs, self.step, shown, self.seconds)
+            logger.info("epoch %s/%d step %d %s (%.0fs)", position, cfg.train.epochs, self.step, shown, self.seconds)
 
     def _finish(self) -> dict[str, Any]:
         """Evaluate the test split(s) with the best checkpoint (the last one without validation)."""
@@ -438,7 +519,7 @@ class Trainer:
         cfg = self.cfg
         best_path = self.run.checkpoints / "best.pt"
         if self.val_source is not None and best_path.is_file():
-            self.model.load_state_dict(load_checkpoint(best_path)["model"])
+            self.eval_model.load_state_dict(load_checkpoint(best_path)["model"])
         splits: dict[str, Any] = {}
         for split in cfg.data.split_test:
             source = self.test_sources[split]
@@ -451,7 +532,7 @@ class Trainer:
 
                 plot_retrievals(self.run.plots / f"retrievals_{split}.png", embeddings, source)
         benchmarks = {
-            name: benchmark_metrics(self.model, cfg, benchmark, self.device, progress=False)
+            name: benchmark_metrics(self.eval_model, cfg, benchmark, self.device, progress=False)
             for name, benchmark in self.benchmarks.items()
         }
         primary = splits[cfg.data.split_test[0]] if splits else {}
@@ -460,14 +541,17 @@ class Trainer:
             "splits": splits,
             "best_epoch": self.best["epoch"],
             "validation": self.val_size,
-            "epochs": self.epoch,
+            "epochs": self._epochs_done(),
             "steps": self.step,
+            "stop_reason": self.stop_reason,
             "skipped_steps": self.skipped_steps,
             "train_seconds": round(self.seconds, 2),
             "run_dir": str(self.run.path),
         }
         if benchmarks:
             summary["benchmarks"] = benchmarks
+        if self.ema is not None:
+            summary["weights"] = f"exponential moving average (train.ema_decay={cfg.train.ema_decay})"
         if cfg.output.plots:
             from recallk.evaluation.plots import plot_recall_curves, plot_training_curves
 
@@ -481,6 +565,8 @@ class Trainer:
                 plot_recall_curves(
                     self.run.plots / "recall_at_k.png", {"untrained": summary["untrained"], "trained": primary}
                 )
+        if self.trackers is not None:
+            self.trackers.finish(splits)
         self.run.write_json("summary.json", summary)
         return summary
 
@@ -496,22 +582,14 @@ class Trainer:
         return evaluate_embeddings(embeddings, source.labels, self.cfg.eval.k, progress=False)
 
     def close(self) -> None:
-        if self.events is not None:
-            self.events.close()
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+        if self.run_log is not None:
+            self.run_log.close()
+            self.run_log = None
         if self.run is not None:
             self.run.close()
-
-
-def _event_writer(path: Path) -> Any:
-    """A TensorBoard ``SummaryWriter``, or a clear error when the tensorboard package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RecallkUsageError(
-            "train.tensorboard=true needs the tensorboard package; pip install 'recallk[tensorboard]' or set "
-            "train.tensorboard=false"
-        ) from None
-    return SummaryWriter(str(path))
 
 
 def train(
@@ -519,9 +597,12 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     data_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``)."""
+    """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``).
+
+    ``progress``: draw progress bars (``None``: only on a terminal, see :func:`recallk.training.console.show_progress`).
+    """
     path = Path(run_dir) if run_dir is not None else default_run_dir(config)
     owns_process_group = not torch.distributed.is_initialized()  # a caller's own group is left to the caller
     trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress)
@@ -563,6 +644,16 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Restore every random generator's state on exit (e.g. data loaders draw seeds from torch's)."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 def _rng_state() -> dict[str, Any]:
