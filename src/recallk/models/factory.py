@@ -22,9 +22,11 @@ from torch import nn
 from recallk.engine.batchnorm import freeze_batchnorm as _freeze_batchnorm
 from recallk.errors import PretrainedWeightsError, RecallkUsageError
 from recallk.models.heads import EmbeddingHead, backbone_and_head_groups
+from recallk.models.packaged_weights import is_packaged, packaged_weights_file
 from recallk.models.small_cnn import SmallCNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
 from recallk.models.text import SentenceEncoder, create_sentence_encoder
+from recallk.models.weights_by_order import map_by_order, names_overlap, timm_reference
 from recallk.models.whitening import Whitening
 from recallk.registry import NORMS, POOLINGS, WHITENINGS
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from recallk.config import ModelConfig
 
 SMALL_CNN = "omniglot_cnn"
+logger = logging.getLogger(__name__)
 
 
 class EmbeddingModel(nn.Module):
@@ -193,6 +196,9 @@ def _short_error(err: BaseException, limit: int = 200) -> str:
 
 
 def _checked_weights_file(pretrained_path: str | Path, backbone: str) -> Path:
+    """The weights file of ``model.pretrained_path``: a path, or ``package:<name>`` (:mod:`.packaged_weights`)."""
+    if is_packaged(pretrained_path):
+        return packaged_weights_file(str(pretrained_path), backbone)
     path = Path(pretrained_path).expanduser()
     if not path.is_file():
         raise PretrainedWeightsError(
@@ -280,25 +286,48 @@ def _create_from_weights_file(name: str, path: Path, kwargs: dict[str, Any]) -> 
     timm reads ``.pth``/``.safetensors`` files (and ViTs' JAX ``.npz``), unwraps training checkpoints, applies the
     family's filter (e.g. ViT position-embedding resizing) and
     adapts the input convolution to ``in_chans`` (summing RGB filters for 1 channel), then drops the
-    classifier. Any other missing or unexpected key is an error.
+    classifier. Any other missing or unexpected key is an error. A file none of whose tensor names is timm's is
+    renamed by order first (:func:`~recallk.models.weights_by_order.map_by_order`, every shape checked).
     """
-    logger, report = logging.getLogger("timm.models._builder"), _LoadReport()
-    level = logger.level
-    logger.addHandler(report)
-    logger.setLevel(logging.INFO)
+    timm_logger, report = logging.getLogger("timm.models._builder"), _LoadReport()
+    level = timm_logger.level
+    timm_logger.addHandler(report)
+    timm_logger.setLevel(logging.INFO)
     try:
-        # custom_load: timm's own loader for the original JAX .npz releases (ViTs); torch/safetensors otherwise
-        overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+        if path.suffix == ".npz":  # timm's own loader for the original JAX releases (ViTs)
+            overlay: dict[str, Any] = {"file": str(path), "custom_load": True}
+        else:
+            overlay = {"state_dict": _state_dict_in_timm_names(name, path)}
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except PretrainedWeightsError:
+        raise
     except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
         raise PretrainedWeightsError(_weights_file_message(name, path, _short_error(err))) from err
     finally:
-        logger.removeHandler(report)
-        logger.setLevel(level)
+        timm_logger.removeHandler(report)
+        timm_logger.setLevel(level)
     if report.problems:
         reason = _short_error(RuntimeError("; ".join(report.problems)))
         raise PretrainedWeightsError(_weights_file_message(name, path, reason))
     return net
+
+
+def _state_dict_in_timm_names(name: str, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` (read by timm), renamed to timm's names by order if none of their names is timm's."""
+    state_dict = timm.models.load_state_dict(str(path))
+    reference, classifier_keys = timm_reference(name)
+    if not state_dict or names_overlap(state_dict, reference):
+        return state_dict
+    try:
+        mapped = map_by_order(state_dict, reference, classifier_keys)
+    except ValueError as err:
+        raise PretrainedWeightsError(
+            _weights_file_message(name, path, f"no tensor name is timm's and {err}")
+        ) from err
+    first = next(iter(state_dict))
+    logger.info("mapped %d tensors of %s by order onto timm's %s ('%s' -> '%s', ...; every shape checked)",
+                len(mapped), path.name, name, first, next(iter(mapped)))
+    return mapped
 
 
 def _weights_file_message(name: str, path: Path, reason: str) -> str:
