@@ -196,7 +196,8 @@ def run_isolated(impl: str, n: int, args: argparse.Namespace) -> dict:
         cmd += ["--query-chunk", str(args.query_chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        reason = "out of memory" if "out of memory" in out.stderr.lower() else out.stderr.strip().splitlines()[-1]
+        last = out.stderr.strip().splitlines()[-1:] or [f"killed (exit code {out.returncode})"]
+        reason = "out of memory" if "out of memory" in out.stderr.lower() else last[0]
         return {"impl": impl, "n": n, "error": reason}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
