@@ -112,7 +112,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Training loss; ``rsk`` is the paper's Recall@k surrogate, the rest are baselines."""
+    """Training loss; ``rsk`` is the paper's Recall@k surrogate, ``smooth_ap`` and ``fast_ap`` recallk's AP
+    surrogates on the same kernel, the rest are baselines."""
 
     name: LossName = _key("rsk", "rsk (RS@k), smooth_ap, fast_ap (recallk's) or a pytorch-metric-learning baseline")
     k: tuple[int, ...] = _key((1, 2, 4, 8, 16), "recall@k values averaged by RS@k")
@@ -123,7 +124,8 @@ class LossConfig:
     simix_pairs_per_class: int | None = _key(None, "mixed pairs drawn per class; null: all pairs")
     memory_size: int = _key(0, "cross-batch memory: also rank this many embeddings of earlier batches "
                                 "(rsk; 0: off)")
-    params: dict[str, Any] = _key(factory=dict, help="extra keyword arguments of a baseline loss")
+    params: dict[str, Any] = _key(factory=dict, help="extra keyword arguments of the loss (e.g. temperature for "
+                                                     "smooth_ap, num_bins for fast_ap, margin for triplet)")
 
 
 @dataclass
