@@ -27,10 +27,7 @@ queries, and the same block, turned in place into g_ix sigmoid'(t_iz - t_ix) / t
 Only a query with more than ``query_chunk`` positives spans several blocks; its sigmoids are evaluated twice,
 for H and then for the gradient. Terms of ``G_Q`` below the float's smallest normal number (1.2e-38 in float32)
 are set to zero: such subnormal operands make the CPU's matrix products several times slower, and they are far
-below the precision of dE and dR. ``G_Q`` is then turned into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``. All
-of a query's pairs lie in its chunk, so ``G_Q`` is exact there. When the inputs need a gradient this happens
-during the forward pass (the loss is a scalar: backward only scales dE and dR by the incoming gradient), which
-costs three N x M x D matrix products instead of the four of recomputing ``S_Q`` in backward.
+below the precision of dE and dR. The walk then turns ``G_Q`` into ``dE_Q += G_Q R`` and ``dR += G_Q^T E_Q``.
 
 Work whose result is exactly zero is skipped: a positive ranked more than about 85 tau_k places past k (in
 float32; about 700 tau_k in float64) has h (1 - h) = 0, so g_ix and every term of its row vanish. Such pairs
