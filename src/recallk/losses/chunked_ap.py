@@ -151,20 +151,22 @@ class FastAPSettings:
         n, num_db = scaled.shape
         num_bins, width = self.num_bins, 4.0 / self.num_bins
         rows = torch.arange(n, device=scaled.device)
-        positive = side.labels[:, None] == ref_labels[None, :]  # n x M; the excluded column is taken out below
-        position = (2.0 - 2.0 * scaled).clamp_(0.0, 4.0).div_(width)  # d / Delta in [0, L]
+        # in place where possible: about 5 n x M floats at the peak (S_Q, d, the long bin indices, G_Q)
+        position = scaled.mul(-2.0).add_(2.0).clamp_(0.0, 4.0).div_(width)  # d / Delta in [0, L]
         lower = position.floor().clamp_(max=num_bins - 1)  # bin l of c_l <= d < c_{l+1}; d = 4 in the last
         frac = position.sub_(lower)  # delta_{l+1}(d); delta_l(d) = 1 - frac
-        bin_index = lower.long().add_(positive.long() * (num_bins + 1))  # bins of h- first, then h+
+        positive = side.labels[:, None] == ref_labels[None, :]  # the excluded column is taken out below
+        bin_index = lower.add_(positive, alpha=num_bins + 1).long()  # bins of h- first, then h+
         del lower, positive
-        hist = scaled.new_zeros(n, 2 * (num_bins + 1))
-        hist.scatter_add_(1, bin_index + 1, frac)
-        hist.scatter_add_(1, bin_index, 1.0 - frac)
         has_excluded = side.excluded >= 0
         excluded = side.excluded.clamp(min=0)
         ex_bin, ex_frac = bin_index[rows, excluded], frac[rows, excluded] * has_excluded
+        hist = scaled.new_zeros(n, 2 * (num_bins + 1))
+        hist[:, 1:].scatter_add_(1, bin_index, frac)  # into bin l + 1
+        hist.scatter_add_(1, bin_index, frac.neg_().add_(1.0))  # 1 - frac into bin l
+        del frac
         hist[rows, ex_bin + 1] -= ex_frac
-        hist[rows, ex_bin] -= (1.0 - frac[rows, excluded]) * has_excluded
+        hist[rows, ex_bin] -= (1.0 - ex_frac) * has_excluded
         neg, pos = hist[:, : num_bins + 1], hist[:, num_bins + 1 :]
         total_pos, total = pos.cumsum(1), (pos + neg).cumsum(1)
         filled = total > 0
