@@ -61,7 +61,7 @@ class FastAPLoss(ChunkedRankingLoss):
     Args:
         num_bins: L, the number of histogram bins (the paper's 10).
         mixup, query_chunk, distance, ...: as in :class:`~recallk.losses.recall_at_k.RecallAtKLoss`. Extra
-            memory is about ``8 * query_chunk * M`` floats.
+            memory is about ``5 * query_chunk * M`` floats (the bin indices are int64).
     """
 
     short_name = "FastAP"
