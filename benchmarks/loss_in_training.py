@@ -32,7 +32,7 @@ PER_CLASS = 4
 
 def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: Any) -> dict[str, float]:
     """``loss_fn`` (a RecallAtKLoss) on one batch and the shares of its pairs and query rows with a gradient."""
-    from recallk.losses import chunked_recall
+    from recallk.losses import chunked_recall, chunked_walk
 
     settings = loss_fn._settings()
     num_pos, active_pairs, active_rows = 0, 0, 0
@@ -47,7 +47,7 @@ def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: A
         soft, grad = chunked_recall._chunk_soft_and_grad(scaled, chunk_side, labels, settings, num_valid, True)
         assert grad is not None
         active_rows += int((grad.values != 0).any(1).sum())
-        row, col = chunked_recall._pairs(chunk_side, labels)
+        row, col = chunked_walk.positive_pairs(chunk_side, labels)
         block = chunked_recall._pair_block(scaled, chunk_side, row, col, tau_k, scaled.new_empty(len(row), n))
         dsoft = chunked_recall._dsoft(soft, chunk_side, num_valid, torch.ones(()))
         active_pairs += int(chunked_recall.pair_weights(block, dsoft, tau_k, settings.tau_rank)[1].sum())

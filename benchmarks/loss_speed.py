@@ -23,7 +23,11 @@ Implementations:
 - ``naive``: the whole N x P x N tensor of (query, positive, item) triples under autograd;
 - ``loop``: one query at a time, as in the authors' code;
 - ``baseline`` / ``baseline_simix``: RecallAtKLoss from another source tree (``--baseline-src DIR/src``), e.g. an
-  older recallk, for before/after tables.
+  older recallk, for before/after tables;
+- ``smooth_ap`` / ``fast_ap``: recallk's SmoothAPLoss (temperature 0.01) and FastAPLoss (10 bins) on the same
+  chunked kernel; ``pml_smooth_ap`` / ``pml_fast_ap``: pytorch-metric-learning's (N x N x N and N x N x bins
+  tensors, so only up to ``--pml-max-n``; PML 2.9's SmoothAPLoss also groups the batch wrongly, see BENCHMARKS.md,
+  it is timed here only for its cost).
 
     python benchmarks/loss_speed.py                       # CPU, N in 1024 ... 32768
     python benchmarks/loss_speed.py --device cuda --sizes 4096 16384 65536
@@ -56,6 +60,19 @@ def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -
 
     mixup = SimilarityMixup() if simix else None
     return RecallAtKLoss(k=K, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS)(emb, labels)
+
+
+def ap_loss(emb: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor:
+    """recallk's (``smooth_ap``, ``fast_ap``) or pytorch-metric-learning's (``pml_`` prefix) AP surrogate."""
+    from pytorch_metric_learning import losses as pml_losses
+
+    from recallk import FastAPLoss, SmoothAPLoss
+
+    make = {"smooth_ap": lambda: SmoothAPLoss(temperature=0.01, **LOSS_OPTIONS),
+            "fast_ap": lambda: FastAPLoss(num_bins=10, **LOSS_OPTIONS),
+            "pml_smooth_ap": lambda: pml_losses.SmoothAPLoss(temperature=0.01),
+            "pml_fast_ap": lambda: pml_losses.FastAPLoss(num_bins=10)}[name]
+    return make()(emb, labels)
 
 
 def two_products(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
@@ -119,7 +136,10 @@ IMPLEMENTATIONS = {
     "baseline_simix": lambda e, y: recallk_loss(e, y, simix=True),
     "naive": naive_vectorised,
     "loop": per_query_loop,
+    **{name: (lambda e, y, name=name: ap_loss(e, y, name))
+       for name in ("smooth_ap", "fast_ap", "pml_smooth_ap", "pml_fast_ap")},
 }
+PML_MAX_N = {"pml_smooth_ap": 512, "pml_fast_ap": 4096}  # defaults of --pml-max-n (memory N^3 and N^2 x bins)
 
 
 def rss_mb() -> float:
@@ -176,7 +196,8 @@ def run_isolated(impl: str, n: int, args: argparse.Namespace) -> dict:
         cmd += ["--query-chunk", str(args.query_chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        reason = "out of memory" if "out of memory" in out.stderr.lower() else out.stderr.strip().splitlines()[-1]
+        last = out.stderr.strip().splitlines()[-1:] or [f"killed (exit code {out.returncode})"]
+        reason = "out of memory" if "out of memory" in out.stderr.lower() else last[0]
         return {"impl": impl, "n": n, "error": reason}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -197,6 +218,9 @@ def main() -> None:
     parser.add_argument("--baseline-max-n", type=int, default=16384, help="skip the baseline rows above this N")
     parser.add_argument("--baseline-src", help="a source directory holding another recallk package (baseline rows)")
     parser.add_argument("--query-chunk", type=int, help="RecallAtKLoss(query_chunk=...) (default: the library's)")
+    parser.add_argument("--pml-max-n", type=int, nargs=2, metavar=("SMOOTH_AP", "FAST_AP"),
+                        default=[PML_MAX_N["pml_smooth_ap"], PML_MAX_N["pml_fast_ap"]],
+                        help="skip PML's Smooth-AP / FastAP above these N")
     parser.add_argument("--single", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -230,6 +254,8 @@ def main() -> None:
             if (impl in ("naive", "loop") and n > args.small_max_n) or (simix and n > args.simix_max_n):
                 continue
             if impl.startswith("baseline") and n > args.baseline_max_n:
+                continue
+            if impl.startswith("pml_") and n > args.pml_max_n[impl == "pml_fast_ap"]:
                 continue
             r = run_isolated(impl, n, args)
             if "error" in r:

@@ -20,14 +20,15 @@ from torch import nn
 from recallk.engine.batchnorm import freeze_batchnorm
 from recallk.engine.distributed import all_gather_rows, init_distributed, wrap_ddp
 from recallk.engine.multistage import multistage_backward
+from recallk.losses.average_precision import FastAPLoss, SmoothAPLoss
 from recallk.losses.recall_at_k import RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
 
 GLOBAL_ROWS = 14
 CHUNK_SIZE = 3
 LOSS_SEED = 1234
-# world size -> scenario name -> (rows held by each rank, loss name). RS@k is sharded over ranks
-# (RecallAtKLoss.sharded_loss); the contrastive loss has no sharded form and runs on rank 0.
+# world size -> scenario name -> (rows held by each rank, loss name). RS@k, Smooth-AP and FastAP are sharded over
+# ranks (their sharded_loss); the contrastive loss has no sharded form and runs on rank 0.
 SCENARIOS = {
     2: {
         "even_contrastive": ((7, 7), "contrastive"),
@@ -35,6 +36,8 @@ SCENARIOS = {
         "even_rsk_simix": ((7, 7), "rsk_simix"),
         "uneven_rsk": ((9, 5), "rsk"),
         "uneven_rsk_simix": ((10, 4), "rsk_simix"),
+        "uneven_smooth_ap_simix": ((9, 5), "smooth_ap_simix"),
+        "uneven_fast_ap": ((10, 4), "fast_ap"),
     },
     3: {
         "uneven_rsk": ((6, 3, 5), "rsk"),
@@ -56,9 +59,13 @@ def make_loss(name: str):
     """The loss called ``name``; SiMix draws two pairs per class from a generator seeded by LOSS_SEED."""
     if name == "contrastive":
         return contrastive_loss
-    mixup = SimilarityMixup(pairs_per_class=2) if name == "rsk_simix" else None
+    mixup = SimilarityMixup(pairs_per_class=2) if name.endswith("_simix") else None
     if mixup is not None:
         mixup.seed(LOSS_SEED)
+    if name.startswith("smooth_ap"):
+        return SmoothAPLoss(temperature=0.05, mixup=mixup, query_chunk=4)
+    if name.startswith("fast_ap"):
+        return FastAPLoss(mixup=mixup, query_chunk=4)
     return RecallAtKLoss(k=(1, 2, 4), tau_rank=0.05, mixup=mixup, query_chunk=4)
 
 

@@ -26,7 +26,7 @@ import st_ddp_worker  # noqa: E402
 from recallk.data.sources import TextSource  # noqa: E402
 from recallk.data.text import PROTOCOL_SEED, intent_halves, load_text_split  # noqa: E402
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
-from recallk.losses import RecallAtKLoss, SimilarityMixup  # noqa: E402
+from recallk.losses import FastAPLoss, RecallAtKLoss, SimilarityMixup, SmoothAPLoss  # noqa: E402
 from recallk.models.text import create_sentence_encoder, resolve_sentence_model  # noqa: E402
 
 from data_fixtures import SENTENCES, write_banking_fixture, write_clinc_fixture  # noqa: E402
@@ -160,6 +160,30 @@ def test_cached_loss_gradient_equals_the_full_batch_gradient(minilm: SentenceTra
         assert float(loss.detach()) == pytest.approx(float(expected_loss), rel=1e-12)
     finally:
         model.float().zero_grad()
+
+
+def test_cached_loss_takes_recallks_other_chunked_losses(minilm: SentenceTransformer) -> None:
+    """The same cached class runs Smooth-AP (and FastAP: the engine only sees a loss of the embeddings); gradient
+    as one full-batch graph."""
+    make_loss = lambda: SmoothAPLoss(temperature=0.05)  # noqa: E731
+    model = minilm.double().eval()
+    try:
+        features, labels = batch_of_sentences(model)
+        model.zero_grad()
+        expected_loss, expected = full_batch_gradient(model, features, labels, make_loss(), None)
+        model.zero_grad()
+        cached = CachedRecallAtKLoss(model, mini_batch_size=7, loss=make_loss())
+        loss = cached([features], labels)
+        loss.backward()
+        assert max_relative_error(current_grads(model), expected) < 1e-9
+        assert float(loss.detach()) == pytest.approx(float(expected_loss), rel=1e-12)
+        assert cached.get_config_dict()["loss"].startswith(type(cached.loss).__name__)
+    finally:
+        model.float().zero_grad()
+    with pytest.raises(ValueError, match="recallk's chunked losses"):
+        CachedRecallAtKLoss(minilm, loss=nn.MSELoss())
+    with pytest.raises(ValueError, match="not both"):
+        CachedRecallAtKLoss(minilm, loss=FastAPLoss(), mixup=True)
 
 
 def test_dropout_is_replayed_and_backward_scaling_reaches_every_chunk(minilm: SentenceTransformer) -> None:

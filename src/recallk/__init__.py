@@ -1,9 +1,10 @@
 """recallk: deep metric learning by directly optimising recall@k.
 
 Implements "Recall@k Surrogate Loss with Large Batches and Similarity Mixup" (Patel, Tolias, Matas, CVPR 2022):
-``RecallAtKLoss`` (RS@k), ``SimilarityMixup`` (SiMix) and ``retrieval_metrics``; using a trained model:
-``load_model`` (a :class:`RecallkModel` that embeds images or text) and ``Index`` (gallery search). The public
-names are imported lazily so that ``recallk --help`` answers without loading torch.
+``RecallAtKLoss`` (RS@k), ``SmoothAPLoss`` and ``FastAPLoss`` on the same chunked kernel, ``SimilarityMixup``
+(SiMix) and ``retrieval_metrics``; using a trained model: ``load_model`` (a :class:`RecallkModel` that embeds
+images or text) and ``Index`` (gallery search). The public names are imported lazily so that ``recallk --help``
+answers without loading torch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "CrossBatchRecallAtK": "recallk.losses.cross_batch_memory",
     "RecallAtKLoss": "recallk.losses.recall_at_k",
+    "SmoothAPLoss": "recallk.losses.average_precision",
+    "FastAPLoss": "recallk.losses.average_precision",
     "SimilarityMixup": "recallk.losses.simix",
     "retrieval_metrics": "recallk.evaluation.metrics",
     "load_model": "recallk.pretrained",

@@ -39,6 +39,7 @@ from recallk.files import atomic_write_text
 from recallk.registry import (
     AMP_MODES,
     BENCHMARKS,
+    CHUNKED_LOSSES,
     DATASETS,
     LOSSES,
     NORMS,
@@ -131,18 +132,20 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Training loss; ``rsk`` is the paper's Recall@k surrogate, the rest are baselines."""
+    """Training loss; ``rsk`` is the paper's Recall@k surrogate, ``smooth_ap`` and ``fast_ap`` recallk's AP
+    surrogates on the same kernel, the rest are baselines."""
 
-    name: LossName = _key("rsk", "rsk (RS@k) or a pytorch-metric-learning baseline")
+    name: LossName = _key("rsk", "rsk (RS@k), smooth_ap, fast_ap (recallk's) or a pytorch-metric-learning baseline")
     k: tuple[int, ...] = _key((1, 2, 4, 8, 16), "recall@k values averaged by RS@k")
     tau_rank: float = _key(0.01, "sigmoid temperature of the rank estimate (tau_2 in the paper)")
     tau_k: float = _key(1.0, "sigmoid temperature of the rank < k count (tau_1 in the paper)")
     rank_includes_query: bool = _key(False, "count the query in its own rank sums (the authors' released code)")
-    simix: bool = _key(False, "similarity mixup (SiMix), RS@k only")
+    simix: bool = _key(False, "similarity mixup (SiMix): rsk, smooth_ap and fast_ap")
     simix_pairs_per_class: int | None = _key(None, "mixed pairs drawn per class; null: all pairs")
     memory_size: int = _key(0, "cross-batch memory: also rank this many embeddings of earlier batches "
                                 "(rsk; 0: off)")
-    params: dict[str, Any] = _key(factory=dict, help="extra keyword arguments of a baseline loss")
+    params: dict[str, Any] = _key(factory=dict, help="extra keyword arguments of the loss (e.g. temperature for "
+                                                     "smooth_ap, num_bins for fast_ap, margin for triplet)")
 
 
 @dataclass
@@ -318,14 +321,15 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
         fail(("loss.memory_size", "loss.name", "loss.simix"),
              "'loss.memory_size' (the cross-batch memory) works with loss 'rsk' without SiMix",
              "set loss.memory_size=0, or loss.name=rsk and loss.simix=false")
-    if loss.simix and loss.name != "rsk":
-        fail(("loss.simix", "loss.name"), f"'loss.simix' works with loss 'rsk' only, not {loss.name!r}",
-             "set loss.simix=false or loss.name=rsk")
+    if loss.simix and loss.name not in CHUNKED_LOSSES:
+        fail(("loss.simix", "loss.name"), f"'loss.simix' works with losses {', '.join(CHUNKED_LOSSES)} only, not "
+             f"{loss.name!r}", "set loss.simix=false or loss.name=rsk")
     if loss.simix_pairs_per_class is not None and not loss.simix:
         fail(("loss.simix_pairs_per_class", "loss.simix"), "'loss.simix_pairs_per_class' is set but SiMix is off",
              "set loss.simix=true or loss.simix_pairs_per_class=null")
-    if loss.name == "rsk" and d.samples_per_class < 2:
-        fail(("data.samples_per_class",), "loss 'rsk' needs positives in the batch but data.samples_per_class=1",
+    if loss.name in CHUNKED_LOSSES and d.samples_per_class < 2:
+        fail(("data.samples_per_class",), f"loss {loss.name!r} needs positives in the batch but "
+             "data.samples_per_class=1",
              "use data.samples_per_class=4 (the paper's setting)")
 
     o, t = cfg.optim, cfg.train

@@ -74,14 +74,17 @@ TRANSFORMS = Registry("transform", "data.transform", {
 })
 LOSSES = Registry("loss", "loss.name", {
     "rsk": "RS@k, the paper's Recall@k surrogate",
+    "smooth_ap": "Smooth-AP (recallk's chunked kernel: any class sizes, any batch size; loss.params.temperature)",
+    "fast_ap": "FastAP (recallk's chunked kernel: any batch size; loss.params.num_bins)",
     "contrastive": "pytorch-metric-learning ContrastiveLoss",
     "triplet": "TripletMarginLoss with a semi-hard triplet miner (margin 0.1)",
     "multi_similarity": "MultiSimilarityLoss with its miner",
     "normalized_softmax": "NormalizedSoftmaxLoss (one proxy per training class)",
     "proxy_anchor": "ProxyAnchorLoss (one proxy per training class)",
-    "fastap": "FastAPLoss",
-    "smooth_ap": "SmoothAPLoss",
+    "fastap": "pytorch-metric-learning FastAPLoss (N x N x bins memory; recallk's is fast_ap)",
 })
+# recallk's own losses on the query-chunked kernel: SiMix (loss.simix) and the sharded multistage engine apply.
+CHUNKED_LOSSES = ("rsk", "smooth_ap", "fast_ap")
 POOLINGS = Registry("pooling", "model.pooling", {
     "gem": "generalised-mean pooling of a CNN feature map",
     "avg": "global average pooling of a CNN feature map",

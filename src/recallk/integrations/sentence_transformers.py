@@ -1,4 +1,5 @@
-"""RS@k as a sentence-transformers loss: ``CachedRecallAtKLoss`` (``pip install 'recallk[text]'``).
+"""RS@k (or recallk's Smooth-AP / FastAP) as a sentence-transformers loss: ``CachedRecallAtKLoss``
+(``pip install 'recallk[text]'``).
 
 A drop-in loss for class-labelled sentences (a dataset with one text column and a ``label`` column) that works
 with ``SentenceTransformerTrainer`` and ``model.fit``. Like sentence-transformers'
@@ -38,7 +39,7 @@ from recallk.engine.multistage import (
     embed_without_graph,
     loss_and_embedding_grad,
 )
-from recallk.losses.recall_at_k import RecallAtKLoss
+from recallk.losses.recall_at_k import ChunkedRankingLoss, RecallAtKLoss
 from recallk.losses.simix import SimilarityMixup
 from recallk.models.text import SentenceEncoder
 
@@ -70,6 +71,9 @@ class CachedRecallAtKLoss(nn.Module):
         gather_across_devices: with several processes, compute RS@k over the batches of all devices (the
             global batch) instead of each device's own. Evaluation without gradients stays per device.
             SiMix draws from a generator seeded by ``torch.initial_seed()`` (the run seed) + the step number.
+        loss: another of recallk's chunked losses to use instead of RS@k, e.g. ``recallk.SmoothAPLoss()`` or
+            ``recallk.FastAPLoss()`` (with its own ``mixup``); ``k``, ``tau_rank``, ``tau_k``, ``mixup`` and
+            ``rank_includes_query`` must then stay at their defaults.
 
     Inputs: ``sentence_features`` with one features dict (N sentences) and ``labels``: (N,) integers of any
     values, or N strings (class names; only equality matters, so they are numbered per batch). A ``datasets``
@@ -88,6 +92,7 @@ class CachedRecallAtKLoss(nn.Module):
         rank_includes_query: bool = False,
         show_progress_bar: bool = False,
         gather_across_devices: bool = False,
+        loss: ChunkedRankingLoss | None = None,
     ) -> None:
         super().__init__()
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
@@ -97,9 +102,19 @@ class CachedRecallAtKLoss(nn.Module):
         self.show_progress_bar = bool(show_progress_bar)
         self.gather_across_devices = bool(gather_across_devices)
         self.steps = 0
-        self.loss = RecallAtKLoss(
-            k, tau_rank, tau_k, rank_includes_query, SimilarityMixup() if mixup is True else (mixup or None)
-        )
+        if loss is None:
+            loss = RecallAtKLoss(
+                k, tau_rank, tau_k, rank_includes_query, SimilarityMixup() if mixup is True else (mixup or None)
+            )
+        elif not isinstance(loss, ChunkedRankingLoss):
+            raise ValueError(
+                f"loss must be one of recallk's chunked losses (RecallAtKLoss, SmoothAPLoss, FastAPLoss), got "
+                f"{type(loss).__name__}"
+            )
+        elif mixup or rank_includes_query or tuple(k) != (1, 2, 4, 8, 16) or (tau_rank, tau_k) != (0.01, 1.0):
+            raise ValueError("give either loss= or the RS@k settings (k, tau_rank, tau_k, mixup, "
+                             "rank_includes_query), not both; set them on the loss you pass")
+        self.loss = loss
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         features = list(sentence_features)
@@ -139,15 +154,20 @@ class CachedRecallAtKLoss(nn.Module):
 
     def get_config_dict(self) -> dict[str, Any]:
         """Hyper-parameters shown in sentence-transformers' model cards."""
-        return {
+        shared = {
             "mini_batch_size": self.mini_batch_size,
+            "show_progress_bar": self.show_progress_bar,
+            "gather_across_devices": self.gather_across_devices,
+        }
+        if not isinstance(self.loss, RecallAtKLoss):
+            return {**shared, "loss": repr(self.loss)}
+        return {
+            **shared,
             "k": list(self.loss.k),
             "tau_rank": self.loss.tau_rank,
             "tau_k": list(self.loss.tau_k),
             "mixup": repr(self.loss.mixup),
             "rank_includes_query": self.loss.rank_includes_query,
-            "show_progress_bar": self.show_progress_bar,
-            "gather_across_devices": self.gather_across_devices,
         }
 
     @property

@@ -23,13 +23,8 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
-from recallk.losses.chunked_recall import (
-    DEFAULT_QUERY_CHUNK,
-    RankSettings,
-    embedding_terms,
-    query_side,
-    similarity_terms,
-)
+from recallk.losses.chunked_recall import RankSettings
+from recallk.losses.chunked_walk import DEFAULT_QUERY_CHUNK, ChunkKernel, embedding_terms, similarity_terms
 from recallk.losses.input_checks import (
     check_distance,
     check_embeddings,
@@ -44,51 +39,19 @@ from recallk.losses.simix import SimilarityMixup
 from recallk.losses.unit_norm import warn_if_not_unit_norm
 
 
-class RecallAtKLoss(BaseMetricLossFunction):
-    """Smooth Recall@k surrogate loss (RS@k), optionally with SiMix; a pytorch-metric-learning loss.
+class ChunkedRankingLoss(BaseMetricLossFunction):
+    """The pytorch-metric-learning face of recallk's query-chunked losses (:mod:`recallk.losses.chunked_walk`):
+    input checks, ``ref_emb``/``ref_labels``/``query_index``, SiMix virtual items, ``sharded_loss`` and
+    ``from_similarity``, the same for every loss. A subclass gives its kernel (:meth:`_settings`) and
+    ``short_name``; see :class:`RecallAtKLoss` for the call signature and the common arguments."""
 
-    Args:
-        k: the recall levels averaged by the loss (ints, or numpy/tensor integers).
-        tau_rank: temperature of the sigmoid that smooths the rank.
-        tau_k: temperature of the sigmoid that smooths "rank <= k"; one value or one per k.
-        rank_includes_query: count the query in its own rank sums, as the authors' code does.
-        mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
-            queries and the database.
-        query_chunk: queries (and query-positive pairs) processed at a time: the memory knob, results do not
-            depend on it; extra memory is about ``3.5 * query_chunk * M`` floats.
-        distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
-            L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
-            embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
-        reducer, embedding_regularizer, embedding_reg_weight, collect_stats: as in every PML loss. RS@k is one
-            value for the batch (PML's ``already_reduced``), so reducers pass it through unchanged.
-
-    Call as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, query_index=None)``,
-    PML's ``forward`` with ``query_index`` as a keyword:
-        embeddings: N x D, labels: N integers in any order and class sizes.
-        indices_tuple: must be None; RS@k ranks every pair of the batch, so miners do not apply.
-        ref_emb / ref_labels: M x D database (default: the batch itself, each query left out of its own).
-        query_index: N indices into ``ref_emb`` of the queries themselves, left out of their own database.
-    Returns a scalar in the embeddings' dtype; computed in float32 (or float64) even under autocast.
-    Being a ``BaseMetricLossFunction``, it works in PML's ``DistributedLossWrapper`` (``efficient=False``, the
-    default) and ``MultipleLosses``. For a cross-batch memory use :class:`~recallk.losses.CrossBatchRecallAtK`.
-    """
+    short_name = "the loss"  # in messages
 
     def __init__(
-        self,
-        k: Sequence[int] = (1, 2, 4, 8, 16),
-        tau_rank: float = 0.01,
-        tau_k: float | Sequence[float] = 1.0,
-        rank_includes_query: bool = False,
-        mixup: SimilarityMixup | None = None,
-        query_chunk: int = DEFAULT_QUERY_CHUNK,
-        **pml_kwargs: Any,
+        self, mixup: SimilarityMixup | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK, **pml_kwargs: Any
     ) -> None:
         super().__init__(**pml_kwargs)
         check_distance(self.distance)
-        self.k = check_k(k)
-        self.tau_rank = check_temperature(tau_rank, "tau_rank")
-        self.tau_k = check_tau_k(tau_k, len(self.k))
-        self.rank_includes_query = bool(rank_includes_query)
         if mixup is not None and not isinstance(mixup, SimilarityMixup):
             raise ValueError(f"mixup must be a recallk.SimilarityMixup or None, got {type(mixup).__name__}")
         self.mixup = mixup
@@ -99,12 +62,6 @@ class RecallAtKLoss(BaseMetricLossFunction):
     def get_default_distance(self) -> DotProductSimilarity:
         """Plain dot products: recallk's embeddings are already L2-normalised."""
         return DotProductSimilarity(normalize_embeddings=False)
-
-    def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, "
-            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}"
-        )
 
     def forward(  # type: ignore[override]
         self,
@@ -118,9 +75,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
     ) -> torch.Tensor:
         if indices_tuple is not None:
             raise ValueError(
-                f"RecallAtKLoss got an indices_tuple ({type(indices_tuple).__name__}), but RS@k ranks every pair of "
-                "the batch, so miners do not apply; call loss(embeddings, labels) (DistributedLossWrapper: keep "
-                "efficient=False)"
+                f"{type(self).__name__} got an indices_tuple ({type(indices_tuple).__name__}), but {self.short_name} "
+                "ranks every pair of the batch, so miners do not apply; call loss(embeddings, labels) "
+                "(DistributedLossWrapper: keep efficient=False)"
             )
         self.reset_stats()
         raw_embeddings = embeddings
@@ -131,11 +88,13 @@ class RecallAtKLoss(BaseMetricLossFunction):
                 check_embeddings(ref_emb, "ref_emb")
                 ref_emb = self.distance.normalize(ref_emb)
         loss = first_order_only(self._rs_at_k(embeddings, labels, ref_emb, ref_labels, query_index))
-        num_ranked = len(embeddings) - 1 if ref_emb is None else len(ref_emb) - (query_index is not None)
-        warn_if_k_exceeds(self.k, num_ranked + self.rank_includes_query)
+        self._check_database_size(len(embeddings) - 1 if ref_emb is None else len(ref_emb) - (query_index is not None))
         loss_dict = {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
         self.add_embedding_regularization_to_loss_dict(loss_dict, raw_embeddings)
         return self.reducer(loss_dict, raw_embeddings, labels)
+
+    def _check_database_size(self, num_ranked: int) -> None:
+        """Hook for a loss with settings that need a database of some size (RS@k: its largest k)."""
 
     def _rs_at_k(
         self,
@@ -145,7 +104,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
         ref_labels: torch.Tensor | None,
         query_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """RS@k of the queries ``embeddings`` against ``ref_emb`` (default: the batch itself); see the class doc."""
+        """The loss of the queries ``embeddings`` against ``ref_emb`` (default: the batch itself); see the class doc."""
         check_embeddings(embeddings)
         warn_if_not_unit_norm(embeddings)
         check_labels(labels, len(embeddings))
@@ -190,9 +149,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
             database, db_labels, db_self, first = self._with_virtual_items(emb, labels, emb, labels, self_col)
             owner = torch.cat([self_col, first])  # the batch row each query (real or virtual) belongs to
             mine = torch.nonzero((owner >= rows.start) & (owner < rows.stop)).squeeze(1)
-            side_all = query_side(db_labels, db_labels, db_self, self._settings(), database.dtype)
+            side_all = self._settings().query_side(db_labels, db_labels, db_self, database.dtype)
             num_valid = self._num_valid(side_all.num_pos)
-            side = query_side(db_labels[mine], db_labels, db_self[mine], self._settings(), database.dtype)
+            side = self._settings().query_side(db_labels[mine], db_labels, db_self[mine], database.dtype)
             terms = embedding_terms(database[mine], database, db_labels, side, self._settings(), num_valid)
         return terms.to(embeddings.dtype)
 
@@ -211,7 +170,7 @@ class RecallAtKLoss(BaseMetricLossFunction):
             if self.mixup is not None:
                 sim32, labels = self.mixup.mix(sim32, labels)
             self_col = torch.arange(len(sim32), device=sim.device)
-            side = query_side(labels, labels, self_col, self._settings(), sim32.dtype)
+            side = self._settings().query_side(labels, labels, self_col, sim32.dtype)
             loss = similarity_terms(sim32, labels, side, self._settings(), self._num_valid(side.num_pos))
         return loss.to(sim.dtype)
 
@@ -227,8 +186,9 @@ class RecallAtKLoss(BaseMetricLossFunction):
             raise ValueError(f"query_index must hold row indices of ref_emb in [0, {num_refs}), got values outside")
         return query_index.long()
 
-    def _settings(self) -> RankSettings:
-        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.query_chunk)
+    def _settings(self) -> ChunkKernel:
+        """The loss's kernel for the chunked walk."""
+        raise NotImplementedError
 
     @staticmethod
     def _num_valid(num_pos: torch.Tensor) -> int:
@@ -262,15 +222,76 @@ class RecallAtKLoss(BaseMetricLossFunction):
         self, emb: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
         self_col: torch.Tensor,
     ) -> torch.Tensor:
-        """RS@k of the queries ``emb`` (N x D) against ``ref`` (M x D); ``self_col[i]`` is query i's column or -1."""
+        """The loss of the queries ``emb`` (N x D) against ``ref`` (M x D); ``self_col[i]``: query i's column or -1."""
         database, db_labels, self_col, _ = self._with_virtual_items(emb, labels, ref, ref_labels, self_col)
         if ref is emb:  # the batch against itself: the queries are the database (virtual items included)
             queries = database
         else:
             queries = emb if database is ref else torch.cat([emb, database[len(ref):]])
         query_labels = torch.cat([labels, db_labels[len(ref):]])
-        side = query_side(query_labels, db_labels, self_col, self._settings(), database.dtype)
+        side = self._settings().query_side(query_labels, db_labels, self_col, database.dtype)
         return embedding_terms(queries, database, db_labels, side, self._settings(), self._num_valid(side.num_pos))
+
+
+class RecallAtKLoss(ChunkedRankingLoss):
+    """Smooth Recall@k surrogate loss (RS@k), optionally with SiMix; a pytorch-metric-learning loss.
+
+    Args:
+        k: the recall levels averaged by the loss (ints, or numpy/tensor integers).
+        tau_rank: temperature of the sigmoid that smooths the rank.
+        tau_k: temperature of the sigmoid that smooths "rank <= k"; one value or one per k.
+        rank_includes_query: count the query in its own rank sums, as the authors' code does.
+        mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
+            queries and the database.
+        query_chunk: queries (and query-positive pairs) processed at a time: the memory knob, results do not
+            depend on it; extra memory is about ``3.5 * query_chunk * M`` floats.
+        distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
+            L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
+            embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
+        reducer, embedding_regularizer, embedding_reg_weight, collect_stats: as in every PML loss. RS@k is one
+            value for the batch (PML's ``already_reduced``), so reducers pass it through unchanged.
+
+    Call as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, query_index=None)``,
+    PML's ``forward`` with ``query_index`` as a keyword:
+        embeddings: N x D, labels: N integers in any order and class sizes.
+        indices_tuple: must be None; RS@k ranks every pair of the batch, so miners do not apply.
+        ref_emb / ref_labels: M x D database (default: the batch itself, each query left out of its own).
+        query_index: N indices into ``ref_emb`` of the queries themselves, left out of their own database.
+    Returns a scalar in the embeddings' dtype; computed in float32 (or float64) even under autocast.
+    Being a ``BaseMetricLossFunction``, it works in PML's ``DistributedLossWrapper`` (``efficient=False``, the
+    default) and ``MultipleLosses``. For a cross-batch memory use :class:`~recallk.losses.CrossBatchRecallAtK`.
+    """
+
+    short_name = "RS@k"
+
+    def __init__(
+        self,
+        k: Sequence[int] = (1, 2, 4, 8, 16),
+        tau_rank: float = 0.01,
+        tau_k: float | Sequence[float] = 1.0,
+        rank_includes_query: bool = False,
+        mixup: SimilarityMixup | None = None,
+        query_chunk: int = DEFAULT_QUERY_CHUNK,
+        **pml_kwargs: Any,
+    ) -> None:
+        self.k = check_k(k)
+        self.tau_rank = check_temperature(tau_rank, "tau_rank")
+        self.tau_k = check_tau_k(tau_k, len(self.k))
+        self.rank_includes_query = bool(rank_includes_query)
+        super().__init__(mixup, query_chunk, **pml_kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, "
+            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}"
+        )
+
+    def _settings(self) -> RankSettings:
+        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.query_chunk)
+
+    def _check_database_size(self, num_ranked: int) -> None:
+        """Warns once when the largest k is not smaller than what each query is ranked against."""
+        warn_if_k_exceeds(self.k, num_ranked + self.rank_includes_query)
 
 
 class _float32:
