@@ -82,6 +82,8 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
 
     saved = model.save_pretrained(sfm_run.parent / "shared")
     torch.testing.assert_close(recallk.load_model(saved).embed(images), expected, atol=1e-5, rtol=0)
+    card = (Path(saved) / "README.md").read_text()
+    assert "6-d unit-norm embeddings" in card and "learned whitening after the head" in card  # the whitened size
     exported = sfm_run.parent / "model.pt"
     assert main(["export", str(sfm_run), "--format", "torchscript", "--out", str(exported)]) == 0
     torch.testing.assert_close(load_exported(exported, "torchscript")(images), expected, atol=1e-5, rtol=0)

@@ -413,6 +413,17 @@ def _load_pretrained_folder(directory: Path) -> RecallkModel:
 # Model card
 
 
+def _output_dim(config: Config) -> int:
+    """The model's embedding size: the whitening's output when it has one, else ``model.embed_dim``."""
+    if config.model.whitening != "none" and config.model.whitening_dim is not None:
+        return config.model.whitening_dim
+    return config.model.embed_dim
+
+
+def _whitening_phrase(config: Config) -> str:
+    return "" if config.model.whitening == "none" else f"; {config.model.whitening} whitening after the head"
+
+
 def model_card(config: Config, metrics: dict[str, Any], name: str) -> str:
     """The Hub model card (Markdown with YAML front matter): recipe, data set, test metrics, recallk version."""
     task = "sentence-similarity" if config.model.backbone.startswith("st:") else "image-feature-extraction"
@@ -421,8 +432,8 @@ def model_card(config: Config, metrics: dict[str, Any], name: str) -> str:
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}", "",
         f"An embedding model trained with [recallk](https://pypi.org/project/recallk/) {__version__}: "
-        f"backbone `{config.model.backbone}`, {config.model.embed_dim}-d unit-norm embeddings (dot product = cosine "
-        f"similarity), loss `{config.loss.name}`{' + SiMix' if config.loss.simix else ''}.",
+        f"backbone `{config.model.backbone}`, {_output_dim(config)}-d unit-norm embeddings (dot product = cosine "
+        f"similarity{_whitening_phrase(config)}), loss `{config.loss.name}`{' + SiMix' if config.loss.simix else ''}.",
         "",
         "## Data set", "",
         _data_sentence(config, task),
