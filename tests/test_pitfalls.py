@@ -381,6 +381,17 @@ def test_resume_with_another_model_is_one_line(
     line = _error_line(capsys)
     assert "holds another model or loss than this config builds" in line and "size mismatch" in line, line
 
+    # a checkpoint whose optimiser groups differ (a run started before GeM's exponent had its own group)
+    from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+
+    last = runs[8] / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["optimizer"]["param_groups"][0]["name"] = "older"
+    save_checkpoint(last, state)
+    assert main(["train", "--resume", str(runs[8]), "train.epochs=2"]) == 2
+    line = _error_line(capsys)
+    assert "holds optimiser groups ['older'" in line and "resume with the recallk version" in line, line
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 12. `recallk evaluate RUN --split val` keeps the test results of evaluation.json

@@ -285,6 +285,13 @@ class Trainer:
                 f"{path} holds another model or loss than this config builds ({first.rstrip('.')}); resume with the "
                 f"run's own model and loss settings ({self.run_path / 'config.yaml'}), or start a new run"
             ) from None
+        saved_groups = [group.get("name") for group in state["optimizer"]["param_groups"]]
+        built_groups = [group.get("name") for group in self.optimizer.param_groups]
+        if saved_groups != built_groups:  # e.g. a run started before GeM's exponent had its own group
+            raise CheckpointError(
+                f"{path} holds optimiser groups {saved_groups}, but this recallk builds {built_groups} for the run's "
+                "config; resume with the recallk version that started the run, or start a new run"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_settings()
