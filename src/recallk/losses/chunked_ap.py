@@ -46,16 +46,20 @@ from recallk.losses.chunked_walk import (
 )
 
 
-def ap_query_side(labels: Tensor, ref_labels: Tensor, self_col: Tensor, dtype: torch.dtype) -> QuerySide:
-    """The per-query constants of the AP losses: the query's own column is left out of its database."""
-    none = torch.empty(len(labels), 0, dtype=dtype, device=labels.device)
-    return QuerySide(labels, self_col, self_col, positive_counts(labels, ref_labels, self_col), none, none)
+class APKernel:
+    """What the AP losses' kernels share: the query's own column left out of its database, one statistic per
+    query (AP_i, N x 1) and the terms sum_{i valid} (1 - AP_i) / num_valid."""
 
+    def query_side(self, labels: Tensor, ref_labels: Tensor, self_col: Tensor, dtype: torch.dtype) -> QuerySide:
+        none = torch.empty(len(labels), 0, dtype=dtype, device=labels.device)
+        return QuerySide(labels, self_col, self_col, positive_counts(labels, ref_labels, self_col), none, none)
 
-def ap_terms(stats: Tensor, side: QuerySide, num_valid: int) -> Tensor:
-    """sum_{i valid} (1 - AP_i) / num_valid, with AP_i = ``stats[i, 0]``."""
-    valid = side.num_pos > 0
-    return (valid.sum() - stats[valid, 0].sum()) / num_valid
+    def stats_width(self) -> int:
+        return 1
+
+    def terms(self, stats: Tensor, side: QuerySide, num_valid: int) -> Tensor:
+        valid = side.num_pos > 0
+        return (valid.sum() - stats[valid, 0].sum()) / num_valid
 
 
 def _positive_columns(side: QuerySide, pair_row: Tensor, pair_col: Tensor, block_row: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,7 +74,7 @@ def _positive_columns(side: QuerySide, pair_row: Tensor, pair_col: Tensor, block
 
 
 @dataclass(frozen=True)
-class SmoothAPSettings:
+class SmoothAPSettings(APKernel):
     """Smooth-AP's :class:`~recallk.losses.chunked_walk.ChunkKernel` (statistics: AP_i, N x 1)."""
 
     temperature: float
@@ -79,15 +83,6 @@ class SmoothAPSettings:
     @property
     def scale(self) -> float:
         return self.temperature
-
-    def query_side(self, labels: Tensor, ref_labels: Tensor, self_col: Tensor, dtype: torch.dtype) -> QuerySide:
-        return ap_query_side(labels, ref_labels, self_col, dtype)
-
-    def stats_width(self) -> int:
-        return 1
-
-    def terms(self, stats: Tensor, side: QuerySide, num_valid: int) -> Tensor:
-        return ap_terms(stats, side, num_valid)
 
     def chunk(
         self, scaled: Tensor, side: QuerySide, ref_labels: Tensor, num_valid: int, need_grad: bool
@@ -128,21 +123,12 @@ class SmoothAPSettings:
 
 
 @dataclass(frozen=True)
-class FastAPSettings:
+class FastAPSettings(APKernel):
     """FastAP's :class:`~recallk.losses.chunked_walk.ChunkKernel` (statistics: AP_i, N x 1)."""
 
     num_bins: int
     query_chunk: int
     scale: float = 1.0
-
-    def query_side(self, labels: Tensor, ref_labels: Tensor, self_col: Tensor, dtype: torch.dtype) -> QuerySide:
-        return ap_query_side(labels, ref_labels, self_col, dtype)
-
-    def stats_width(self) -> int:
-        return 1
-
-    def terms(self, stats: Tensor, side: QuerySide, num_valid: int) -> Tensor:
-        return ap_terms(stats, side, num_valid)
 
     def chunk(
         self, scaled: Tensor, side: QuerySide, ref_labels: Tensor, num_valid: int, need_grad: bool
