@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def _columns(num_q: int, num_db: int, labels: list[int], ref_labels: list[int] | None,
-             self_index: list[int] | None) -> tuple[list[int], list[int]]:
+def _queries(num_q: int, num_db: int, labels: list[int], ref_labels: list[int] | None,
+             self_index: list[int] | None):
+    """Yield ``(q, database, positives)`` for each query with a positive: the query's own column (``self_index[q]``;
+    None: column q when square without ``ref_labels``, else none) is left out of both."""
     ref = labels if ref_labels is None else ref_labels
     if self_index is None:
         self_index = list(range(num_q)) if num_q == num_db and ref_labels is None else [-1] * num_q
-    return ref, self_index
+    for q in range(num_q):
+        database = [z for z in range(num_db) if z != self_index[q]]
+        positives = [z for z in database if ref[z] == labels[q]]
+        if positives:
+            yield q, database, positives
 
 
 def smooth_ap_loop(
@@ -21,14 +27,8 @@ def smooth_ap_loop(
 
     ``sim`` is queries x database; ``self_index[q]`` is query q's database column (None: column q when square
     without ``ref_labels``, else none); the query is left out of its own database and positives."""
-    num_q, num_db = sim.shape
-    ref_labels, self_index = _columns(num_q, num_db, labels, ref_labels, self_index)
     total, used = 0.0, 0
-    for q in range(num_q):
-        database = [z for z in range(num_db) if z != self_index[q]]
-        positives = [z for z in database if ref_labels[z] == labels[q]]
-        if not positives:
-            continue
+    for q, database, positives in _queries(*sim.shape, labels, ref_labels, self_index):
         ap = 0.0
         for i in positives:
             rank_all, rank_pos = 1.0, 1.0
@@ -48,15 +48,9 @@ def fast_ap_loop(
     self_index: list[int] | None = None, num_bins: int = 10,
 ) -> torch.Tensor:
     """FastAP with one Python loop per query, bin and database item, on d = 2 - 2 s (differentiable)."""
-    num_q, num_db = sim.shape
-    ref_labels, self_index = _columns(num_q, num_db, labels, ref_labels, self_index)
     width = 4.0 / num_bins
     total, used = 0.0, 0
-    for q in range(num_q):
-        database = [z for z in range(num_db) if z != self_index[q]]
-        positives = [z for z in database if ref_labels[z] == labels[q]]
-        if not positives:
-            continue
+    for q, database, positives in _queries(*sim.shape, labels, ref_labels, self_index):
         ap, cum_pos, cum_all = 0.0, 0.0, 0.0
         for bin_ in range(num_bins + 1):
             h_pos, h_all = 0.0, 0.0

@@ -1,8 +1,10 @@
-"""Brute-force references for RS@k, written as plain loops straight from the formulas (float64, slow)."""
+"""Brute-force references for RS@k, written as plain loops straight from the formulas (float64, slow), and a probe
+of the largest tensor a computation creates (the losses' memory tests)."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def clamped_sigmoid(x: torch.Tensor, temp: float) -> torch.Tensor:
@@ -52,3 +54,18 @@ def rsk_loop(
         total = total + sum(recalls) / len(recalls)
         used += 1
     return 1.0 - total / used
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation creates (forward and backward, temporaries included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out

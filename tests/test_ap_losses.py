@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.distances import CosineSimilarity
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ap_reference import fast_ap_loop, smooth_ap_loop
 from recallk import FastAPLoss, SimilarityMixup, SmoothAPLoss
 from recallk.engine.multistage import multistage_backward
 from recallk.losses.factory import build_loss
 from recallk.training.trainer import train
 
+from ap_reference import fast_ap_loop, smooth_ap_loop
 from data_fixtures import make_glyph_folder
+from loss_reference import LargestTensor
 from run_fixtures import tiny_config
 
 # Unequal class sizes in shuffled order, singleton classes (queries without positives) included.
@@ -184,21 +184,6 @@ def test_pml_smooth_ap_groups_classes_wrongly_and_recallk_follows_the_formula() 
     pml = pml_losses.SmoothAPLoss(temperature=0.01)(emb, labels).item()
     assert ours == pytest.approx(direct, abs=1e-12)
     assert direct < 0.01 and pml > 0.2
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation creates (forward and backward, temporaries included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.numel = max(self.numel, tensor.numel())
-        return out
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

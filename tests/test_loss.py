@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import LpDistance
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from recallk import RecallAtKLoss, SimilarityMixup
 from recallk.losses import chunked_recall, same_class_pairs
 
-from loss_reference import clamped_sigmoid, rsk_loop
+from loss_reference import LargestTensor, clamped_sigmoid, rsk_loop
 
 
 def unit(n: int, d: int = 6, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -359,21 +358,6 @@ def test_sharded_losses_add_up_to_the_full_batch_loss(simix: bool, rank_includes
         total, total_grad = total + share, total_grad + grad
     assert total == pytest.approx(full, abs=1e-12)
     torch.testing.assert_close(total_grad, full_grad, rtol=1e-10, atol=1e-12)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation creates (forward and backward, temporaries included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.numel = max(self.numel, tensor.numel())
-        return out
 
 
 @pytest.mark.parametrize("simix", [False, True])
