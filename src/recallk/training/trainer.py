@@ -37,8 +37,6 @@ from tqdm.auto import tqdm
 from recallk import __version__
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
-from recallk.data.paths import resolve_data_dir
-from recallk.data.revisited import read_revisited
 from recallk.data.sources import BatchSource
 from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.engine.distributed import (
@@ -120,7 +118,9 @@ class Trainer:
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
         self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
-        preflight(config, data_root)  # after the resume check: a changed data set is named as such
+        # after the resume check (a changed data set is named as such); it reads the landmark benchmarks of
+        # eval.benchmarks too, so a missing or bad file fails before training
+        benchmarks = preflight(config, data_root)
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
@@ -134,10 +134,7 @@ class Trainer:
         self.test_sources = {
             split: build_split(config, split, model, data_dir=data_root) for split in config.data.split_test
         } if self.is_main else {}
-        # Landmark benchmarks (eval.benchmarks) are read now too: a missing or bad file fails before training.
-        self.benchmarks = {
-            name: read_revisited(resolve_data_dir(data_root), name) for name in config.eval.benchmarks
-        } if self.is_main else {}
+        self.benchmarks = benchmarks if self.is_main else {}
         for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
             if source is not None:
                 _check_has_positives(source.labels, split)
