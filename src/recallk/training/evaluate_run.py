@@ -116,6 +116,14 @@ def landmark_tensor_transform(config: Config) -> Callable[[Image.Image], torch.T
     return T.Compose([step for step in full.transforms if not isinstance(step, (T.Resize, T.CenterCrop))])
 
 
+def landmark_images(config: Config, paths: list[Path], boxes: list | None = None) -> DataLoader:
+    """The images ``paths`` (queries cropped to ``boxes``) one at a time, as the landmark benchmarks read them:
+    decoded as the run's reader decodes, scaled to ``eval.image_size`` (shrink only), the run's normalisation."""
+    mode, invert = reader_decoding_of(config)
+    dataset = LandmarkImages(paths, config.eval.image_size, landmark_tensor_transform(config), mode, invert, boxes)
+    return DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)  # one image at a time
+
+
 def benchmark_metrics(
     model: nn.Module,
     config: Config,
@@ -135,19 +143,12 @@ def benchmark_metrics(
     if hasattr(model, "tokenize"):
         raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
     scales = tuple(scales or config.eval.scales)
-    mode, invert = reader_decoding_of(config)
-    to_tensor = landmark_tensor_transform(config)
-
-    def images(paths: list[Path], boxes: list | None = None) -> DataLoader:
-        dataset = LandmarkImages(paths, config.eval.image_size, to_tensor, mode, invert, boxes)
-        return DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)  # one image at a time
-
     options: dict[str, Any] = {"scales": scales, "post_process": post_process, "progress": progress}
-    queries = multiscale_descriptors(model, images(benchmark.queries, benchmark.boxes), device,
+    queries = multiscale_descriptors(model, landmark_images(config, benchmark.queries, benchmark.boxes), device,
                                      total=len(benchmark.queries), desc=f"{benchmark.name} queries", **options)
-    database = multiscale_descriptors(model, images(benchmark.database), device, total=len(benchmark.database),
-                                      desc=f"{benchmark.name} database", **options)
-    distractors = iter_multiscale_descriptors(model, images(benchmark.distractors), device,
+    database = multiscale_descriptors(model, landmark_images(config, benchmark.database), device,
+                                      total=len(benchmark.database), desc=f"{benchmark.name} database", **options)
+    distractors = iter_multiscale_descriptors(model, landmark_images(config, benchmark.distractors), device,
                                               total=len(benchmark.distractors), desc="distractors", **options)
     results: dict[str, Any] = search_metrics(queries.to(device), database, benchmark.gnd, distractors)
     results.update(image_size=config.eval.image_size, scales=list(scales), database=len(benchmark.database),

@@ -19,20 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from recallk.config import Config, config_from_dict, config_to_dict
 from recallk.data.landmarks import sfm120k_pairs
 from recallk.data.paths import resolve_data_dir
-from recallk.data.revisited import LandmarkImages
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.factory import EmbeddingModel
 from recallk.models.whitening import Whitening, learn_whitening, pca_whitening
-from recallk.training.assemble import build_network, reader_decoding_of
+from recallk.training.assemble import build_network
 from recallk.training.checkpoint import load_checkpoint, save_checkpoint
-from recallk.training.evaluate_run import WHITENED_CHECKPOINT, landmark_tensor_transform, resolve_checkpoint
+from recallk.training.evaluate_run import WHITENED_CHECKPOINT, landmark_images, resolve_checkpoint
 
 # Data sets whose reader lists matching pairs: name -> reader of (images folder, image names, pairs (M, 2)).
 PAIR_READERS = {"sfm120k": sfm120k_pairs}
@@ -128,8 +126,5 @@ def _descriptors(
 ) -> torch.Tensor:
     """Descriptors ``(N, D)`` as the landmark benchmarks compute them: full images at ``eval.image_size`` (shrink
     only), one at a time, aggregated over ``scales`` (:mod:`recallk.evaluation.multiscale`)."""
-    mode, invert = reader_decoding_of(config)
-    dataset = LandmarkImages(paths, config.eval.image_size, landmark_tensor_transform(config), mode, invert)
-    loader = DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)
-    return multiscale_descriptors(network, loader, device, scales=scales, total=len(paths), progress=progress,
-                                  desc="descriptors for whitening")
+    return multiscale_descriptors(network, landmark_images(config, paths), device, scales=scales, total=len(paths),
+                                  progress=progress, desc="descriptors for whitening")
