@@ -1,5 +1,5 @@
-"""Retrieval quality on Omniglot, side by side: RS@k against AP surrogates and baseline losses, and RS@k across
-batch sizes.
+"""Retrieval quality on Omniglot, side by side: RS@k against AP surrogates and baseline losses, RS@k across batch
+sizes, and RS@k against the AP surrogates at the same large batch.
 
 Every run trains the recipe of ``configs/omniglot.yaml`` (small CNN, 28 px, AdamW 3e-3, cosine schedule with one
 warm-up epoch) with the CNN at half width (``NARROW_CNN``: 16-32-64-128, a quarter of the FLOPs, so that the 42
@@ -21,6 +21,10 @@ Experiments (``--experiment``):
   ``train.chunk_size=256`` (1024 and 4096 go through the multistage engine; GroupNorm makes chunking exact) and 8
   samples per class: 4096 / 4 = 1024 classes would exceed the 934 training classes, and one value for all sizes
   keeps the batch size the only thing that changes.
+- ``large_batch``: the chunked losses of the registry (RS@k, Smooth-AP, FastAP) at batches 1024 and 4096, in the
+  setting of ``batch`` (GroupNorm, 8 samples per class, the multistage engine with chunks of 256, the recipe's
+  lr for every loss and size) for ``--large-batch-epochs`` (default 12) epochs each: the comparison the paper makes,
+  which only a chunked AP loss can run (pytorch-metric-learning's versions need N x N x N or N x N x bins memory).
 
 Each finished run appends one JSON line to ``<out>/omniglot_<experiment>.jsonl`` (variant, seed, overrides, test
 metrics, times, date, machine); runs already there with the same overrides are skipped, so an interrupted
@@ -29,6 +33,7 @@ benchmark resumes where it stopped. At the end (or with ``--report`` alone) ``<o
 
     python benchmarks/omniglot_quality.py --experiment losses --seeds 0 1 2
     python benchmarks/omniglot_quality.py --experiment batch --only bs64 bs4096 --seeds 0
+    python benchmarks/omniglot_quality.py --experiment large_batch --threads 1 --only rsk_bs1024 smooth_ap_bs1024
     python benchmarks/omniglot_quality.py --report
 """
 
@@ -69,6 +74,7 @@ class Variant:
     label: str
     overrides: tuple[str, ...]
     batch_size: int | None = None  # x position in the batch-size plot
+    series: str = ""  # the line of the batch-size plot this variant belongs to (one line per loss)
 
 
 # The baselines in the order of recallk.losses.factory.BASELINES: the registry's losses that are not recallk's own
@@ -92,10 +98,19 @@ NARROW_CNN = ("model.widths=[16,32,64,128]",)
 # 30 here keeps the stored runs in benchmarks/results valid and their best epochs comparable).
 VALIDATION_CLASSES = ("data.val_classes=30",)
 BATCH_SIZES = (64, 256, 1024, 4096)
-BATCH_SHARED = ("loss.name=rsk", "model.norm=group", "train.chunk_size=256", "data.samples_per_class=8")
+BATCH_SHARED = ("model.norm=group", "train.chunk_size=256", "data.samples_per_class=8")
 BATCH_VARIANTS = tuple(
-    Variant(f"bs{size}", f"batch {size}", (*BATCH_SHARED, f"data.batch_size={size}"), batch_size=size)
+    Variant(f"bs{size}", f"batch {size}", ("loss.name=rsk", *BATCH_SHARED, f"data.batch_size={size}"),
+            batch_size=size, series="RS@k")
     for size in BATCH_SIZES
+)
+LOSS_LABELS = {"rsk": "RS@k", "smooth_ap": "Smooth-AP", "fast_ap": "FastAP"}
+LARGE_BATCH_SIZES = (1024, 4096)
+LARGE_BATCH_VARIANTS = tuple(
+    Variant(f"{name}_bs{size}", f"{LOSS_LABELS.get(name, name)}, batch {size}",
+            (f"loss.name={name}", *BATCH_SHARED, f"data.batch_size={size}"),
+            batch_size=size, series=LOSS_LABELS.get(name, name))
+    for name in CHUNKED_LOSSES for size in LARGE_BATCH_SIZES
 )
 
 
@@ -107,6 +122,7 @@ class Experiment:
     title: str
     variants: tuple[Variant, ...]
     notes: str  # the setting, for the report header
+    epochs_option: str  # the command-line option that sets every run's epochs (an attribute of the arguments)
 
 
 EXPERIMENTS = {
@@ -116,6 +132,7 @@ EXPERIMENTS = {
         "classes x 4, AdamW 3e-3, cosine with 1 warm-up epoch), the same for every loss; baselines with "
         "pytorch-metric-learning defaults as built by recallk.losses.factory.build_loss; the proxy losses also with "
         "proxies at 100x the learning rate (optim.loss_lr_mult=100), as their papers train them.",
+        "epochs",
     ),
     "batch": Experiment(
         "batch", "Omniglot: RS@k across batch sizes", BATCH_VARIANTS,
@@ -123,6 +140,15 @@ EXPERIMENTS = {
         "GroupNorm (model.norm=group), "
         "8 samples per class, train.chunk_size=256 (batches 1024 and 4096 use the multistage engine), "
         "the same lr and epochs for every size (equal images seen, so fewer steps for larger batches).",
+        "batch_epochs",
+    ),
+    "large_batch": Experiment(
+        "large_batch", "Omniglot: RS@k against AP surrogates at the same large batch", LARGE_BATCH_VARIANTS,
+        "The setting of the batch experiment (CNN at half width with GroupNorm, 8 samples per class, "
+        "train.chunk_size=256 so both sizes go through the multistage engine, AdamW 3e-3 cosine with 1 warm-up "
+        "epoch), the same for every loss; each loss with its registry defaults (RS@k k=1..16, tau 0.01/1; "
+        "Smooth-AP tau 0.01; FastAP 10 bins).",
+        "large_batch_epochs",
     ),
 }
 
@@ -197,7 +223,7 @@ def config_digest(config_path: Path, overrides: Sequence[str]) -> str:
 
 def plan_runs(experiment: Experiment, args: argparse.Namespace) -> list[PlannedRun]:
     """The runs to report, seed by seed (all variants of seed 0 first, so a partial benchmark compares them all)."""
-    epochs = args.epochs if experiment.name == "losses" else args.batch_epochs
+    epochs = getattr(args, experiment.epochs_option)
     shared = budget_overrides(epochs, args.max_steps, args.override or ())
     variants = [v for v in experiment.variants if not args.only or v.name in args.only]
     runs = []
@@ -383,7 +409,7 @@ def markdown_report(experiment: Experiment, rows: list[Row], planned: int, other
     })
     dates = sorted(r["date"] for r in records)
     run_commands = sorted({r["command"] for r in records} - {command})
-    epochs = args.epochs if experiment.name == "losses" else args.batch_epochs
+    epochs = getattr(args, experiment.epochs_option)
     shared = budget_overrides(epochs, args.max_steps, args.override or ())
     split_overrides = [o for o in shared if o.startswith("data.split_test=")]
     test_split = (f"the split set by `{split_overrides[-1]}`" if split_overrides
@@ -422,23 +448,28 @@ def markdown_report(experiment: Experiment, rows: list[Row], planned: int, other
 
 
 def plot_report(experiment: Experiment, rows: list[Row], path: Path) -> None:
-    """Losses: bars of R@1 and MAP@R with std error bars and one dot per seed. Batch: both against batch size."""
+    """Losses: bars of R@1 and MAP@R with std error bars and one dot per seed. Batch experiments: both against
+    batch size, one line per loss (``Variant.series``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [row for row in rows if row.records]
-    fig, axes = plt.subplots(1, 2, figsize=(12 if experiment.name == "losses" else 10, 4.5))
+    by_batch = all(row.variant.batch_size for row in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10 if by_batch else 12, 4.5))
     for ax, (metric, label) in zip(axes, (("recall@1", "R@1 (%)"), ("map@r", "MAP@R (%)"))):
         stats = [mean_std([100 * v for v in row.values(metric)]) for row in rows]
         means, stds = [m for m, _ in stats], [s for _, s in stats]
-        if experiment.name == "batch":
+        if by_batch:
             xs = [row.variant.batch_size for row in rows]
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label="mean ± std")
+            for series in dict.fromkeys(row.variant.series for row in rows):
+                points = [(x, m, s) for x, m, s, row in zip(xs, means, stds, rows) if row.variant.series == series]
+                ax.errorbar(*zip(*points), marker="o", capsize=4, label=f"{series} (mean ± std)")
             ax.set_xscale("log", base=2)
-            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
             ax.set_xlabel("batch size")
+            ax.legend(fontsize=8)
         else:
             xs = list(range(len(rows)))
             colors = ["tab:red" if row.variant.name.startswith("rsk") else "tab:gray" for row in rows]
@@ -483,10 +514,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[0],
         epilog=f"variants: {all_variants}. Data: $RECALLK_DATA (e.g. ../shared/data) or a download.",
     )
-    parser.add_argument("--experiment", choices=("losses", "batch", "all"), default="all")
+    parser.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every run of 'losses' (default 3)")
     parser.add_argument("--batch-epochs", type=int, default=4, help="epochs of every run of 'batch' (default 4)")
+    parser.add_argument("--large-batch-epochs", type=int, default=12,
+                        help="epochs of every run of 'large_batch' (default 12)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run and report only these variants")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from existing results")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
@@ -500,7 +533,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="extra config override for every run, repeatable (e.g. train.device=cuda)")
     parser.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests)")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_epochs", "threads", "max_steps"):
+    for name in ("epochs", "batch_epochs", "large_batch_epochs", "threads", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

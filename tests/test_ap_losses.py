@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from recallk import FastAPLoss, SimilarityMixup, SmoothAPLoss
 from recallk.engine.multistage import multistage_backward
@@ -224,6 +224,8 @@ def test_bad_input_is_a_clear_value_error(name: str, make_args, message: str) ->
         (lambda: SmoothAPLoss(query_chunk=0), "query_chunk must be a positive integer"),
         (lambda: FastAPLoss(mixup="yes"), "SimilarityMixup"),
         (lambda: build_loss("fastap", simix=True), "SiMix works with recallk's losses"),
+        (lambda: SmoothAPLoss(distance=LpDistance()), "^SmoothAPLoss ranks by similarity"),
+        (lambda: FastAPLoss(distance=LpDistance()), "^FastAPLoss ranks by similarity"),
     ],
 )
 def test_bad_settings_are_clear_value_errors(make, message: str) -> None:

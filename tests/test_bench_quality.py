@@ -177,6 +177,33 @@ def test_batch_report_plots_against_batch_size(driver, tmp_path: Path) -> None:
     assert (tmp_path / "omniglot_batch.png").stat().st_size > 0
 
 
+def test_large_batch_compares_the_chunked_losses_at_each_size(driver, tmp_path: Path) -> None:
+    """Every chunked loss at 1024 and 4096 with the batch experiment's model; one plot line per loss."""
+    experiment = driver.EXPERIMENTS["large_batch"]
+    args = driver.parse_args(["--experiment", "large_batch", "--seeds", "0", "--out", str(tmp_path)])
+    runs = driver.plan_runs(experiment, args)
+    configs = [load_config(driver.DEFAULT_CONFIG, run.overrides) for run in runs]
+    assert {(c.loss.name, c.data.batch_size) for c in configs} == {
+        (name, size) for name in ("rsk", "smooth_ap", "fast_ap") for size in (1024, 4096)}
+    assert all(c.model.norm == "group" and c.train.chunk_size == 256 and c.train.epochs == 12 for c in configs)
+    for run, value in zip(runs, (0.5, 0.2, 0.4, 0.1, 0.3, 0.05)):
+        driver.append_record(tmp_path / "omniglot_large_batch.jsonl", fake_record(run, value))
+    import matplotlib.pyplot as plt
+
+    saved = []
+    real_savefig = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1]
+    try:
+        assert driver.report(experiment, args, "cmd")
+    finally:
+        plt.Figure.savefig = real_savefig
+    table = (tmp_path / "omniglot_large_batch.md").read_text()
+    assert "| RS@k, batch 1024 | 50.0 |" in table and "| FastAP, batch 4096 | 5.0 |" in table
+    legend = [text.get_text() for text in saved[0].axes[0].get_legend().get_texts()]
+    assert legend == ["RS@k (mean ± std)", "Smooth-AP (mean ± std)", "FastAP (mean ± std)"]
+    assert [list(bars.lines[0].get_xdata()) for bars in saved[0].axes[0].containers] == [[1024, 4096]] * 3
+
+
 def test_report_without_results_says_so(tmp_path: Path) -> None:
     result = run_driver("--report", "--out", tmp_path)
     assert result.returncode == 1 and "nothing to report" in result.stderr

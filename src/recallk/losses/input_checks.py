@@ -132,11 +132,12 @@ def check_tau_k(tau_k: float | Sequence[float], num_k: int) -> tuple[float, ...]
     return tuple(check_temperature(t, "tau_k") for t in taus)
 
 
-def check_distance(distance: object) -> None:
-    """RS@k needs dot-product similarities: PML's ``DotProductSimilarity`` or ``CosineSimilarity``, power 1."""
+def check_distance(distance: object, loss_name: str) -> None:
+    """The chunked losses rank by dot-product similarity: PML's ``DotProductSimilarity`` or ``CosineSimilarity``,
+    power 1. ``loss_name`` (the class) starts the message."""
     if not isinstance(distance, DotProductSimilarity) or distance.power != 1:
         raise ValueError(
-            f"RecallAtKLoss ranks by similarity and takes distance=CosineSimilarity() or DotProductSimilarity() "
+            f"{loss_name} ranks by similarity and takes distance=CosineSimilarity() or DotProductSimilarity() "
             f"(power 1) from pytorch_metric_learning.distances, got {distance!r}"
         )
 

@@ -51,7 +51,7 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
         self, mixup: SimilarityMixup | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK, **pml_kwargs: Any
     ) -> None:
         super().__init__(**pml_kwargs)
-        check_distance(self.distance)
+        check_distance(self.distance, type(self).__name__)
         if mixup is not None and not isinstance(mixup, SimilarityMixup):
             raise ValueError(f"mixup must be a recallk.SimilarityMixup or None, got {type(mixup).__name__}")
         self.mixup = mixup
