@@ -46,7 +46,7 @@ def test_batch_rule_and_demo_arms(driver: ModuleType) -> None:
     assert (config.data.batch_size, config.optim.lr, config.loss.simix) == (4096, 4e-3, True)
     assert config.model.freeze_batchnorm and config.train.chunk_size == 256 and config.train.epochs == 2
     demo = driver.plan_runs("demo", driver.parse_args(["--experiment", "demo", "--seeds", "0"]))
-    assert [load_config(arm.config, run.overrides).train.epochs for arm, run in demo] == [18, 2]
+    assert [load_config(arm.config, run.overrides).train.epochs for arm, run in demo] == [24, 2]
 
 
 def test_unknown_variant_is_refused() -> None:
