@@ -533,7 +533,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="extra config override for every run, repeatable (e.g. train.device=cuda)")
     parser.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests)")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_epochs", "large_batch_epochs", "threads", "max_steps"):
+    for name in (*(e.epochs_option for e in EXPERIMENTS.values()), "threads", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
