@@ -7,7 +7,7 @@ RECALLK_DATA ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export RECALLK_DATA
 
 
-.PHONY: setup demo lint test bench bench-speed bench-quality bench-gpu clean
+.PHONY: setup demo lint test bench bench-speed bench-quality bench-gpu bench-pretrained clean
 
 $(BIN)/recallk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ bench-quality: setup
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment batch
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment large_batch --threads 1
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_quality.py
+
+# Issue 21's pretrained regime: EfficientNet-Lite0 losses and batch sweep, the MiniLM batch sweep (resumable; about
+# 6 CPU-minutes per image run and 5 per text run on the AMD EPYC, two runs at a time on 2 cores).
+bench-pretrained: setup
+	$(BIN)/python benchmarks/pretrained_quality.py --experiment losses --threads 1
+	$(BIN)/python benchmarks/pretrained_quality.py --experiment batch --threads 1
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_batch.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

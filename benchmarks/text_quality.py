@@ -98,7 +98,10 @@ def evaluate(model: SentenceTransformer, texts: list[str], labels: np.ndarray) -
     return {name: float(metrics[name]) for name in METRICS}
 
 
-def train_and_evaluate(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def train_and_evaluate(dataset: str, variant: str, seed: int, args: argparse.Namespace,
+                       samples_per_class: int = 4) -> dict[str, Any]:
+    """Fine-tune for ``args.steps`` steps of ``args.batch`` sentences (``samples_per_class`` per intent) at
+    ``args.lr``, then evaluate on the unseen intents' test sentences (the frozen model: evaluate only)."""
     train = load_text_split(dataset, "train", args.data_dir, val_classes=0)
     test = load_text_split(dataset, "test", args.data_dir, val_classes=0)
     torch.manual_seed(seed)
@@ -107,7 +110,7 @@ def train_and_evaluate(dataset: str, variant: str, seed: int, args: argparse.Nam
         return {"metrics": evaluate(model, test.texts, test.labels), "train_seconds": 0.0}
     loss_fn = build_loss(variant, model, args.mini_batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sampler = ClassBalancedBatchSampler(train.labels, args.batch, 4, seed=seed)
+    sampler = ClassBalancedBatchSampler(train.labels, args.batch, samples_per_class, seed=seed)
     labels_all = torch.as_tensor(train.labels)
     model.train()
     started, step, losses = time.perf_counter(), 0, []

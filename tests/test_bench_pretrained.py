@@ -5,6 +5,7 @@ run fine-tunes EfficientNet-Lite0 for minutes; tests/test_packaged_weights.py co
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,24 +33,42 @@ def driver() -> ModuleType:
 def test_every_planned_run_validates_with_distinct_configs(driver: ModuleType) -> None:
     args = driver.parse_args(["--experiment", "all", "--seeds", "0", "1"])
     runs = [run for experiment in args.experiments for _, run in driver.plan_runs(experiment, args)]
-    assert len(runs) == 2 * (2 + 7 + 8)
+    assert len(runs) == 2 * (2 + 8 + 8)
     assert len({(run.experiment, run.config_digest) for run in runs}) == len(runs)
 
 
 def test_batch_rule_and_demo_arms(driver: ModuleType) -> None:
     from recallk.config import load_config
 
-    assert [round(driver.sqrt_scaled_lr(b), 6) for b in (64, 256, 1024, 4096)] == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert [round(driver.sqrt_scaled_lr(b), 6) for b in (64, 256, 1024, 4096)] == [5e-3, 1e-2, 2e-2, 4e-2]
     args = driver.parse_args(["--experiment", "batch", "--only", "bs4096_simix", "--seeds", "0"])
     ((arm, run),) = driver.plan_runs("batch", args)
     config = load_config(arm.config, run.overrides)
-    assert (config.data.batch_size, config.optim.lr, config.loss.simix) == (4096, 4e-3, True)
-    assert config.model.freeze_batchnorm and config.train.chunk_size == 256 and config.train.epochs == 2
+    assert (config.data.batch_size, config.optim.lr, config.loss.simix) == (4096, 4e-2, True)
+    assert config.model.freeze_batchnorm and config.train.chunk_size == 256 and config.train.epochs == 1
+    only_random = driver.parse_args(["--experiment", "losses", "--only", "rsk_random_init", "--seeds", "0"])
+    ((arm, run),) = driver.plan_runs("losses", only_random)
+    assert load_config(arm.config, run.overrides).model.pretrained_path is None  # the no-ImageNet control
     demo = driver.plan_runs("demo", driver.parse_args(["--experiment", "demo", "--seeds", "0"]))
-    assert [load_config(arm.config, run.overrides).train.epochs for arm, run in demo] == [24, 2]
+    assert [load_config(arm.config, run.overrides).train.epochs for arm, run in demo] == [24, 1]
 
 
 def test_unknown_variant_is_refused() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--only", "rsk_typo"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert done.returncode == 2 and "unknown variant(s) rsk_typo" in done.stderr
+
+
+def test_frozen_feature_table_has_backbone_and_pixel_rows(tmp_path: Path) -> None:
+    data = Path(os.environ.get("RECALLK_DATA") or REPO.parent / "shared" / "data")
+    if not (data / "omniglot" / "images_evaluation.zip").is_file():
+        pytest.skip(f"Omniglot is not in {data / 'omniglot'}; set RECALLK_DATA to a folder holding omniglot/")
+    out = tmp_path / "frozen.md"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("pretrained_frozen.py")), "--sizes", "28",
+                           "--max-classes", "10", "--data-dir", str(data), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 28 px")]
+    assert [row[1] for row in rows] == ["EfficientNet-Lite0 ImageNet, frozen, average-pooled, 1280-d",
+                                        "raw pixels, 784-d"]
+    assert all(0.0 < float(value) <= 1.0 for row in rows for value in row[2:6])  # recall@1..8 of 200 queries

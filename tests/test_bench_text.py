@@ -54,3 +54,30 @@ def test_text_benchmark_runs_resumes_and_reports(tmp_path: Path) -> None:
 def test_bad_batch_is_refused() -> None:
     result = run("--batch", "12", "--report")
     assert result.returncode == 2 and "--batch must be a multiple of 8" in result.stderr
+
+
+BATCH_SCRIPT = SCRIPT.with_name("text_batch.py")
+
+
+def test_text_batch_sweep_scales_steps_lr_and_intents_then_resumes(tmp_path: Path) -> None:
+    write_clinc_fixture(tmp_path / "data")  # 3 seen intents x 3 training sentences
+    out = tmp_path / "results" / "batch"
+    flags = ["--data-dir", tmp_path / "data", "--seeds", "0", "--batches", "8", "16", "--mini-batch", "3",
+             "--variants", "rsk", "--out", out]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, str(BATCH_SCRIPT), *map(str, flags)], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["budget"]["batch"]) for r in records] == [("rsk", 8), ("rsk", 16)]
+    budgets = {r["budget"]["batch"]: r["budget"] for r in records}
+    assert budgets[8] == {"epochs": 1.0, "batch": 8, "steps": 2, "lr": 1.76777e-05, "mini_batch": 3,
+                          "samples_per_class": 4}  # 5e-5 * sqrt(8 / 64); ceil(9 / 8) steps
+    assert budgets[16]["steps"] == 1 and budgets[16]["samples_per_class"] == 8  # 16 / 4 = 4 intents > 3 seen
+    table = out.with_suffix(".md").read_text()
+    assert "| 16 | 2 x 8 | 1 | 2.5e-05 |" in table and out.with_suffix(".png").stat().st_size > 0
+
+    again = subprocess.run([sys.executable, str(BATCH_SCRIPT), *map(str, flags)], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert again.returncode == 0 and "steps ..." not in again.stderr and "skip" in again.stderr
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
