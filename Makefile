@@ -25,7 +25,7 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
-# Benchmarks behind BENCHMARKS.md: `make bench` runs all of them (about 5.5 hours on 2 CPU cores; quality runs
+# Benchmarks behind BENCHMARKS.md: `make bench` runs all but bench-pretrained (about 5.5 hours on 2 CPU cores; runs
 # already in benchmarks/results are skipped, so an interrupted `make bench` resumes). `make bench-speed` (minutes)
 # and `make bench-quality` run each half; add DEVICE=cuda on a GPU machine for the speed half.
 DEVICE ?= cpu
@@ -52,11 +52,13 @@ bench-quality: setup
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment large_batch --threads 1
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_quality.py
 
-# Issue 21's pretrained regime: EfficientNet-Lite0 losses and batch sweep, the MiniLM batch sweep (resumable; about
-# 6 CPU-minutes per image run and 5 per text run on the AMD EPYC, two runs at a time on 2 cores).
+# Issue 21's pretrained regime (not part of `make bench`): EfficientNet-Lite0 frozen features, losses and batch
+# sweeps, the MiniLM batch sweep; resumable, about 5 CPU-minutes per run, about 9 hours for all 3 seeds.
 bench-pretrained: setup
+	$(BIN)/python benchmarks/pretrained_frozen.py --threads 1
 	$(BIN)/python benchmarks/pretrained_quality.py --experiment losses --threads 1
 	$(BIN)/python benchmarks/pretrained_quality.py --experiment batch --threads 1
+	$(BIN)/python benchmarks/pretrained_quality.py --experiment batch_bn --threads 1
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_batch.py --threads 1
 
 clean:

@@ -10,7 +10,8 @@ is tuned on the test split. Experiments (``--experiment``):
   recipe as shipped (1 epoch), each exactly as ``recallk demo`` would train it: which reaches the demo's 0.85
   test recall@1 within its 10 minutes on 2 cores.
 - ``losses``: RS@k, RS@k + SiMix, pytorch-metric-learning's multi-similarity and triplet, the proxy loss
-  normalized_softmax (proxies at 100x the learning rate, as its paper trains them), and Smooth-AP and FastAP, all
+  normalized_softmax (proxies at 100x the learning rate, as its paper trains them; and at 1x, added after 100x
+  collapsed once the recipe's rate became 1e-2), and Smooth-AP and FastAP, all
   fine-tuning the pretrained network for ``--epochs`` (default 1) at batch 256 = 64 classes x 4; and RS@k from
   random weights (no ImageNet weights), which says whether the pretraining matters at this budget.
 - ``batch``: RS@k, with and without SiMix, at batch sizes 64 to 4,096 through the multistage engine
@@ -18,6 +19,8 @@ is tuned on the test split. Experiments (``--experiment``):
   that 4,096 / 8 = 512 classes fit the 764 training classes), for ``--batch-epochs`` (default 1) epochs each:
   equal images seen, so ``15280 // batch`` steps per epoch. Learning-rate rule, fixed before any test number was
   seen: square-root scaling from the recipe's rate at batch 256, ``lr = recipe lr * sqrt(batch / 256)``.
+- ``batch_bn``: the same sizes, rule and epochs with BatchNorm training on the whole batch (one chunk, no
+  multistage engine); added because ImageNet BatchNorm statistics frozen on one-channel glyphs collapse training.
 
 The bookkeeping is ``omniglot_quality.py``'s: each finished run appends a JSON line to
 ``<out>/pretrained_<experiment>.jsonl``, runs already there with the same resolved config are skipped (an
@@ -47,7 +50,7 @@ RECIPE = REPO / "src" / "recallk" / "configs" / "omniglot_efficientnet_lite0.yam
 DEMO_RECIPE = REPO / "src" / "recallk" / "configs" / "omniglot.yaml"
 BASE_BATCH = 256
 BATCH_SIZES = (64, 256, 1024, 4096)
-BATCH_SHARED = ("loss.name=rsk", "model.freeze_batchnorm=true", "train.chunk_size=256", "data.samples_per_class=8")
+BATCH_SHARED = ("loss.name=rsk", "data.samples_per_class=8")
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,16 @@ def sqrt_scaled_lr(batch: int) -> float:
     return load_config(RECIPE).optim.lr * math.sqrt(batch / BASE_BATCH)
 
 
-def batch_arm(batch: int, simix: bool) -> Arm:
-    name = f"bs{batch}" + ("_simix" if simix else "")
-    overrides = (*BATCH_SHARED, f"data.batch_size={batch}", f"optim.lr={sqrt_scaled_lr(batch):.6g}",
+def batch_arm(batch: int, simix: bool, frozen_bn: bool = True) -> Arm:
+    """RS@k at ``batch``: frozen BatchNorm through the multistage engine (chunks of 256), or BatchNorm training on
+    the whole batch in one chunk (``frozen_bn=False``, names ending in ``_bn``)."""
+    name = f"bs{batch}" + ("_simix" if simix else "") + ("" if frozen_bn else "_bn")
+    chunk = 256 if frozen_bn else batch
+    overrides = (*BATCH_SHARED, f"model.freeze_batchnorm={str(frozen_bn).lower()}", f"train.chunk_size={chunk}",
+                 f"data.batch_size={batch}", f"optim.lr={sqrt_scaled_lr(batch):.6g}",
                  f"loss.simix={str(simix).lower()}")
-    return Arm(name, f"batch {batch}" + (" + SiMix" if simix else ""), overrides, batch_size=batch)
+    label = f"batch {batch}" + (" + SiMix" if simix else "") + ("" if frozen_bn else ", BatchNorm training")
+    return Arm(name, label, overrides, batch_size=batch)
 
 
 EXPERIMENTS: dict[str, tuple[str, tuple[Arm, ...]]] = {
@@ -87,12 +95,17 @@ EXPERIMENTS: dict[str, tuple[str, tuple[Arm, ...]]] = {
         Arm("triplet", "triplet", ("loss.name=triplet",)),
         Arm("normalized_softmax", "normalized_softmax, proxies at 100x lr",
             ("loss.name=normalized_softmax", "optim.loss_lr_mult=100")),
+        Arm("normalized_softmax_1x", "normalized_softmax, proxies at 1x lr (added: 100x collapsed at lr 1e-2)",
+            ("loss.name=normalized_softmax", "optim.loss_lr_mult=1")),
         Arm("smooth_ap", "smooth_ap", ("loss.name=smooth_ap",)),
         Arm("fastap", "fastap", ("loss.name=fastap",)),
         Arm("rsk_random_init", "RS@k, random weights (no ImageNet)", ("loss.name=rsk", "model.pretrained_path=null")),
     )),
     "batch": ("Omniglot, pretrained EfficientNet-Lite0: RS@k across batch sizes (frozen BatchNorm)", tuple(
         batch_arm(batch, simix) for simix in (False, True) for batch in BATCH_SIZES
+    )),
+    "batch_bn": ("Omniglot, pretrained EfficientNet-Lite0: RS@k across batch sizes (BatchNorm training)", tuple(
+        batch_arm(batch, simix, frozen_bn=False) for simix in (False, True) for batch in BATCH_SIZES
     )),
 }
 

@@ -33,7 +33,7 @@ def driver() -> ModuleType:
 def test_every_planned_run_validates_with_distinct_configs(driver: ModuleType) -> None:
     args = driver.parse_args(["--experiment", "all", "--seeds", "0", "1"])
     runs = [run for experiment in args.experiments for _, run in driver.plan_runs(experiment, args)]
-    assert len(runs) == 2 * (2 + 8 + 8)
+    assert len(runs) == 2 * (2 + 9 + 8 + 8)
     assert len({(run.experiment, run.config_digest) for run in runs}) == len(runs)
 
 
