@@ -11,9 +11,9 @@ is tuned on the test split. Experiments (``--experiment``):
   test recall@1 within its 10 minutes on 2 cores.
 - ``losses``: RS@k, RS@k + SiMix, pytorch-metric-learning's multi-similarity and triplet, the proxy loss
   normalized_softmax (proxies at 100x the learning rate, as its paper trains them; and at 1x, added after 100x
-  collapsed once the recipe's rate became 1e-2), and Smooth-AP and FastAP, all
-  fine-tuning the pretrained network for ``--epochs`` (default 1) at batch 256 = 64 classes x 4; and RS@k from
-  random weights (no ImageNet weights), which says whether the pretraining matters at this budget.
+  collapsed once the recipe's rate became 1e-2), and Smooth-AP and FastAP, all fine-tuning the pretrained network
+  for ``--epochs`` (default 1) at batch 256 = 64 classes x 4; and RS@k from random weights (no ImageNet weights),
+  which says whether the pretraining matters at this budget.
 - ``batch``: RS@k, with and without SiMix, at batch sizes 64 to 4,096 through the multistage engine
   (``train.chunk_size=256``, BatchNorm frozen at its ImageNet statistics as in the paper, 8 samples per class so
   that 4,096 / 8 = 512 classes fit the 764 training classes), for ``--batch-epochs`` (default 1) epochs each:
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import shlex
 import statistics
@@ -64,11 +65,17 @@ class Arm:
     batch_size: int | None = None
 
 
-def sqrt_scaled_lr(batch: int) -> float:
-    """The batch experiment's learning-rate rule: the recipe's ``optim.lr`` (at batch 256) ``* sqrt(batch / 256)``."""
+@functools.cache
+def recipe_lr() -> float:
+    """The pretrained recipe's ``optim.lr``, the batch experiments' rate at batch 256."""
     from recallk.config import load_config
 
-    return load_config(RECIPE).optim.lr * math.sqrt(batch / BASE_BATCH)
+    return load_config(RECIPE).optim.lr
+
+
+def sqrt_scaled_lr(batch: int) -> float:
+    """The batch experiments' learning-rate rule: the recipe's ``optim.lr`` ``* sqrt(batch / 256)``."""
+    return recipe_lr() * math.sqrt(batch / BASE_BATCH)
 
 
 def batch_arm(batch: int, simix: bool, frozen_bn: bool = True) -> Arm:
@@ -202,7 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of every run of 'losses' (default 1)")
-    parser.add_argument("--batch-epochs", type=int, default=1, help="epochs of every run of 'batch' (default 1)")
+    parser.add_argument("--batch-epochs", type=int, default=1,
+                        help="epochs of every run of 'batch' and 'batch_bn' (default 1)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run and report only these variants")
     parser.add_argument("--report", action="store_true", help="only write the tables from existing results")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
