@@ -105,7 +105,10 @@ def report(path: Path, out: Path, args: argparse.Namespace, command: str) -> boo
     dates = sorted(r["date"] for r in records)
     lines = [
         "<!-- written by benchmarks/text_batch.py; do not edit by hand -->",
-        f"Machine: {'; '.join(machines)}. Runs {dates[0]} to {dates[-1]}. Command: `{command}`.",
+        f"Machine: {'; '.join(machines)}. Runs {dates[0]} to {dates[-1]}. Command: `HF_HUB_OFFLINE=1 python "
+        f"benchmarks/text_batch.py --datasets {' '.join(args.datasets)} --seeds {' '.join(map(str, args.seeds))} "
+        f"--batches {' '.join(map(str, args.batches))} --epochs {args.epochs:g} --mini-batch {args.mini_batch}` "
+        f"(this report: `{command}`).",
         f"Budget: {args.epochs} epoch(s) of the seen intents' training sentences at every batch size, "
         f"lr = 5e-5 * sqrt(batch / 64), mini-batch {args.mini_batch}; recall@1 and MAP@R on the unseen intents' "
         "test sentences, mean ± sample std over seeds.",
