@@ -163,6 +163,8 @@ def plot(curves: dict[str, dict[str, list[tuple[int, float, float]]]], path: Pat
             batches, means, stds = zip(*points)
             ax.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=tq.LABELS[variant].split(" (")[0])
         ax.set_xscale("log", base=2)
+        ticks = sorted({batch for points in by_variant.values() for batch, _, _ in points})
+        ax.set_xticks(ticks, [str(batch) for batch in ticks])
         ax.set(title=f"{dataset}: RS@k at equal epochs", xlabel="batch (sentences per step)",
                ylabel="recall@1, unseen intents")
         ax.grid(alpha=0.3)
