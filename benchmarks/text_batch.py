@@ -34,12 +34,11 @@ from recallk.data.text import load_text_split
 
 BATCHES = (64, 128, 256, 512, 1024)
 VARIANTS = ("rsk", "rsk_simix")
-BASE_LR, BASE_BATCH = 5e-5, 64
 
 
 def sqrt_scaled_lr(batch: int) -> float:
     """The sweep's learning-rate rule: ``5e-5 * sqrt(batch / 64)``."""
-    return BASE_LR * math.sqrt(batch / BASE_BATCH)
+    return tq.LR * math.sqrt(batch / tq.BATCH)
 
 
 def samples_per_class(batch: int, intents: int) -> int:

@@ -60,6 +60,7 @@ LABELS = {
 }
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 RESULTS = Path(__file__).resolve().parent / "results"
+LR, BATCH = 5e-5, 64  # the fixed-budget comparison's AdamW rate and sentences per step (the defaults)
 
 
 def build_loss(variant: str, model: SentenceTransformer, mini_batch: int) -> torch.nn.Module:
@@ -232,9 +233,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per fine-tuned run")
-    parser.add_argument("--batch", type=int, default=64, help="sentences per step (batch/4 intents x 4)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="sentences per step (batch/4 intents x 4)")
     parser.add_argument("--mini-batch", type=int, default=32, help="sentences per forward pass of cached losses")
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=None, help="data root (default: $RECALLK_DATA or the user cache)")
     parser.add_argument("--out", type=Path, default=RESULTS / "text_quality", help="results path without suffix")
