@@ -81,3 +81,11 @@ def test_text_batch_sweep_scales_steps_lr_and_intents_then_resumes(tmp_path: Pat
                            env=env, timeout=600)
     assert again.returncode == 0 and "steps ..." not in again.stderr and "skip" in again.stderr
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
+
+
+def test_text_batch_refuses_bad_batches_in_one_line() -> None:
+    result = subprocess.run([sys.executable, str(BATCH_SCRIPT), "--batches", "64", "6", "--report"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--batches must be multiples of 4 from 8 (got [6]) and --epochs positive (got 1.0)")
