@@ -162,6 +162,16 @@ def run_experiment(experiment: str, args: argparse.Namespace, command: str) -> N
         oq.log(f"{tag}: {result} ({record['wall_seconds'] / 60:.1f} min, {record.get('steps', '?')} steps)")
 
 
+def made_by(records: Sequence[dict], path: Path, listed: int = 3) -> str:
+    """The commands that made ``records``: each in backticks when there are at most ``listed``, else their count
+    (runs split across processes with ``--only``) and where each run's own command is kept."""
+    commands = sorted({r["command"] for r in records})
+    if len(commands) <= listed:
+        return ", ".join(f"`{c}`" for c in commands)
+    return (f"{len(commands)} commands (one or a few variants each; every run's is in the `command` field of "
+            f"{path.name})")
+
+
 def report(experiment: str, args: argparse.Namespace, command: str) -> bool:
     """Write ``pretrained_<experiment>.md`` from the planned runs found; False when there are none."""
     title, arms = EXPERIMENTS[experiment]
@@ -183,7 +193,7 @@ def report(experiment: str, args: argparse.Namespace, command: str) -> bool:
     lines = [
         f"# {title}", "",
         f"- Machine: {'; '.join(machines)}",
-        f"- Command: `{command}`; runs made by " + ", ".join(f"`{c}`" for c in sorted({r['command'] for r in records})),
+        f"- Command: `{command}`; runs made by {made_by(records, results_path(args.out, experiment, 'jsonl'))}",
         f"- Date: runs {dates[0]} to {dates[-1]}; report {datetime.date.today()}",
         f"- Budget: {len(records)} of {len(planned)} planned runs present; shared overrides: "
         f"`{' '.join(budget(experiment, args)) or 'none'}`",

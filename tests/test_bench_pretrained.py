@@ -72,3 +72,19 @@ def test_frozen_feature_table_has_backbone_and_pixel_rows(tmp_path: Path) -> Non
     assert [row[1] for row in rows] == ["EfficientNet-Lite0 ImageNet, frozen, average-pooled, 1280-d",
                                         "raw pixels, 784-d"]
     assert all(0.0 < float(value) <= 1.0 for row in rows for value in row[2:6])  # recall@1..8 of 200 queries
+
+
+def test_report_counts_many_run_commands_instead_of_listing_them(driver: ModuleType, tmp_path: Path) -> None:
+    args = driver.parse_args(["--experiment", "losses", "--seeds", "0", "--out", str(tmp_path), "--report"])
+    machine = {"cpu": "cpu", "cpu_count": 2, "torch": "t", "threads": 1}
+    metrics = {"recall@1": 0.5, "recall@2": 0.6, "recall@4": 0.7, "recall@8": 0.8, "map@r": 0.2}
+    for number, (arm, run) in enumerate(driver.plan_runs("losses", args)):
+        driver.oq.append_record(tmp_path / "pretrained_losses.jsonl", {
+            "variant": arm.name, "seed": 0, "config_digest": run.config_digest, "status": "ok", "metrics": metrics,
+            "steps": 59, "train_seconds": 60.0, "date": "2026-12-03T00:00:00", "machine": machine,
+            "command": f"python benchmarks/pretrained_quality.py --only {arm.name}" if number < 4 else "same"})
+    assert driver.report("losses", args, "report")
+    text = (tmp_path / "pretrained_losses.md").read_text()
+    assert "runs made by 5 commands (one or a few variants each;" in text and "--only rsk`" not in text
+    assert text.count("| 50.0 |") == 9  # every arm's row
+    assert driver.made_by([{"command": "a"}, {"command": "b"}], tmp_path / "x.jsonl") == "`a`, `b`"
