@@ -52,6 +52,7 @@ DEMO_RECIPE = REPO / "src" / "recallk" / "configs" / "omniglot.yaml"
 BASE_BATCH = 256
 BATCH_SIZES = (64, 256, 1024, 4096)
 BATCH_SHARED = ("loss.name=rsk", "data.samples_per_class=8")
+BN_TRAINING_LR = 1e-2  # the best rate on validation with BatchNorm training (the recipe's first version)
 
 
 @dataclass(frozen=True)
@@ -67,25 +68,27 @@ class Arm:
 
 @functools.cache
 def recipe_lr() -> float:
-    """The pretrained recipe's ``optim.lr``, the batch experiments' rate at batch 256."""
+    """The pretrained recipe's ``optim.lr`` (BatchNorm frozen), the frozen-BatchNorm sweep's rate at batch 256."""
     from recallk.config import load_config
 
     return load_config(RECIPE).optim.lr
 
 
-def sqrt_scaled_lr(batch: int) -> float:
-    """The batch experiments' learning-rate rule: the recipe's ``optim.lr`` ``* sqrt(batch / 256)``."""
-    return recipe_lr() * math.sqrt(batch / BASE_BATCH)
+def sqrt_scaled_lr(batch: int, base: float | None = None) -> float:
+    """The batch experiments' learning-rate rule: ``base * sqrt(batch / 256)``, ``base`` the recipe's ``optim.lr``
+    unless given."""
+    return (recipe_lr() if base is None else base) * math.sqrt(batch / BASE_BATCH)
 
 
 def batch_arm(batch: int, simix: bool, frozen_bn: bool = True) -> Arm:
-    """RS@k at ``batch``: frozen BatchNorm through the multistage engine (chunks of 256), or BatchNorm training on
-    the whole batch in one chunk (``frozen_bn=False``, names ending in ``_bn``)."""
+    """RS@k at ``batch``: frozen BatchNorm through the multistage engine (chunks of 256) from the recipe's rate, or
+    BatchNorm training on the whole batch in one chunk from ``BN_TRAINING_LR`` (``frozen_bn=False``, names ending
+    in ``_bn``)."""
     name = f"bs{batch}" + ("_simix" if simix else "") + ("" if frozen_bn else "_bn")
     chunk = 256 if frozen_bn else batch
+    lr = sqrt_scaled_lr(batch, None if frozen_bn else BN_TRAINING_LR)
     overrides = (*BATCH_SHARED, f"model.freeze_batchnorm={str(frozen_bn).lower()}", f"train.chunk_size={chunk}",
-                 f"data.batch_size={batch}", f"optim.lr={sqrt_scaled_lr(batch):.6g}",
-                 f"loss.simix={str(simix).lower()}")
+                 f"data.batch_size={batch}", f"optim.lr={lr:.6g}", f"loss.simix={str(simix).lower()}")
     label = f"batch {batch}" + (" + SiMix" if simix else "") + ("" if frozen_bn else ", BatchNorm training")
     return Arm(name, label, overrides, batch_size=batch)
 

@@ -40,12 +40,17 @@ def test_every_planned_run_validates_with_distinct_configs(driver: ModuleType) -
 def test_batch_rule_and_demo_arms(driver: ModuleType) -> None:
     from recallk.config import load_config
 
-    assert [round(driver.sqrt_scaled_lr(b), 6) for b in (64, 256, 1024, 4096)] == [5e-3, 1e-2, 2e-2, 4e-2]
+    recipe_lr = load_config(driver.RECIPE).optim.lr
+    assert [driver.sqrt_scaled_lr(b) / recipe_lr for b in (64, 256, 1024, 4096)] == [0.5, 1.0, 2.0, 4.0]
     args = driver.parse_args(["--experiment", "batch", "--only", "bs4096_simix", "--seeds", "0"])
     ((arm, run),) = driver.plan_runs("batch", args)
     config = load_config(arm.config, run.overrides)
-    assert (config.data.batch_size, config.optim.lr, config.loss.simix) == (4096, 4e-2, True)
+    assert (config.data.batch_size, config.optim.lr, config.loss.simix) == (4096, float(f"{4 * recipe_lr:.6g}"), True)
     assert config.model.freeze_batchnorm and config.train.chunk_size == 256 and config.train.epochs == 1
+    args = driver.parse_args(["--experiment", "batch_bn", "--only", "bs64_bn", "--seeds", "0"])
+    ((arm, run),) = driver.plan_runs("batch_bn", args)
+    config = load_config(arm.config, run.overrides)  # BatchNorm training keeps the rate chosen for it, 1e-2 at 256
+    assert (config.optim.lr, config.model.freeze_batchnorm, config.train.chunk_size) == (5e-3, False, 64)
     only_random = driver.parse_args(["--experiment", "losses", "--only", "rsk_random_init", "--seeds", "0"])
     ((arm, run),) = driver.plan_runs("losses", only_random)
     assert load_config(arm.config, run.overrides).model.pretrained_path is None  # the no-ImageNet control
