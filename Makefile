@@ -41,8 +41,9 @@ bench-speed: setup
 	$(BIN)/python benchmarks/multistage_memory.py --setting omniglot --threads 2
 	$(BIN)/python benchmarks/eval_speed.py --device $(DEVICE) --header
 
-# The GPU suite (loss at 4k-64k with/without SiMix, ResNet-50 multistage, 60k kNN): ~8 minutes on one GPU;
-# writes benchmarks/results/gpu_suite/gpu_suite.{json,md}.
+# The GPU suite (loss at 4k-64k with/without SiMix, AP losses, ResNet-50 multistage, 60k kNN): ~7 minutes on one
+# H200; writes benchmarks/results/gpu_suite/gpu_suite.{json,md}. On a GPU machine with its own torch and no
+# package index: PYTHONPATH=src python3 benchmarks/gpu_suite.py (pytorch-metric-learning must be importable).
 bench-gpu: setup
 	$(BIN)/python benchmarks/gpu_suite.py
 

@@ -1,25 +1,32 @@
-"""The GPU benchmark suite in one command (``make bench-gpu``): about 8 minutes on one H100/H200-class GPU.
+"""The GPU benchmark suite in one command (``make bench-gpu``): about 7 minutes on one H200.
 
-Sections, each a fresh subprocess of an existing benchmark script (so each measures its own peak memory):
+Sections, most wanted first, each a fresh subprocess of an existing benchmark script (so each measures its own
+peak memory):
 
-- ``loss``: RS@k forward + backward at N = 4k, 16k, 64k, with and without SiMix (all same-class pairs), beside
-  the two-matrix-product floor (``benchmarks/loss_speed.py``: time, ``torch.cuda.max_memory_allocated``), and
-  the authors' per-query loop at 4k, one repeat, on random embeddings (most gradients exactly zero);
-- ``loss_trained``: the same without the loop (SiMix to 16k), on trained-like embeddings (nearly every pair has
-  a gradient);
+- ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
+  chunk 200, against the largest plain batch that fits, eager and with ``torch.compile`` (about 2 minutes;
+  ``benchmarks/multistage_memory.py``: images/s, peak);
+- ``loss_trained``: RS@k forward + backward at N = 4k, 16k, 64k (SiMix over all same-class pairs to 16k) on
+  trained-like embeddings (nearly every pair has a gradient), beside the two-matrix-product floor and, at 4k, the
+  authors' per-query loop (``benchmarks/loss_speed.py``: time, ``torch.cuda.max_memory_allocated``);
+- ``ap_losses``: recallk's Smooth-AP and FastAP on the same kernel at the same sizes, and PML's FastAP
+  (N x N x bins) up to 16k, the large-batch AP baselines of the paper's comparison;
 - ``loss_chunk_1024``, ``loss_chunk_4096``: RS@k at 64k on trained-like embeddings with ``query_chunk`` 1024 and
   4096 instead of the default 256 (bigger products, fewer Python steps; memory grows with the chunk), to choose
   the default for GPUs;
-- ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
-  chunk 200, against the largest plain batch that fits (``benchmarks/multistage_memory.py``: images/s, peak);
+- ``loss``: RS@k with and without SiMix (to 64k) on random embeddings (most gradients exactly zero, skipped);
 - ``knn``: exact kNN evaluation of 60k x 60k x 512 (``benchmarks/eval_speed.py``).
 
 Writes ``OUT/gpu_suite.json`` (per section: command, seconds, return code, the parsed table rows and the raw
-output) and ``OUT/gpu_suite.md`` (the sections' markdown tables). A failing section is recorded and the suite
-goes on. ``--quick`` runs the same sections at tiny sizes on the CPU, in about a minute, so that a test keeps the
-suite working on machines without a GPU.
+output) and ``OUT/gpu_suite.md`` (the sections' markdown tables), both rewritten after every section so that an
+interrupted suite keeps what it measured. A failing section is recorded and the suite goes on; ``--budget``
+stops a section (its whole process group) when the suite's time is spent, keeps the rows it printed, and marks
+the sections it could not start as skipped. ``--quick`` runs the same sections at tiny sizes on the CPU, in about
+a minute, so that a test keeps the suite working on machines without a GPU.
 
     python benchmarks/gpu_suite.py                    # on a GPU machine, writes benchmarks/results/gpu_suite/
+    PYTHONPATH=src python3 benchmarks/gpu_suite.py    # a GPU machine's own torch, no virtual environment
+    python benchmarks/gpu_suite.py --budget 420 --out /tmp/suite
     python benchmarks/gpu_suite.py --quick --out /tmp/suite
 """
 
@@ -28,7 +35,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -37,37 +46,33 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+MIN_SECTION_SECONDS = 20.0  # a section is not started with less of the budget left
 
 
 def sections(quick: bool) -> dict[str, list[str]]:
-    """Section name -> the benchmark command line (script and flags) it runs."""
-    if quick:
-        return {
-            "loss": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "512", "--small-max-n", "256",
-                     "--simix-max-n", "512", "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop",
-                     "--repeats", "1"],
-            "loss_trained": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "--embeddings", "trained",
-                             "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
-            **{f"loss_chunk_{chunk}": ["loss_speed.py", "--device", "cpu", "--sizes", "256", "--embeddings",
-                                       "trained", "--impls", "recallk", "--repeats", "1", "--query-chunk", str(chunk)]
-               for chunk in (16, 64)},
-            "multistage": ["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
-                           "--compile", "off"],
-            "knn": ["eval_speed.py", "--device", "cpu", "--n", "2000", "--dim", "64", "--header"],
-        }  # fmt: skip
+    """Section name -> the benchmark command line (script and flags) it runs, most wanted first."""
+    device = "cpu" if quick else "cuda"
+    sizes = ["256", "512"] if quick else ["4096", "16384", "65536"]
+    small, simix_trained = ("256", "256") if quick else ("4096", "16384")
+    chunks = (16, 64) if quick else (1024, 4096)
+    loss = ["loss_speed.py", "--device", device, "--repeats", "1"]
     return {
-        "loss": ["loss_speed.py", "--device", "cuda", "--sizes", "4096", "16384", "65536", "--small-max-n", "4096",
-                 "--simix-max-n", "65536", "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop",
-                 "--repeats", "1"],
-        "loss_trained": ["loss_speed.py", "--device", "cuda", "--sizes", "4096", "16384", "65536",
-                         "--embeddings", "trained", "--simix-max-n", "16384",
-                         "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "--repeats", "1"],
-        **{f"loss_chunk_{chunk}": ["loss_speed.py", "--device", "cuda", "--sizes", "65536", "--embeddings", "trained",
-                                   "--impls", "recallk", "--repeats", "1", "--query-chunk", str(chunk)]
-           for chunk in (1024, 4096)},
-        "multistage": ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",
-                       "--compile", "off"],
-        "knn": ["eval_speed.py", "--device", "cuda", "--n", "60000", "--dim", "512", "--header"],
+        "multistage": (["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
+                        "--compile", "off"] if quick else
+                       ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",
+                        "--compile", "both"]),
+        "loss_trained": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--small-max-n", small,
+                         "--simix-max-n", simix_trained,
+                         "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop"],
+        "ap_losses": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--pml-max-n", "0", sizes[-2],
+                      "--impls", "smooth_ap", "fast_ap", "pml_fast_ap"],
+        **{f"loss_chunk_{chunk}": [*loss, "--sizes", sizes[-1], "--embeddings", "trained", "--impls", "recallk",
+                                   "--query-chunk", str(chunk)]
+           for chunk in chunks},
+        "loss": [*loss, "--sizes", *sizes, "--simix-max-n", sizes[-1],
+                 "--impls", "floor", "recallk", "floor_simix", "recallk_simix"],
+        "knn": ["eval_speed.py", "--device", device, "--n", "2000" if quick else "60000",
+                "--dim", "64" if quick else "512", "--header"],
     }  # fmt: skip
 
 
@@ -81,16 +86,22 @@ def table_rows(output: str) -> list[dict[str, str]]:
     return [dict(zip(header, row)) for row in body]
 
 
-def run_section(name: str, command: list[str], timeout: float) -> dict:
-    """Run one section's script; its failure (or timeout) is recorded, not raised."""
+def run_section(command: list[str], timeout: float) -> dict:
+    """Run one section's script in its own process group; a failure or timeout is recorded, not raised.
+
+    On timeout the whole group (the script and the measuring processes it started) is killed, so nothing keeps
+    the GPU busy for the next section, and the rows printed until then are kept."""
     full = [sys.executable, str(HERE / command[0]), *command[1:]]
     start = time.perf_counter()
+    process = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+                               start_new_session=True)  # fmt: skip
     try:
-        done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
-        returncode, output, error = done.returncode, done.stdout, done.stderr[-4000:]
-    except subprocess.TimeoutExpired as exc:
-        returncode, output, error = -1, exc.stdout or "", f"timed out after {timeout:.0f} s"
-        output = output.decode() if isinstance(output, bytes) else output
+        output, error = process.communicate(timeout=timeout)
+        returncode, error = process.returncode, error[-4000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        returncode, error = -1, f"stopped after {timeout:.0f} s"
     return {
         "command": "python benchmarks/" + " ".join(command),
         "seconds": round(time.perf_counter() - start, 1),
@@ -101,26 +112,46 @@ def run_section(name: str, command: list[str], timeout: float) -> dict:
     }
 
 
+def write_report(report: dict, out: Path) -> None:
+    """``out/gpu_suite.json`` and ``out/gpu_suite.md`` from the sections run so far."""
+    markdown = [f"# GPU suite: {report['machine']}, torch {report['torch']}, {report['date']}\n"]
+    for name, result in report["sections"].items():
+        status = "ok" if result["returncode"] == 0 else f"FAILED ({result['error'].strip().splitlines()[-1:]})"
+        markdown += [f"## {name} ({result['seconds']} s, {status})\n", f"`{result['command']}`\n", result["output"]]
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_suite.md").write_text("\n".join(markdown))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (the suite's own test)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_suite", help="output directory")
     parser.add_argument("--section-timeout", type=float, default=600.0, help="seconds before a section is stopped")
+    parser.add_argument("--budget", type=float, help="seconds for the whole suite (default: no limit)")
+    parser.add_argument("--only", nargs="+", choices=list(sections(False)), help="run these sections alone")
     args = parser.parse_args()
     if not args.quick and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --quick for the CPU smoke run")
     machine = torch.cuda.get_device_name() if not args.quick else f"{platform.machine()} CPU (--quick)"
     report = {"machine": machine, "date": str(datetime.date.today()), "torch": torch.__version__, "sections": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    markdown = [f"# GPU suite: {machine}, torch {torch.__version__}, {report['date']}\n"]
+    began = time.perf_counter()
     for name, command in sections(args.quick).items():
-        result = run_section(name, command, args.section_timeout)
+        if args.only and name not in args.only:
+            continue
+        left = args.section_timeout if args.budget is None else args.budget - (time.perf_counter() - began)
+        if left < MIN_SECTION_SECONDS:
+            report["sections"][name] = {"command": "python benchmarks/" + " ".join(command), "seconds": 0.0,
+                                        "returncode": -2, "rows": [], "output": "",
+                                        "error": "skipped: the --budget was spent"}  # fmt: skip
+            print(f"{name}: skipped (budget spent)", flush=True)
+            continue
+        result = run_section(command, min(args.section_timeout, left))
         report["sections"][name] = result
         status = "ok" if result["returncode"] == 0 else f"FAILED ({result['error'].strip().splitlines()[-1:]})"
         print(f"{name}: {status} in {result['seconds']} s", flush=True)
-        markdown += [f"## {name} ({result['seconds']} s, {status})\n", f"`{result['command']}`\n", result["output"]]
-    (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
-    (args.out / "gpu_suite.md").write_text("\n".join(markdown))
+        write_report(report, args.out)
+    write_report(report, args.out)
     print(f"wrote {args.out / 'gpu_suite.json'} and {args.out / 'gpu_suite.md'}")
     if any(section["returncode"] != 0 for section in report["sections"].values()):
         raise SystemExit(1)
