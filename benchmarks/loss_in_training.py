@@ -34,7 +34,7 @@ def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: A
     """``loss_fn`` (a RecallAtKLoss) on one batch and the shares of its pairs and query rows with a gradient."""
     from recallk.losses import chunked_recall, chunked_walk
 
-    settings = loss_fn._settings()
+    settings = loss_fn._settings(embeddings.device)
     num_pos, active_pairs, active_rows = 0, 0, 0
     n = len(labels)
     side = chunked_recall.query_side(labels, labels, torch.arange(n), settings, embeddings.dtype)

@@ -221,7 +221,7 @@ def test_bad_input_is_a_clear_value_error(name: str, make_args, message: str) ->
         (lambda: SmoothAPLoss(temperature=0), "temperature must be a positive number"),
         (lambda: FastAPLoss(num_bins=0), "num_bins must be a positive integer"),
         (lambda: FastAPLoss(num_bins=2.5), "num_bins must be a positive integer"),
-        (lambda: SmoothAPLoss(query_chunk=0), "query_chunk must be a positive integer"),
+        (lambda: SmoothAPLoss(query_chunk=0), "query_chunk must be a positive integer or None"),
         (lambda: FastAPLoss(mixup="yes"), "SimilarityMixup"),
         (lambda: build_loss("fastap", simix=True), "SiMix works with recallk's losses"),
         (lambda: SmoothAPLoss(distance=LpDistance()), "^SmoothAPLoss ranks by similarity"),

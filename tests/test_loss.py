@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import LpDistance
 
-from recallk import RecallAtKLoss, SimilarityMixup
+from recallk import FastAPLoss, RecallAtKLoss, SimilarityMixup, SmoothAPLoss
 from recallk.losses import chunked_recall, same_class_pairs
 
 from loss_reference import LargestTensor, clamped_sigmoid, rsk_loop
@@ -166,7 +166,7 @@ def test_pairs_without_gradient_are_left_out_exactly(
     assert ours == pytest.approx(ref, abs=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     # the skipping did happen: some rows of G are all zero, others not
-    settings = loss._settings()
+    settings = loss._settings(emb.device)
     side = chunked_recall.query_side(labels, labels, torch.arange(n), settings, emb.dtype)
     _, chunk_grad = chunked_recall._chunk_soft_and_grad(emb @ emb.T / 0.01, side, labels, settings, n, True)
     assert 0 < int(chunk_grad.rows.sum()) < n
@@ -373,6 +373,19 @@ def test_no_operation_creates_a_queries_by_database_matrix(simix: bool) -> None:
     assert chunk * num_db <= largest.numel <= 2 * chunk * num_db <= num_db * num_db // 8
 
 
+
+def test_default_query_chunk_is_256_on_the_cpu_and_1024_on_a_gpu() -> None:
+    """None picks the chunk per device (bigger products pay on a GPU, BENCHMARKS.md); a given chunk is kept."""
+    for loss in (RecallAtKLoss(), SmoothAPLoss(), FastAPLoss()):
+        assert loss.query_chunk is None
+        assert loss.chunk_for(torch.device("cpu")) == 256 and loss.chunk_for(torch.device("cuda", 0)) == 1024
+    assert RecallAtKLoss(query_chunk=64).chunk_for(torch.device("cuda")) == 64
+    n = 600  # on the CPU the default walks 256 queries at a time: the largest tensor is about 256 x N
+    emb = unit(n, d=8, seed=22).requires_grad_()
+    with LargestTensor() as largest:
+        RecallAtKLoss()(emb, torch.arange(n) // 4).backward()
+    assert 256 * n <= largest.numel <= 2 * 256 * n < 1024 * n
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -417,7 +430,7 @@ def test_bad_input_is_a_clear_value_error(make_args, message: str) -> None:
         ({"tau_k": np.float32(-1)}, "tau_k must be a positive number"),
         ({"k": torch.tensor([1, 0])}, "positive integer"),
         ({"distance": LpDistance()}, "takes distance=CosineSimilarity"),
-        ({"query_chunk": 0}, "query_chunk must be a positive integer"),
+        ({"query_chunk": 0}, "query_chunk must be a positive integer or None"),
     ],
 )
 def test_bad_settings_are_clear_value_errors(kwargs, message: str) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from recallk.losses.chunked_ap import FastAPSettings, SmoothAPSettings
-from recallk.losses.chunked_walk import DEFAULT_QUERY_CHUNK
 from recallk.losses.input_checks import check_temperature
 from recallk.losses.recall_at_k import ChunkedRankingLoss
 from recallk.losses.simix import SimilarityMixup
@@ -38,7 +39,7 @@ class SmoothAPLoss(ChunkedRankingLoss):
 
     def __init__(
         self, temperature: float = 0.01, mixup: SimilarityMixup | None = None,
-        query_chunk: int = DEFAULT_QUERY_CHUNK, **pml_kwargs: Any,
+        query_chunk: int | None = None, **pml_kwargs: Any,
     ) -> None:
         self.temperature = check_temperature(temperature, "temperature")
         super().__init__(mixup, query_chunk, **pml_kwargs)
@@ -46,8 +47,8 @@ class SmoothAPLoss(ChunkedRankingLoss):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, mixup={self.mixup}, query_chunk={self.query_chunk}"
 
-    def _settings(self) -> SmoothAPSettings:
-        return SmoothAPSettings(self.temperature, self.query_chunk)
+    def _settings(self, device: torch.device) -> SmoothAPSettings:
+        return SmoothAPSettings(self.temperature, self.chunk_for(device))
 
 
 class FastAPLoss(ChunkedRankingLoss):
@@ -67,7 +68,7 @@ class FastAPLoss(ChunkedRankingLoss):
     short_name = "FastAP"
 
     def __init__(
-        self, num_bins: int = 10, mixup: SimilarityMixup | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
+        self, num_bins: int = 10, mixup: SimilarityMixup | None = None, query_chunk: int | None = None,
         **pml_kwargs: Any,
     ) -> None:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
@@ -78,5 +79,5 @@ class FastAPLoss(ChunkedRankingLoss):
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, mixup={self.mixup}, query_chunk={self.query_chunk}"
 
-    def _settings(self) -> FastAPSettings:
-        return FastAPSettings(self.num_bins, self.query_chunk)
+    def _settings(self, device: torch.device) -> FastAPSettings:
+        return FastAPSettings(self.num_bins, self.chunk_for(device))

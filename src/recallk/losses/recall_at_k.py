@@ -24,7 +24,7 @@ from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
 from recallk.losses.chunked_recall import RankSettings
-from recallk.losses.chunked_walk import DEFAULT_QUERY_CHUNK, ChunkKernel, embedding_terms, similarity_terms
+from recallk.losses.chunked_walk import ChunkKernel, default_query_chunk, embedding_terms, similarity_terms
 from recallk.losses.input_checks import (
     check_distance,
     check_embeddings,
@@ -48,16 +48,23 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
     short_name = "the loss"  # in messages
 
     def __init__(
-        self, mixup: SimilarityMixup | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK, **pml_kwargs: Any
+        self, mixup: SimilarityMixup | None = None, query_chunk: int | None = None, **pml_kwargs: Any
     ) -> None:
         super().__init__(**pml_kwargs)
         check_distance(self.distance, type(self).__name__)
         if mixup is not None and not isinstance(mixup, SimilarityMixup):
             raise ValueError(f"mixup must be a recallk.SimilarityMixup or None, got {type(mixup).__name__}")
         self.mixup = mixup
-        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
-            raise ValueError(f"query_chunk must be a positive integer, got {query_chunk!r}")
+        if query_chunk is not None and (
+            isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1
+        ):
+            raise ValueError(f"query_chunk must be a positive integer or None (per device), got {query_chunk!r}")
         self.query_chunk = query_chunk
+
+    def chunk_for(self, device: torch.device) -> int:
+        """The queries processed at a time on ``device``: ``query_chunk``, or when None the device's default
+        (:func:`~recallk.losses.chunked_walk.default_query_chunk`: 256 on the CPU, 1024 on a GPU)."""
+        return self.query_chunk or default_query_chunk(device)
 
     def get_default_distance(self) -> DotProductSimilarity:
         """Plain dot products: recallk's embeddings are already L2-normalised."""
@@ -149,10 +156,11 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
             database, db_labels, db_self, first = self._with_virtual_items(emb, labels, emb, labels, self_col)
             owner = torch.cat([self_col, first])  # the batch row each query (real or virtual) belongs to
             mine = torch.nonzero((owner >= rows.start) & (owner < rows.stop)).squeeze(1)
-            side_all = self._settings().query_side(db_labels, db_labels, db_self, database.dtype)
+            settings = self._settings(database.device)
+            side_all = settings.query_side(db_labels, db_labels, db_self, database.dtype)
             num_valid = self._num_valid(side_all.num_pos)
-            side = self._settings().query_side(db_labels[mine], db_labels, db_self[mine], database.dtype)
-            terms = embedding_terms(database[mine], database, db_labels, side, self._settings(), num_valid)
+            side = settings.query_side(db_labels[mine], db_labels, db_self[mine], database.dtype)
+            terms = embedding_terms(database[mine], database, db_labels, side, settings, num_valid)
         return terms.to(embeddings.dtype)
 
     def from_similarity(self, sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,8 +178,9 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
             if self.mixup is not None:
                 sim32, labels = self.mixup.mix(sim32, labels)
             self_col = torch.arange(len(sim32), device=sim.device)
-            side = self._settings().query_side(labels, labels, self_col, sim32.dtype)
-            loss = similarity_terms(sim32, labels, side, self._settings(), self._num_valid(side.num_pos))
+            settings = self._settings(sim32.device)
+            side = settings.query_side(labels, labels, self_col, sim32.dtype)
+            loss = similarity_terms(sim32, labels, side, settings, self._num_valid(side.num_pos))
         return loss.to(sim.dtype)
 
     @staticmethod
@@ -186,8 +195,8 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
             raise ValueError(f"query_index must hold row indices of ref_emb in [0, {num_refs}), got values outside")
         return query_index.long()
 
-    def _settings(self) -> ChunkKernel:
-        """The loss's kernel for the chunked walk."""
+    def _settings(self, device: torch.device) -> ChunkKernel:
+        """The loss's kernel for the chunked walk on ``device``."""
         raise NotImplementedError
 
     @staticmethod
@@ -229,8 +238,9 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
         else:
             queries = emb if database is ref else torch.cat([emb, database[len(ref):]])
         query_labels = torch.cat([labels, db_labels[len(ref):]])
-        side = self._settings().query_side(query_labels, db_labels, self_col, database.dtype)
-        return embedding_terms(queries, database, db_labels, side, self._settings(), self._num_valid(side.num_pos))
+        settings = self._settings(database.device)
+        side = settings.query_side(query_labels, db_labels, self_col, database.dtype)
+        return embedding_terms(queries, database, db_labels, side, settings, self._num_valid(side.num_pos))
 
 
 class RecallAtKLoss(ChunkedRankingLoss):
@@ -244,7 +254,8 @@ class RecallAtKLoss(ChunkedRankingLoss):
         mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
             queries and the database.
         query_chunk: queries (and query-positive pairs) processed at a time: the memory knob, results do not
-            depend on it; extra memory is about ``3.5 * query_chunk * M`` floats.
+            depend on it; extra memory is about ``3.5 * query_chunk * M`` floats. None (the default): 256 on
+            the CPU, 1024 on a GPU, where bigger products are faster (2.7x at N = 65,536 on an H200).
         distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
             L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
             embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
@@ -271,7 +282,7 @@ class RecallAtKLoss(ChunkedRankingLoss):
         tau_k: float | Sequence[float] = 1.0,
         rank_includes_query: bool = False,
         mixup: SimilarityMixup | None = None,
-        query_chunk: int = DEFAULT_QUERY_CHUNK,
+        query_chunk: int | None = None,
         **pml_kwargs: Any,
     ) -> None:
         self.k = check_k(k)
@@ -286,8 +297,8 @@ class RecallAtKLoss(ChunkedRankingLoss):
             f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}"
         )
 
-    def _settings(self) -> RankSettings:
-        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.query_chunk)
+    def _settings(self, device: torch.device) -> RankSettings:
+        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.chunk_for(device))
 
     def _check_database_size(self, num_ranked: int) -> None:
         """Warns once when the largest k is not smaller than what each query is ranked against."""
