@@ -86,6 +86,16 @@ def table_rows(output: str) -> list[dict[str, str]]:
     return [dict(zip(header, row)) for row in body]
 
 
+def command_line(command: list[str]) -> str:
+    """How a section's command reads in the report: ``python benchmarks/SCRIPT FLAGS``."""
+    return "python benchmarks/" + " ".join(command)
+
+
+def section_status(result: dict) -> str:
+    """``ok``, or ``FAILED`` with the last line of the section's error."""
+    return "ok" if result["returncode"] == 0 else f"FAILED ({result['error'].strip().splitlines()[-1:]})"
+
+
 def run_section(command: list[str], timeout: float) -> dict:
     """Run one section's script in its own process group; a failure or timeout is recorded, not raised.
 
@@ -103,7 +113,7 @@ def run_section(command: list[str], timeout: float) -> dict:
         output, _ = process.communicate()
         returncode, error = -1, f"stopped after {timeout:.0f} s"
     return {
-        "command": "python benchmarks/" + " ".join(command),
+        "command": command_line(command),
         "seconds": round(time.perf_counter() - start, 1),
         "returncode": returncode,
         "rows": table_rows(output),
@@ -116,8 +126,8 @@ def write_report(report: dict, out: Path) -> None:
     """``out/gpu_suite.json`` and ``out/gpu_suite.md`` from the sections run so far."""
     markdown = [f"# GPU suite: {report['machine']}, torch {report['torch']}, {report['date']}\n"]
     for name, result in report["sections"].items():
-        status = "ok" if result["returncode"] == 0 else f"FAILED ({result['error'].strip().splitlines()[-1:]})"
-        markdown += [f"## {name} ({result['seconds']} s, {status})\n", f"`{result['command']}`\n", result["output"]]
+        markdown += [f"## {name} ({result['seconds']} s, {section_status(result)})\n", f"`{result['command']}`\n",
+                     result["output"]]
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
     (out / "gpu_suite.md").write_text("\n".join(markdown))
 
@@ -141,15 +151,14 @@ def main() -> None:
             continue
         left = args.section_timeout if args.budget is None else args.budget - (time.perf_counter() - began)
         if left < MIN_SECTION_SECONDS:
-            report["sections"][name] = {"command": "python benchmarks/" + " ".join(command), "seconds": 0.0,
+            report["sections"][name] = {"command": command_line(command), "seconds": 0.0,
                                         "returncode": -2, "rows": [], "output": "",
                                         "error": "skipped: the --budget was spent"}  # fmt: skip
             print(f"{name}: skipped (budget spent)", flush=True)
             continue
         result = run_section(command, min(args.section_timeout, left))
         report["sections"][name] = result
-        status = "ok" if result["returncode"] == 0 else f"FAILED ({result['error'].strip().splitlines()[-1:]})"
-        print(f"{name}: {status} in {result['seconds']} s", flush=True)
+        print(f"{name}: {section_status(result)} in {result['seconds']} s", flush=True)
         write_report(report, args.out)
     write_report(report, args.out)
     print(f"wrote {args.out / 'gpu_suite.json'} and {args.out / 'gpu_suite.md'}")

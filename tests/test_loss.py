@@ -373,7 +373,6 @@ def test_no_operation_creates_a_queries_by_database_matrix(simix: bool) -> None:
     assert chunk * num_db <= largest.numel <= 2 * chunk * num_db <= num_db * num_db // 8
 
 
-
 def test_default_query_chunk_is_256_on_the_cpu_and_1024_on_a_gpu() -> None:
     """None picks the chunk per device (bigger products pay on a GPU, BENCHMARKS.md); a given chunk is kept."""
     for loss in (RecallAtKLoss(), SmoothAPLoss(), FastAPLoss()):
@@ -385,6 +384,7 @@ def test_default_query_chunk_is_256_on_the_cpu_and_1024_on_a_gpu() -> None:
     with LargestTensor() as largest:
         RecallAtKLoss()(emb, torch.arange(n) // 4).backward()
     assert 256 * n <= largest.numel <= 2 * 256 * n < 1024 * n
+
 
 # ---------------------------------------------------------------- bad input
 
