@@ -106,11 +106,24 @@ BATCH_VARIANTS = tuple(
 )
 LOSS_LABELS = {"rsk": "RS@k", "smooth_ap": "Smooth-AP", "fast_ap": "FastAP"}
 LARGE_BATCH_SIZES = (1024, 4096)
+# The census of every few steps (an output setting: it leaves the config digest, so the stored runs stay valid).
+CENSUS = ("output.census_every=2",)
+# Issue 30's recall temperatures at 4,096, fixed before any run: tau_k = k (the authors' code until 2024-11), and
+# tau_k annealed geometrically from the batch size (the rank range) to the paper's 1 over the first half of the
+# epochs (6 of 12).
+TAU_K_VARIANTS = (
+    ("rsk_tauk", "RS@k tau_k = k", ("loss.tau_k=[1,2,4,8,16]",)),
+    ("rsk_anneal", "RS@k tau_k 4096 -> 1", ("loss.tau_k_start=4096", "loss.tau_k_anneal_epochs=6")),
+)
 LARGE_BATCH_VARIANTS = tuple(
     Variant(f"{name}_bs{size}", f"{LOSS_LABELS.get(name, name)}, batch {size}",
-            (f"loss.name={name}", *BATCH_SHARED, f"data.batch_size={size}"),
+            (f"loss.name={name}", *BATCH_SHARED, f"data.batch_size={size}", *(CENSUS if size == 4096 else ())),
             batch_size=size, series=LOSS_LABELS.get(name, name))
     for name in CHUNKED_LOSSES for size in LARGE_BATCH_SIZES
+) + tuple(
+    Variant(f"{name}_bs4096", f"{label}, batch 4096", ("loss.name=rsk", *BATCH_SHARED, "data.batch_size=4096",
+                                                      *overrides, *CENSUS), batch_size=4096, series=label)
+    for name, label, overrides in TAU_K_VARIANTS
 )
 
 
@@ -324,6 +337,9 @@ def execute(run: PlannedRun, args: argparse.Namespace, command: str) -> dict[str
             best_epoch=summary["best_epoch"], epochs=summary["epochs"], steps=summary["steps"],
             train_seconds=summary["train_seconds"],
         )
+    census = run_dir / "census.jsonl"
+    if census.is_file():  # output.census_every: the positive-pair census along training (rank_plateau.py)
+        record["census"] = [json.loads(line) for line in census.read_text(encoding="utf-8").splitlines() if line]
     record.update(
         wall_seconds=round(time.perf_counter() - started, 2),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -82,17 +82,33 @@ def sqrt_scaled_lr(batch: int, base: float | None = None) -> float:
     return (recipe_lr() if base is None else base) * math.sqrt(batch / BASE_BATCH)
 
 
-def batch_arm(batch: int, simix: bool, frozen_bn: bool = True) -> Arm:
+def batch_arm(
+    batch: int, simix: bool, frozen_bn: bool = True, variant: tuple[str, str, tuple[str, ...]] = ("", "", ())
+) -> Arm:
     """RS@k at ``batch``: frozen BatchNorm through the multistage engine (chunks of 256) from the recipe's rate, or
     BatchNorm training on the whole batch in one chunk from ``BN_TRAINING_LR`` (``frozen_bn=False``, names ending
-    in ``_bn``)."""
-    name = f"bs{batch}" + ("_simix" if simix else "") + ("" if frozen_bn else "_bn")
+    in ``_bn``). ``variant`` (name suffix, label suffix, overrides) adds the settings a study varies."""
+    suffix, label_suffix, extra = variant
+    name = f"bs{batch}" + ("_simix" if simix else "") + ("" if frozen_bn else "_bn") + suffix
     chunk = 256 if frozen_bn else batch
     lr = sqrt_scaled_lr(batch, None if frozen_bn else BN_TRAINING_LR)
     overrides = (*BATCH_SHARED, f"model.freeze_batchnorm={str(frozen_bn).lower()}", f"train.chunk_size={chunk}",
-                 f"data.batch_size={batch}", f"optim.lr={lr:.6g}", f"loss.simix={str(simix).lower()}")
-    label = f"batch {batch}" + (" + SiMix" if simix else "") + ("" if frozen_bn else ", BatchNorm training")
+                 f"data.batch_size={batch}", f"optim.lr={lr:.6g}", f"loss.simix={str(simix).lower()}", *extra)
+    label = (f"batch {batch}" + (" + SiMix" if simix else "") + ("" if frozen_bn else ", BatchNorm training")
+             + label_suffix)
     return Arm(name, label, overrides, batch_size=batch)
+
+
+STUDY_BATCHES = (256, 1024)  # issue 30: the sizes at which the recall temperature and SiMix's pair count are studied
+SIMIX_SIX_PAIRS = ("_pairs6", ", 6 pairs per class (the paper's count)", ("loss.simix_pairs_per_class=6",))
+TAU_K_K = ("_tauk", ", tau_k = k", ("loss.tau_k=[1,2,4,8,16]", "output.census_every=4"))
+
+
+def tau_k_anneal(batch: int) -> tuple[str, str, tuple[str, ...]]:
+    """Issue 30's schedule, fixed before any run: tau_k from the batch size (the rank range) down to the paper's 1,
+    geometrically over the first half of the (one) epoch."""
+    return ("_anneal", f", tau_k {batch} -> 1", (f"loss.tau_k_start={batch}", "loss.tau_k_anneal_epochs=0.5",
+                                                "output.census_every=4"))
 
 
 EXPERIMENTS: dict[str, tuple[str, tuple[Arm, ...]]] = {
@@ -115,6 +131,14 @@ EXPERIMENTS: dict[str, tuple[str, tuple[Arm, ...]]] = {
     )),
     "batch": ("Omniglot, pretrained EfficientNet-Lite0: RS@k across batch sizes (frozen BatchNorm)", tuple(
         batch_arm(batch, simix) for simix in (False, True) for batch in BATCH_SIZES
+    )),
+    "simix_pairs": ("Omniglot, pretrained EfficientNet-Lite0: SiMix at 8 per class, all 28 pairs against 6", tuple(
+        arm for batch in STUDY_BATCHES for arm in (batch_arm(batch, False), batch_arm(batch, True),
+                                                   batch_arm(batch, True, variant=SIMIX_SIX_PAIRS))
+    )),
+    "tau_k": ("Omniglot, pretrained EfficientNet-Lite0: RS@k's recall temperature (8 per class)", tuple(
+        arm for batch in STUDY_BATCHES for arm in (batch_arm(batch, False), batch_arm(batch, False, variant=TAU_K_K),
+                                                   batch_arm(batch, False, variant=tau_k_anneal(batch)))
     )),
     "batch_bn": ("Omniglot, pretrained EfficientNet-Lite0: RS@k across batch sizes (BatchNorm training)", tuple(
         batch_arm(batch, simix, frozen_bn=False) for simix in (False, True) for batch in BATCH_SIZES
@@ -149,15 +173,22 @@ def results_path(out: Path, experiment: str, suffix: str) -> Path:
     return out / f"pretrained_{experiment}.{suffix}"
 
 
+def known_records(out: Path) -> dict[tuple, dict]:
+    """Every run of this script's experiments by key (variant name, seed, config digest): a study that repeats an
+    arm of another table (the same name and resolved config) reuses its runs instead of training them again."""
+    return {oq.record_key(r): r for name in EXPERIMENTS for r in oq.read_records(results_path(out, name, "jsonl"))}
+
+
 def run_experiment(experiment: str, args: argparse.Namespace, command: str) -> None:
-    """Train every planned run not yet in the results file, appending each record as the run ends."""
+    """Train every planned run not yet in any results file of this script, appending each record to this
+    experiment's file as the run ends."""
     path = results_path(args.out, experiment, "jsonl")
-    done = {oq.record_key(r) for r in oq.read_records(path)}
+    done = set(known_records(args.out))
     runs = plan_runs(experiment, args)
     for number, (arm, run) in enumerate(runs, 1):
         tag = f"[{experiment} {number}/{len(runs)}] {arm.name} seed {run.seed}"
         if run.key in done:
-            oq.log(f"{tag}: skip (already in {path})")
+            oq.log(f"{tag}: skip (already in {args.out})")
             continue
         oq.log(f"{tag}: start")
         record = oq.execute(run, argparse.Namespace(config=arm.config, runs_dir=args.runs_dir), command)
@@ -180,7 +211,7 @@ def made_by(records: Sequence[dict], path: Path, listed: int = 3) -> str:
 def report(experiment: str, args: argparse.Namespace, command: str) -> bool:
     """Write ``pretrained_<experiment>.md`` from the planned runs found; False when there are none."""
     title, arms = EXPERIMENTS[experiment]
-    by_key = {oq.record_key(r): r for r in oq.read_records(results_path(args.out, experiment, "jsonl"))}
+    by_key = known_records(args.out)
     planned = plan_runs(experiment, args)
     rows = []
     for arm in arms:

@@ -138,7 +138,13 @@ class LossConfig:
     name: LossName = _key("rsk", "rsk (RS@k), smooth_ap, fast_ap (recallk's) or a pytorch-metric-learning baseline")
     k: tuple[int, ...] = _key((1, 2, 4, 8, 16), "recall@k values averaged by RS@k")
     tau_rank: float = _key(0.01, "sigmoid temperature of the rank estimate (tau_2 in the paper)")
-    tau_k: float = _key(1.0, "sigmoid temperature of the rank < k count (tau_1 in the paper)")
+    tau_k: float | tuple[float, ...] = _key(1.0, "sigmoid temperature of the rank <= k count (tau_1 in the paper): "
+                                                  "one number, or one per k (the authors' code until 2024-11: "
+                                                  "[1,2,4,8,16], i.e. tau_k = k)")
+    tau_k_start: float | None = _key(None, "rsk: anneal tau_k geometrically from this value (e.g. the batch size, "
+                                           "the rank range) down to loss.tau_k over loss.tau_k_anneal_epochs, "
+                                           "so that positives ranked far beyond k get a gradient; null: off")
+    tau_k_anneal_epochs: float = _key(1.0, "rsk with loss.tau_k_start: epochs over which tau_k is annealed")
     rank_includes_query: bool = _key(False, "count the query in its own rank sums (the authors' released code)")
     simix: bool = _key(False, "similarity mixup (SiMix): rsk, smooth_ap and fast_ap")
     simix_pairs_per_class: int | None = _key(None, "mixed pairs drawn per class; null: all pairs")
@@ -219,6 +225,9 @@ class OutputConfig:
     runs_root: str = _key("runs", "folder under which run directories are created")
     run_dir: str | None = _key(None, "this run's directory; null: <runs_root>/<name>-<timestamp>-<random suffix>")
     export_embeddings: bool = _key(True, "save test embeddings, labels and ids after training")
+    census_every: int = _key(0, "every this many steps (and at the first), write the positive-pair census of the "
+                                "training batch (mean rank of positives, share of pairs with a gradient) to "
+                                "census.jsonl (rsk, smooth_ap, fast_ap; single process); 0: off")
     plots: bool = _key(True, "save training-curve, recall@k and retrieval plots")
 
 
@@ -314,7 +323,17 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     loss = cfg.loss
     _check_increasing_positive(loss.k, "loss.k", sources)
     positive("loss.tau_rank", loss.tau_rank)
-    positive("loss.tau_k", loss.tau_k)
+    taus = loss.tau_k if isinstance(loss.tau_k, tuple) else (loss.tau_k,)
+    for tau in taus:
+        positive("loss.tau_k", tau)
+    if len(taus) not in (1, len(loss.k)):
+        fail(("loss.tau_k", "loss.k"), f"'loss.tau_k' has {len(taus)} values for the {len(loss.k)} values of "
+             f"loss.k {list(loss.k)}", "give one number, or one per k (e.g. loss.tau_k=[1,2,4,8,16])")
+    positive("loss.tau_k_start", loss.tau_k_start)
+    positive("loss.tau_k_anneal_epochs", loss.tau_k_anneal_epochs)
+    if loss.tau_k_start is not None and loss.name != "rsk":
+        fail(("loss.tau_k_start", "loss.name"), f"'loss.tau_k_start' anneals RS@k's tau_k, but loss.name is "
+             f"{loss.name!r}", "set loss.tau_k_start=null, or loss.name=rsk")
     positive("loss.simix_pairs_per_class", loss.simix_pairs_per_class)
     positive("loss.memory_size", loss.memory_size, allow_zero=True)
     if loss.memory_size and (loss.name != "rsk" or loss.simix):
@@ -380,6 +399,10 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     if not cfg.eval.scales or any(s <= 0 for s in cfg.eval.scales):
         fail(("eval.scales",), f"'eval.scales' must be non-empty and positive, got {list(cfg.eval.scales)}",
              "write e.g. eval.scales=[1,0.7071,0.5]")
+    positive("output.census_every", cfg.output.census_every, allow_zero=True)
+    if cfg.output.census_every and loss.name not in CHUNKED_LOSSES:
+        fail(("output.census_every", "loss.name"), f"'output.census_every' censuses recallk's ranking losses "
+             f"({', '.join(CHUNKED_LOSSES)}), not {loss.name!r}", "set output.census_every=0")
     if not cfg.output.runs_root:
         fail(("output.runs_root",), "'output.runs_root' is empty", "set it to a directory, e.g. output.runs_root=runs")
 

@@ -20,6 +20,7 @@ import csv
 import fcntl
 import hashlib
 import io
+import json
 import os
 import secrets
 import time
@@ -157,6 +158,20 @@ class RunDirectory:
             atomic_write_text(path, _csv_text(list(rows[0].keys()), rows))
         elif path.exists():
             path.unlink()
+
+
+    def append_census(self, row: dict[str, Any]) -> None:
+        """Append one step's positive-pair census to ``census.jsonl``."""
+        with open(self.path / "census.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def truncate_census(self, after_step: int) -> None:
+        """Drop census rows past optimiser step ``after_step`` (a resumed run redoes those steps)."""
+        path = self.path / "census.jsonl"
+        if path.exists():
+            rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line and json.loads(line)["step"] <= after_step]
+            atomic_write_text(path, "".join(f"{line}\n" for line in rows))
 
 
 def new_run_name(name: str) -> str:

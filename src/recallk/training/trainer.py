@@ -49,6 +49,8 @@ from recallk.engine.distributed import (
 from recallk.engine.multistage import multistage_backward
 from recallk.errors import PeerProcessFailed, RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
+from recallk.losses.census import positive_pair_census
+from recallk.losses.temperature_schedule import TauKAnnealing
 from recallk.models.heads import with_gem_group
 from recallk.training.assemble import (
     build_loss_from_config,
@@ -143,6 +145,9 @@ class Trainer:
             self.val_size = {"images": len(self.val_source.labels), "classes": len(self.val_source.labels.unique())}
         self.sampler = build_sampler(config, self.train_source.labels, self.dist.rank, self.dist.world_size)
         self.loss_fn = build_loss_from_config(config, self.train_source.num_classes).to(self.device)
+        self.tau_schedule = None if config.loss.tau_k_start is None else TauKAnnealing(
+            self.loss_fn, config.loss.tau_k_start, round(config.loss.tau_k_anneal_epochs * len(self.sampler))
+        )
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
         self.steps_per_epoch = len(self.sampler)
@@ -310,6 +315,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         if self.run is not None:
             self.run.truncate_metrics(self.step)
+            self.run.truncate_census(self.step - 1)  # the census of step s is taken before step s's update
         logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
             "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
             self.cfg.train.epochs, self.batch_in_epoch, self.steps_per_epoch, self.step,
@@ -321,12 +327,19 @@ class Trainer:
         """The loss, or NaN when the model produced non-finite embeddings (handled by ``train.nan_policy``)."""
         if not bool(torch.isfinite(embeddings).all()):
             return embeddings.sum() * float("nan")
+        every = self.cfg.output.census_every
+        if every and self.step % every == 0 and self.run is not None and self.dist.world_size == 1:
+            census = positive_pair_census(self.loss_fn, embeddings.detach(), labels)
+            self.run.append_census({"step": self.step, "epoch": self.epoch, "tau_k": list(getattr(
+                getattr(self.loss_fn, "loss", self.loss_fn), "tau_k", ())), **census})
         return self.loss_fn(embeddings, labels, **kwargs)
 
     def _train_step(self, images: Inputs, labels: torch.Tensor) -> float:
         images = to_device(images, self.device)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.tau_schedule is not None:
+            self.tau_schedule.set_step(self.step)
         mixup = getattr(self.loss_fn, "mixup", None)
         if mixup is not None:
             mixup.seed(self.cfg.seed + self.step)  # one SiMix draw per step, the same on every rank
