@@ -19,11 +19,11 @@ def rsk_loop(
     self_index: list[int] | None = None,
     k: tuple[int, ...] = (1, 2, 4, 8, 16),
     tau_rank: float = 0.01,
-    tau_k: float = 1.0,
+    tau_k: float | tuple[float, ...] = 1.0,
     rank_includes_query: bool = False,
     sigmoid=None,
 ) -> torch.Tensor:
-    """RS@k with one Python loop per query, positive, database item and k.
+    """RS@k with one Python loop per query, positive, database item and k (``tau_k``: one value or one per k).
 
     ``sim`` is queries x database; ``self_index[q]`` is the database column of query q (None: the square case,
     column q). Differentiable through autograd.
@@ -33,6 +33,7 @@ def rsk_loop(
     ref_labels = labels if ref_labels is None else ref_labels
     if self_index is None:
         self_index = list(range(num_q)) if num_q == num_db and ref_labels is labels else [-1] * num_q
+    taus = tau_k if isinstance(tau_k, (tuple, list)) else (tau_k,) * len(k)
     total, used = 0.0, 0
     for q in range(num_q):
         own = self_index[q]
@@ -41,7 +42,7 @@ def rsk_loop(
             continue
         database = [z for z in range(num_db) if rank_includes_query or z != own]
         recalls = []
-        for kk in k:
+        for kk, tau in zip(k, taus):
             k_eff = min(kk, len(database))
             soft_hits = 0.0
             for x in positives:
@@ -49,7 +50,7 @@ def rsk_loop(
                 for z in database:
                     if z != x:
                         rank = rank + sig(sim[q, z] - sim[q, x], tau_rank)
-                soft_hits = soft_hits + sig(k_eff - rank, tau_k)
+                soft_hits = soft_hits + sig(k_eff - rank, tau)
             recalls.append(torch.clamp(soft_hits, max=k_eff) / min(k_eff, len(positives)))
         total = total + sum(recalls) / len(recalls)
         used += 1

@@ -56,15 +56,28 @@ def test_label_order_does_not_matter() -> None:
     assert loss(emb, LABELS).item() == pytest.approx(loss(emb[perm], LABELS[perm]).item(), abs=1e-12)
 
 
-def test_parity_with_authors_convention_equal_groups() -> None:
-    """rank_includes_query=True reproduces the authors' per-query code (contiguous groups, clamped sigmoid)."""
+# The authors' training script defaulted to --k_temperatures 1 2 4 8 16 (tau_k = k) from its release until commit
+# ed05202 (2024-11-04), and to 1 for every k after it: recallk must reproduce both vintages.
+@pytest.mark.parametrize("tau_k", [1.0, (1.0, 2.0, 4.0, 8.0, 16.0)], ids=["since-2024-11", "until-2024-11"])
+def test_parity_with_authors_convention_equal_groups(tau_k) -> None:
+    """rank_includes_query=True reproduces the authors' per-query code (contiguous groups, clamped sigmoid), with
+    either vintage of their recall temperatures."""
     labels = torch.arange(6).repeat_interleave(4)
     emb = unit(len(labels), seed=3)
-    ours = RecallAtKLoss(rank_includes_query=True)(emb, labels).item()
-    theirs = rsk_loop(emb @ emb.T, labels.tolist(), rank_includes_query=True, sigmoid=clamped_sigmoid).item()
+    ours = RecallAtKLoss(tau_k=tau_k, rank_includes_query=True)(emb, labels).item()
+    theirs = rsk_loop(emb @ emb.T, labels.tolist(), tau_k=tau_k, rank_includes_query=True,
+                      sigmoid=clamped_sigmoid).item()
     assert ours == pytest.approx(theirs, abs=1e-12)
-    paper = RecallAtKLoss()(emb, labels).item()
+    paper = RecallAtKLoss(tau_k=tau_k)(emb, labels).item()
     assert abs(paper - ours) > 1e-4, "the two conventions must differ"
+
+
+def test_the_two_temperature_vintages_differ() -> None:
+    labels = torch.arange(6).repeat_interleave(4)
+    emb = unit(len(labels), seed=3)
+    one = RecallAtKLoss(tau_k=1.0, rank_includes_query=True)(emb, labels).item()
+    per_k = RecallAtKLoss(tau_k=(1, 2, 4, 8, 16), rank_includes_query=True)(emb, labels).item()
+    assert abs(one - per_k) > 1e-3
 
 
 def test_gradcheck_embeddings_and_similarity() -> None:

@@ -55,7 +55,9 @@ def positive_pair_census(
     """
     loss_fn = getattr(loss_fn, "loss", loss_fn)  # CrossBatchRecallAtK holds its RS@k as .loss
     if not isinstance(loss_fn, ChunkedRankingLoss):
-        raise ValueError(f"the census needs a recallk chunked loss (rsk, smooth_ap, fast_ap), got {type(loss_fn).__name__}")
+        raise ValueError(
+            f"the census needs a recallk chunked loss (rsk, smooth_ap, fast_ap), got {type(loss_fn).__name__}"
+        )
     labels = labels.to(embeddings.device)
     sim = (embeddings.detach().float() @ embeddings.detach().float().T).requires_grad_(True)
     mixup, loss_fn.mixup = loss_fn.mixup, None

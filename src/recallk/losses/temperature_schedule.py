@@ -6,15 +6,13 @@ untrained network in a batch of thousands. With tau_k near the rank range of the
 is nearly linear in the rank, so every positive is pulled up; annealing brings the loss back to the paper's
 recall@k surrogate:
 
-    tau_k(t) = start^(1 - t / T) * end^(t / T)   for step t < T (geometric, per k),   end for t >= T
+    tau_k(t) = start * (end / start)^(t / T)   for step t < T (geometric, per k),   end for t >= T
 
 with ``end`` the loss's tau_k (one value per k) and T the annealing steps. The schedule depends on the step only,
 so a resumed run continues it exactly.
 """
 
 from __future__ import annotations
-
-import math
 
 from recallk.losses.input_checks import check_temperature
 from recallk.losses.recall_at_k import RecallAtKLoss
@@ -44,7 +42,7 @@ class TauKAnnealing:
         if step >= self.steps:
             return self.end
         fraction = step / self.steps
-        return tuple(math.exp((1 - fraction) * math.log(self.start) + fraction * math.log(end)) for end in self.end)
+        return tuple(self.start * (end / self.start) ** fraction for end in self.end)
 
     def set_step(self, step: int) -> tuple[float, ...]:
         """Give the loss the temperature of ``step``; returns it."""
