@@ -128,3 +128,13 @@ def test_training_writes_the_census_with_the_annealed_temperature(tmp_path) -> N
     with RunDirectory(run, resume=True) as directory:  # as if killed after the checkpoint of step 3
         directory.truncate_census(2)
     assert [json.loads(line)["step"] for line in (run / "census.jsonl").read_text().splitlines()] == [0, 2]
+
+
+def test_tau_k_equal_to_k_is_spelled_k_in_the_library_and_the_config() -> None:
+    assert RecallAtKLoss(k=(1, 4, 16), tau_k="k").tau_k == (1.0, 4.0, 16.0)
+    cfg = load_config(RECIPE, ["loss.tau_k=k", "loss.k=[1,2,4]"])
+    assert cfg.loss.tau_k == "k" and build_loss_from_config(cfg, num_classes=None).tau_k == (1.0, 2.0, 4.0)
+    with pytest.raises(ValueError, match="or 'k'"):
+        RecallAtKLoss(tau_k="q")
+    with pytest.raises(ConfigError, match="loss.tau_k"):
+        load_config(RECIPE, ["loss.tau_k=q"])

@@ -138,9 +138,9 @@ class LossConfig:
     name: LossName = _key("rsk", "rsk (RS@k), smooth_ap, fast_ap (recallk's) or a pytorch-metric-learning baseline")
     k: tuple[int, ...] = _key((1, 2, 4, 8, 16), "recall@k values averaged by RS@k")
     tau_rank: float = _key(0.01, "sigmoid temperature of the rank estimate (tau_2 in the paper)")
-    tau_k: float | tuple[float, ...] = _key(1.0, "sigmoid temperature of the rank <= k count (tau_1 in the paper): "
-                                                  "one number, or one per k (the authors' code until 2024-11: "
-                                                  "[1,2,4,8,16], i.e. tau_k = k)")
+    tau_k: float | tuple[float, ...] | Literal["k"] = _key(
+        1.0, "sigmoid temperature of the rank <= k count (tau_1 in the paper): one number, one per k, or k "
+             "(tau_k = k for each k: the authors' code until 2024-11)")
     tau_k_start: float | None = _key(None, "rsk: anneal tau_k geometrically from this value (e.g. the batch size, "
                                            "the rank range) down to loss.tau_k over loss.tau_k_anneal_epochs, "
                                            "so that positives ranked far beyond k get a gradient; null: off")
@@ -323,10 +323,10 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     loss = cfg.loss
     _check_increasing_positive(loss.k, "loss.k", sources)
     positive("loss.tau_rank", loss.tau_rank)
-    taus = loss.tau_k if isinstance(loss.tau_k, tuple) else (loss.tau_k,)
+    taus = loss.tau_k if isinstance(loss.tau_k, tuple) else (loss.tau_k,) if loss.tau_k != "k" else ()
     for tau in taus:
         positive("loss.tau_k", tau)
-    if len(taus) not in (1, len(loss.k)):
+    if taus and len(taus) not in (1, len(loss.k)):
         fail(("loss.tau_k", "loss.k"), f"'loss.tau_k' has {len(taus)} values for the {len(loss.k)} values of "
              f"loss.k {list(loss.k)}", "give one number, or one per k (e.g. loss.tau_k=[1,2,4,8,16])")
     positive("loss.tau_k_start", loss.tau_k_start)

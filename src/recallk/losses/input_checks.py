@@ -121,14 +121,19 @@ def check_temperature(value: float, name: str) -> float:
     return float(value)
 
 
-def check_tau_k(tau_k: float | Sequence[float], num_k: int) -> tuple[float, ...]:
-    """One positive temperature per k: a single value (repeated) or exactly ``num_k`` values."""
+def check_tau_k(tau_k: float | str | Sequence[float], k: Sequence[int]) -> tuple[float, ...]:
+    """One positive temperature per k: a single value (repeated), exactly ``len(k)`` values, or ``"k"`` for
+    tau_k = k (the authors' first default)."""
+    if isinstance(tau_k, str):
+        if tau_k != "k":
+            raise ValueError(f"tau_k must be a positive number, one per k, or 'k' (tau_k = k), got {tau_k!r}")
+        return tuple(float(value) for value in k)
     tau_k = _plain_number(tau_k)
     if isinstance(tau_k, (torch.Tensor, np.ndarray)):
         tau_k = tau_k.tolist()
-    taus = (tau_k,) * num_k if isinstance(tau_k, (int, float)) else tuple(tau_k)
-    if len(taus) != num_k:
-        raise ValueError(f"tau_k has {len(taus)} values for {num_k} values of k; give one or one per k")
+    taus = (tau_k,) * len(k) if isinstance(tau_k, (int, float)) else tuple(tau_k)
+    if len(taus) != len(k):
+        raise ValueError(f"tau_k has {len(taus)} values for {len(k)} values of k; give one, one per k, or 'k'")
     return tuple(check_temperature(t, "tau_k") for t in taus)
 
 

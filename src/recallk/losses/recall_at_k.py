@@ -249,7 +249,8 @@ class RecallAtKLoss(ChunkedRankingLoss):
     Args:
         k: the recall levels averaged by the loss (ints, or numpy/tensor integers).
         tau_rank: temperature of the sigmoid that smooths the rank.
-        tau_k: temperature of the sigmoid that smooths "rank <= k"; one value or one per k.
+        tau_k: temperature of the sigmoid that smooths "rank <= k": one value, one per k, or ``"k"`` (tau_k = k,
+            the authors' default until 2024-11).
         rank_includes_query: count the query in its own rank sums, as the authors' code does.
         mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
             queries and the database.
@@ -279,7 +280,7 @@ class RecallAtKLoss(ChunkedRankingLoss):
         self,
         k: Sequence[int] = (1, 2, 4, 8, 16),
         tau_rank: float = 0.01,
-        tau_k: float | Sequence[float] = 1.0,
+        tau_k: float | str | Sequence[float] = 1.0,
         rank_includes_query: bool = False,
         mixup: SimilarityMixup | None = None,
         query_chunk: int | None = None,
@@ -287,7 +288,7 @@ class RecallAtKLoss(ChunkedRankingLoss):
     ) -> None:
         self.k = check_k(k)
         self.tau_rank = check_temperature(tau_rank, "tau_rank")
-        self.tau_k = check_tau_k(tau_k, len(self.k))
+        self.tau_k = check_tau_k(tau_k, self.k)
         self.rank_includes_query = bool(rank_includes_query)
         super().__init__(mixup, query_chunk, **pml_kwargs)
 
