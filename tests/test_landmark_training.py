@@ -98,7 +98,8 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     assert main(["evaluate", str(sfm_run), "--benchmark", "roxford5k", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "medium" in printed and "mP@10" in printed
-    saved = json.loads((sfm_run / "evaluation.json").read_text())["roxford5k"]
+    saved = json.loads((sfm_run / "evaluation.json").read_text())[
+        "roxford5k (whitened.pt, 1024 px, scales 1 0.7071 0.5, whitening learned 6-d)"]
     assert saved["whitening"] == "learned 6-d" and saved["scales"] == [1.0, 0.7071, 0.5]
     assert all(0 <= saved[protocol]["map"] <= 1 for protocol in ("easy", "medium", "hard"))
 
@@ -165,7 +166,7 @@ def test_embed_search_and_load_model_describe_images_as_the_benchmark(sfm_run: P
 
     assert main(["evaluate", str(run), "--benchmark", "roxford5k", "--device", "cpu", "--quiet"]) == 0
     evaluated = json.loads((run / "evaluation.json").read_text())
-    (key,) = [k for k in evaluated if k.startswith("roxford5k")]
+    key = "roxford5k (whitened.pt, 1024 px, scales 1 0.7071 0.5, whitening learned 6-d)"
     from_embed = search_metrics(model.embed(cropped), embedded, benchmark.gnd)
     for protocol in ("easy", "medium", "hard"):
         assert from_embed[protocol]["map"] == pytest.approx(evaluated[key][protocol]["map"], abs=1e-9)

@@ -336,14 +336,25 @@ def test_evaluate_command_on_a_benchmark(trained_run: Path, tmp_path: Path, caps
     single = "roxford5k (best.pt, 1024 px, scales 1, whitening none)"
     with_distractors = "roxford5k+distractors (best.pt, 1024 px, scales 1 0.5, whitening none)"
     saved = json.loads((run / "evaluation.json").read_text())
-    assert list(saved) == ["test", "roxford5k", "roxford5k+distractors"]  # earlier entries kept
-    assert saved["roxford5k"]["database"] == 14 and saved["roxford5k"]["distractors"] == 0
-    assert saved["roxford5k+distractors"]["distractors"] == 3 and saved["roxford5k+distractors"]["scales"] == [1, 0.5]
+    assert list(saved) == ["test", single, with_distractors]  # earlier entries kept
+    assert saved[single]["database"] == 14 and saved[single]["distractors"] == 0
+    assert saved[with_distractors]["distractors"] == 3 and saved[with_distractors]["scales"] == [1, 0.5]
     for protocol in ("easy", "medium", "hard"):
-        assert 0 <= saved["roxford5k"][protocol]["map"] <= 1 and saved["roxford5k"][protocol]["num_queries"] == 3
-    assert f"{100 * saved['roxford5k+distractors']['hard']['map']:.2f}" in result.stdout
+        assert 0 <= saved[single][protocol]["map"] <= 1 and saved[single][protocol]["num_queries"] == 3
+    assert f"{100 * saved[with_distractors]['hard']['map']:.2f}" in result.stdout
     text = (run / "evaluation.txt").read_text()
-    assert "recall@1" in text and "roxford5k+distractors" in text
+    assert "recall@1" in text and "roxford5k+distractors (best.pt" in text
+
+    # other settings are other entries: a multi-scale evaluation leaves the single-scale one as it was
+    assert main(["evaluate", str(run), "--benchmark", "roxford5k", "--data-dir", str(data), "--device", "cpu",
+                 "--scales", "[1, 1/2**(1/2)]"]) == 0
+    updated = json.loads((run / "evaluation.json").read_text())
+    multi = "roxford5k (best.pt, 1024 px, scales 1 0.707107, whitening none)"
+    assert list(updated) == ["test", single, with_distractors, multi] and updated[single] == saved[single]
+    assert updated[multi]["scales"] == pytest.approx([1, 2 ** -0.5])
+    assert main(["evaluate", str(run / "checkpoints" / "last.pt"), "--benchmark", "roxford5k", "--data-dir",
+                 str(data), "--device", "cpu", "--out", str(run / "evaluation.json")]) == 0
+    assert "roxford5k (last.pt, 1024 px, scales 1, whitening none)" in json.loads((run / "evaluation.json").read_text())
 
     assert main(["evaluate", str(run), "--benchmark", "rparis6k", "--data-dir", str(data)]) == 2
     error = capsys.readouterr().err

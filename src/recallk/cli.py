@@ -92,8 +92,10 @@ examples:
   recallk evaluate runs/sfm --benchmark rparis6k --scales 1 0.7071 0.5 --distractors /data/revisitop1m/list.txt
 
 The table is printed and saved as JSON (plus a .txt copy), by default in the run directory; splits and
-benchmarks evaluated earlier into the same file are kept (one entry each). Benchmarks report mAP and mP@1/5/10
-of the Easy, Medium and Hard protocols (percentages in the table, fractions in the JSON).
+benchmarks evaluated earlier into the same file are kept: one entry per split, and per benchmark and settings
+(distractors, checkpoint, image size, scales, whitening), e.g. 'roxford5k (best.pt, 1024 px, scales 1,
+whitening none)'. Benchmarks report mAP and mP@1/5/10 of the Easy, Medium and Hard protocols (percentages in the
+table, fractions in the JSON). --scales also takes cirtorch's spelling '[1, 1/2**(1/2), 1/2]'.
 """
 
 EMBED_EPILOG = """\

@@ -173,9 +173,14 @@ def whitening_name(config: Config) -> str:
     return f"{model.whitening} {model.whitening_dim or model.embed_dim}-d"
 
 
-def benchmark_key(name: str, distractors: str | Path | None) -> str:
-    """The results key of a benchmark: ``roxford5k``, or ``roxford5k+<list file stem>`` with distractors."""
-    return name if distractors is None else f"{name}+{Path(distractors).stem}"
+def benchmark_key(name: str, distractors: str | Path | None, metrics: dict[str, Any]) -> str:
+    """The results key of a benchmark evaluation: every setting that changes its numbers, e.g.
+    ``roxford5k+<list file stem> (best.pt, 1024 px, scales 1 0.707107 0.5, whitening none)``: the distractor list,
+    and the ``checkpoint``, ``image_size``, ``scales`` and ``whitening`` of ``metrics``."""
+    scales = " ".join(f"{s:g}" for s in metrics["scales"])
+    settings = (f"{metrics['checkpoint']}, {metrics['image_size']} px, scales {scales}, "
+                f"whitening {metrics['whitening']}")
+    return f"{name if distractors is None else f'{name}+{Path(distractors).stem}'} ({settings})"
 
 
 def evaluate_benchmark(
@@ -187,12 +192,14 @@ def evaluate_benchmark(
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics`) of a trained model on a landmark
-    benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the run's ``data.data_dir``)."""
+    """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics` plus the ``checkpoint`` file name) of a
+    trained model on a landmark benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the
+    run's ``data.data_dir``)."""
     from recallk.data.paths import resolve_data_dir
 
     torch_device = resolve_device(device)
-    model, config, _ = load_trained_model(path, torch_device)
+    model, config, checkpoint = load_trained_model(path, torch_device)
     read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
     metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress)
-    return {benchmark_key(benchmark, distractors): metrics}
+    metrics["checkpoint"] = checkpoint.name
+    return {benchmark_key(benchmark, distractors, metrics): metrics}
