@@ -89,6 +89,7 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     torch.testing.assert_close(recallk.load_model(saved).embed(images), expected, atol=1e-5, rtol=0)
     card = (Path(saved) / "README.md").read_text()
     assert "6-d unit-norm embeddings" in card and "learned whitening after the head" in card  # the whitened size
+    assert "Inputs: full images, longer side shrunk to 1024 px" in card and "scales 1, 0.7071, 0.5" in card
     exported = sfm_run.parent / "model.pt"
     assert main(["export", str(sfm_run), "--format", "torchscript", "--out", str(exported)]) == 0
     with torch.no_grad():  # the exported graph is the network at one scale (the description's scales are not in it)

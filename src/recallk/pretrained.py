@@ -36,7 +36,7 @@ from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
 from recallk.files import atomic_write_from_file, atomic_write_text
 from recallk.training.assemble import build_network
-from recallk.training.description import Description, Preprocessing, open_image
+from recallk.training.description import Description, Preprocessing, describes_full_images, open_image
 
 FORMAT = "recallk-pretrained-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -400,7 +400,11 @@ def _data_sentence(config: Config, task: str) -> str:
     if data.split_val:
         text += f", best epoch chosen on `{data.split_val}` by {config.train.select_metric}"
     text += f", tested on {', '.join(f'`{s}`' for s in data.split_test)}."
-    if task.startswith("image"):
+    if task.startswith("image") and describes_full_images(config):
+        scales = ", ".join(f"{s:g}" for s in config.eval.scales)
+        text += (f" Inputs: full images, longer side shrunk to {config.eval.image_size} px, `{data.transform}` "
+                 f"normalisation, described at scales {scales} (`model.embed` does this).")
+    elif task.startswith("image"):
         text += f" Inputs: `{data.transform}` preprocessing at {data.image_size} px."
     return text
 
