@@ -5,6 +5,9 @@ every way of loading the run applies it, and `recallk evaluate --benchmark roxfo
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,12 @@ from PIL import Image
 import recallk
 from recallk.cli import main
 from recallk.data.landmarks import sfm120k_pairs
+from recallk.data.revisited import read_revisited
 from recallk.evaluation.multiscale import multiscale_descriptors
+from recallk.evaluation.revisited import search_metrics
 from recallk.models.export import load_exported
 from recallk.training.checkpoint import load_checkpoint
-from recallk.training.evaluate_run import landmark_tensor_transform
+from recallk.training.evaluate_run import benchmark_descriptors
 from revisited_fixtures import write_revisited
 
 from data_fixtures import landmark_image, make_sfm120k
@@ -72,7 +77,7 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     torch.testing.assert_close(model.embed(images), expected, atol=1e-5, rtol=0)
     # fitted on the run's own descriptors of the val pairs: their differences now have unit variance in every direction
     base, names, pairs = sfm120k_pairs(sfm_run.parent / "data", "val")
-    to_tensor = landmark_tensor_transform(plain.config)  # full images (16 px < eval.image_size), at scale 1
+    to_tensor = plain.preprocess.transform_fn  # full images (16 px < eval.image_size), at scale 1
     full_images = [to_tensor(Image.open(base / n).convert("RGB")) for n in names]
     descriptors = multiscale_descriptors(plain.network, full_images, torch.device("cpu"), progress=False).double()
     projection = model.network.whitening.projection.double()
@@ -84,16 +89,19 @@ def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsy
     torch.testing.assert_close(recallk.load_model(saved).embed(images), expected, atol=1e-5, rtol=0)
     card = (Path(saved) / "README.md").read_text()
     assert "6-d unit-norm embeddings" in card and "learned whitening after the head" in card  # the whitened size
+    assert "Inputs: full images, longer side shrunk to 1024 px" in card and "scales 1, 0.7071, 0.5" in card
     exported = sfm_run.parent / "model.pt"
     assert main(["export", str(sfm_run), "--format", "torchscript", "--out", str(exported)]) == 0
-    torch.testing.assert_close(load_exported(exported, "torchscript")(images), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the exported graph is the network at one scale (the description's scales are not in it)
+        torch.testing.assert_close(load_exported(exported, "torchscript")(images), model(images), atol=1e-5, rtol=0)
 
     # the benchmark: multi-scale descriptors (the recipe's eval.scales), whitened after aggregation
     assert main(["evaluate", str(sfm_run), "--benchmark", "roxford5k", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "medium" in printed and "mP@10" in printed
-    saved = json.loads((sfm_run / "evaluation.json").read_text())["roxford5k"]
-    assert saved["whitening"] == "learned" and saved["scales"] == [1.0, 0.7071, 0.5]
+    saved = json.loads((sfm_run / "evaluation.json").read_text())[
+        "roxford5k (whitened.pt, 1024 px, scales 1 0.7071 0.5, whitening learned 6-d)"]
+    assert saved["whitening"] == "learned 6-d" and saved["scales"] == [1.0, 0.7071, 0.5]
     assert all(0 <= saved[protocol]["map"] <= 1 for protocol in ("easy", "medium", "hard"))
 
     # never overwritten silently; --force replaces it
@@ -120,3 +128,58 @@ def test_pca_whitening_from_images_and_bad_requests(sfm_run: Path, tmp_path: Pat
     assert "unknown sfm120k pairs split 'test'" in capsys.readouterr().err
     assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "9", "--out", str(tmp_path / "x.pt")]) == 2
     assert "--dim 9: the whitening dimension must be in 1..8" in capsys.readouterr().err
+
+
+def test_embed_search_and_load_model_describe_images_as_the_benchmark(sfm_run: Path, tmp_path: Path) -> None:
+    """A landmark model (whitened, three scales) gives one descriptor per image, whichever command asks: `recallk
+    embed --images`, `recallk search` and load_model().embed equal the benchmark's own descriptors, and the mAP of
+    `embed`'s descriptors equals `recallk evaluate --benchmark`'s."""
+    run = tmp_path / "run"
+    shutil.copytree(sfm_run, run)
+    (run / "checkpoints" / "whitened.pt").unlink(missing_ok=True)
+    assert main(["whiten", str(run), "--pairs", "val", "--dim", "6", "--device", "cpu", "--scales",
+                 "[1, 1/2**(1/2), 1/2]"]) == 0  # cirtorch's spelling of the recipe's scales
+    data = sfm_run.parent / "data"
+    model = recallk.load_model(run)
+    assert model.description.full_images and model.description.scales == (1.0, 0.7071, 0.5)
+    benchmark = read_revisited(data, "roxford5k")
+    queries, database, _ = benchmark_descriptors(model.network, model.config, benchmark, torch.device("cpu"),
+                                                 progress=False)
+    assert database.shape == (len(benchmark.database), 6)
+
+    # queries cropped to their box, as the benchmark crops them (no scaling: the images are under eval.image_size)
+    cropped = []
+    for number, (path, box) in enumerate(zip(benchmark.queries, benchmark.boxes)):
+        x1, y1, x2, y2 = (round(v) for v in box)
+        cropped.append(tmp_path / "queries" / f"{number}.png")
+        cropped[-1].parent.mkdir(exist_ok=True)
+        Image.open(path).convert("RGB").crop((x1, y1, x2, y2)).save(cropped[-1])
+    torch.testing.assert_close(model.embed(list(benchmark.database)), database, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.embed(cropped), queries, atol=1e-5, rtol=0)
+
+    out = tmp_path / "database.npz"
+    result = subprocess.run([sys.executable, "-m", "recallk", "embed", str(run), "--images",
+                             *map(str, benchmark.database), "--out", str(out), "--device", "cpu", "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    embedded = torch.from_numpy(np.load(out)["embeddings"])
+    torch.testing.assert_close(embedded, database, atol=1e-5, rtol=0)
+
+    assert main(["evaluate", str(run), "--benchmark", "roxford5k", "--device", "cpu", "--quiet"]) == 0
+    evaluated = json.loads((run / "evaluation.json").read_text())
+    key = "roxford5k (whitened.pt, 1024 px, scales 1 0.7071 0.5, whitening learned 6-d)"
+    from_embed = search_metrics(model.embed(cropped), embedded, benchmark.gnd)
+    for protocol in ("easy", "medium", "hard"):
+        assert from_embed[protocol]["map"] == pytest.approx(evaluated[key][protocol]["map"], abs=1e-9)
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for path in benchmark.database:
+        shutil.copy(path, gallery / path.name)
+    report = tmp_path / "search.json"
+    assert main(["search", str(run), "--gallery", str(gallery), "--query", str(cropped[0]), "--top-k", "3",
+                 "--out", str(report), "--no-cache", "--device", "cpu", "--quiet"]) == 0
+    names = [p.name for p in benchmark.database]
+    for neighbour in json.loads(report.read_text())["results"][0]["neighbours"]:
+        row = database[names.index(Path(neighbour["path"]).name)]
+        assert neighbour["similarity"] == pytest.approx(float(queries[0] @ row), abs=1e-5)

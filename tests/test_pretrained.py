@@ -73,8 +73,9 @@ def test_save_pretrained_round_trip(trained_run: Path, tmp_path: Path) -> None:
     assert config["format"] == "recallk-pretrained-v1" and config["recallk_version"] == recallk.__version__
     assert config["preprocessing"] == {
         "transform": "omniglot", "image_size": 16, "invert": False, "grayscale": False, "backbone": "omniglot_cnn",
-        "mean": None, "std": None,
+        "mean": None, "std": None, "full_image_size": None,
     }
+    assert config["scales"] == [1.0]
     assert config["config"]["model"]["backbone"] == "omniglot_cnn"
     summary = json.loads((trained_run / "summary.json").read_text())
     card = (folder / "README.md").read_text()

@@ -22,9 +22,10 @@ from PIL import Image
 from recallk.data.revisited import LandmarkImages, read_revisited
 from recallk.errors import RecallkUsageError
 from recallk.evaluation import revisited_metrics
-from recallk.evaluation.multiscale import gem_exponent, multiscale_descriptors, rescale
+from recallk.evaluation.multiscale import multiscale_descriptors, parse_scales, rescale
 from recallk.evaluation.revisited import format_revisited_table, search_metrics
 from recallk.models.factory import create_model
+from recallk.models.heads import GeM
 from revisited_fixtures import write_distractors, write_revisited
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,37 +239,75 @@ def test_missing_distractor_list_and_listed_image(tmp_path: Path) -> None:
 # Descriptors
 
 
-def test_multiscale_descriptor_equals_the_hand_computation() -> None:
+def cirtorch_extract_ms(net: torch.nn.Module, image: torch.Tensor, ms: list[float], msp: float) -> np.ndarray:
+    """cirtorch's ``extract_ms``, written out: per scale the image tensor is resized with
+    ``interpolate(scale_factor=s, mode='bilinear', align_corners=False)`` (scale 1: the image), the network's
+    descriptors are summed as ``v^msp``, divided by the number of scales, raised to ``1/msp`` and L2-normalised."""
+    v = np.zeros(net(image[None]).shape[1])
+    with torch.no_grad():
+        for s in ms:
+            x = image[None] if s == 1 else F.interpolate(image[None], scale_factor=s, mode="bilinear",
+                                                         align_corners=False)
+            v += net(x)[0].double().numpy() ** msp
+    v = (v / len(ms)) ** (1 / msp)
+    return v / np.linalg.norm(v)
+
+
+def test_multiscale_descriptor_is_cirtorchs_extract_ms() -> None:
+    """A recallk head projects after GeM (LayerNorm -> Linear), so cirtorch's msp is 1: the mean of the per-scale
+    descriptors, resized as cirtorch resizes (floor of the scaled size, bilinear, no antialiasing)."""
     torch.manual_seed(0)
     model = create_model("omniglot_cnn", embed_dim=6, pooling="gem", gem_p=3.0, in_chans=3, widths=(4, 8)).eval()
-    assert gem_exponent(model) == pytest.approx(3.0)
     images = [torch.rand(3, 30, 44), torch.rand(3, 25, 19)]
     scales = (1.0, 1 / math.sqrt(2), 0.5)
     got = multiscale_descriptors(model, images, torch.device("cpu"), scales, progress=False)
     for image, descriptor in zip(images, got):
-        with torch.no_grad():
-            per_scale = [F.normalize(model(rescale(image, s)[None]), dim=1)[0].double().numpy() for s in scales]
-        mean_cube = np.mean([v ** 3 for v in per_scale], axis=0)
-        expected = np.cbrt(mean_cube)
-        expected /= np.linalg.norm(expected)
-        np.testing.assert_allclose(descriptor.numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(descriptor.numpy(), cirtorch_extract_ms(model, image, list(scales), 1), atol=1e-6)
     # one image at a time: nothing of another image (or padding) enters a descriptor
     alone = multiscale_descriptors(model, images[1:], torch.device("cpu"), scales, progress=False)
     torch.testing.assert_close(alone[0], got[1])
-    assert rescale(images[0], 0.5).shape == (3, 15, 22)
+    assert rescale(images[0], 0.5).shape == (3, 15, 22) and rescale(images[0], 1 / math.sqrt(2)).shape == (3, 21, 31)
+    with pytest.raises(ValueError, match="scale 0.01 leaves no pixel of a 30x44 image"):
+        rescale(images[0], 0.01)
 
 
-def test_multiscale_without_gem_averages_and_post_process_applies() -> None:
+def test_multiscale_power_is_cirtorchs_msp() -> None:
+    """With cirtorch's msp = p (a GeM network without projection, here GeM pooling alone): sum of v^p, ^(1/p)."""
+    torch.manual_seed(0)
+    gem = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(), GeM(3.0), torch.nn.Flatten(),
+                              Normalize()).eval()
+    image = torch.rand(3, 30, 44)
+    got = multiscale_descriptors(gem, [image], torch.device("cpu"), (1.0, 0.5), p=3.0, progress=False)
+    np.testing.assert_allclose(got[0].numpy(), cirtorch_extract_ms(gem, image, [1.0, 0.5], 3.0), atol=1e-6)
+
+
+class Normalize(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+
+def test_multiscale_post_process_applies_after_the_scales() -> None:
     torch.manual_seed(0)
     model = create_model("omniglot_cnn", embed_dim=6, pooling="avg", in_chans=3, widths=(4, 8)).eval()
-    assert gem_exponent(model) == 1.0
     image = torch.rand(3, 24, 24)
     projection = torch.randn(6, 4)
     got = multiscale_descriptors(model, [image], torch.device("cpu"), (1.0, 0.5), progress=False,
                                  post_process=lambda d: d @ projection)
-    with torch.no_grad():
-        mean = (model(image[None]) + model(rescale(image, 0.5)[None])) / 2
-    torch.testing.assert_close(got, F.normalize(F.normalize(mean, dim=1) @ projection, dim=1))
+    aggregated = torch.from_numpy(cirtorch_extract_ms(model, image, [1.0, 0.5], 1)).float()
+    torch.testing.assert_close(got[0], F.normalize(aggregated @ projection, dim=0))
+
+
+@pytest.mark.parametrize("text", ["1 0.7071067811865476 0.5", "[1, 1/2**(1/2), 1/2]", "[1, 1 / 2 ** (1 / 2), 0.5]",
+                                  "1,2**-0.5,.5"])
+def test_scales_in_recallk_and_cirtorch_spelling(text: str) -> None:
+    assert parse_scales(text) == pytest.approx((1.0, 2 ** -0.5, 0.5))
+
+
+@pytest.mark.parametrize("text", ["[1, __import__('os').getcwd()]", "1 -0.5", "1 0", "[]", "1 x", "10**10**10",
+                                  "1/0"])
+def test_scales_refuse_what_is_not_a_positive_number(text: str) -> None:
+    with pytest.raises(ValueError, match="not a positive number|no scales"):
+        parse_scales(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,15 +333,28 @@ def test_evaluate_command_on_a_benchmark(trained_run: Path, tmp_path: Path, caps
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    single = "roxford5k (best.pt, 1024 px, scales 1, whitening none)"
+    with_distractors = "roxford5k+distractors (best.pt, 1024 px, scales 1 0.5, whitening none)"
     saved = json.loads((run / "evaluation.json").read_text())
-    assert list(saved) == ["test", "roxford5k", "roxford5k+distractors"]  # earlier entries kept
-    assert saved["roxford5k"]["database"] == 14 and saved["roxford5k"]["distractors"] == 0
-    assert saved["roxford5k+distractors"]["distractors"] == 3 and saved["roxford5k+distractors"]["scales"] == [1, 0.5]
+    assert list(saved) == ["test", single, with_distractors]  # earlier entries kept
+    assert saved[single]["database"] == 14 and saved[single]["distractors"] == 0
+    assert saved[with_distractors]["distractors"] == 3 and saved[with_distractors]["scales"] == [1, 0.5]
     for protocol in ("easy", "medium", "hard"):
-        assert 0 <= saved["roxford5k"][protocol]["map"] <= 1 and saved["roxford5k"][protocol]["num_queries"] == 3
-    assert f"{100 * saved['roxford5k+distractors']['hard']['map']:.2f}" in result.stdout
+        assert 0 <= saved[single][protocol]["map"] <= 1 and saved[single][protocol]["num_queries"] == 3
+    assert f"{100 * saved[with_distractors]['hard']['map']:.2f}" in result.stdout
     text = (run / "evaluation.txt").read_text()
-    assert "recall@1" in text and "roxford5k+distractors" in text
+    assert "recall@1" in text and "roxford5k+distractors (best.pt" in text
+
+    # other settings are other entries: a multi-scale evaluation leaves the single-scale one as it was
+    assert main(["evaluate", str(run), "--benchmark", "roxford5k", "--data-dir", str(data), "--device", "cpu",
+                 "--scales", "[1, 1/2**(1/2)]"]) == 0
+    updated = json.loads((run / "evaluation.json").read_text())
+    multi = "roxford5k (best.pt, 1024 px, scales 1 0.707107, whitening none)"
+    assert list(updated) == ["test", single, with_distractors, multi] and updated[single] == saved[single]
+    assert updated[multi]["scales"] == pytest.approx([1, 2 ** -0.5])
+    assert main(["evaluate", str(run / "checkpoints" / "last.pt"), "--benchmark", "roxford5k", "--data-dir",
+                 str(data), "--device", "cpu", "--out", str(run / "evaluation.json")]) == 0
+    assert "roxford5k (last.pt, 1024 px, scales 1, whitening none)" in json.loads((run / "evaluation.json").read_text())
 
     assert main(["evaluate", str(run), "--benchmark", "rparis6k", "--data-dir", str(data)]) == 2
     error = capsys.readouterr().err

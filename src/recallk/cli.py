@@ -92,8 +92,10 @@ examples:
   recallk evaluate runs/sfm --benchmark rparis6k --scales 1 0.7071 0.5 --distractors /data/revisitop1m/list.txt
 
 The table is printed and saved as JSON (plus a .txt copy), by default in the run directory; splits and
-benchmarks evaluated earlier into the same file are kept (one entry each). Benchmarks report mAP and mP@1/5/10
-of the Easy, Medium and Hard protocols (percentages in the table, fractions in the JSON).
+benchmarks evaluated earlier into the same file are kept: one entry per split, and per benchmark and settings
+(distractors, checkpoint, image size, scales, whitening), e.g. 'roxford5k (best.pt, 1024 px, scales 1,
+whitening none)'. Benchmarks report mAP and mP@1/5/10 of the Easy, Medium and Hard protocols (percentages in the
+table, fractions in the JSON). --scales also takes cirtorch's spelling '[1, 1/2**(1/2), 1/2]'.
 """
 
 EMBED_EPILOG = """\
@@ -126,9 +128,11 @@ examples:
   recallk export runs/omniglot --format pretrained --out omniglot-rsk --overwrite   # replace that saved model
 
 TorchScript and ONNX take preprocessed images (B, C, H, W) with any batch size B and return unit-norm
-embeddings (B, D); the exported model is checked against the eager one on a random batch. 'pretrained' writes
-the Hugging Face Hub layout that recallk.load_model reads, without paths of this machine; it refuses a folder
-that already holds a saved model (unless --overwrite) or other README.md/config.json files.
+embeddings (B, D); the exported model is checked against the eager one on a random batch. They hold the network
+at one scale (its whitening included): a landmark model's description at several eval.scales ('recallk embed',
+the benchmarks) is not part of the exported graph. 'pretrained' writes the Hugging Face Hub layout that
+recallk.load_model reads, without paths of this machine; it refuses a folder that already holds a saved model
+(unless --overwrite) or other README.md/config.json files.
 """
 
 WHITEN_EPILOG = """\
@@ -239,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a landmark benchmark under the data root instead of the run's splits")
     evaluate.add_argument("--distractors", metavar="LIST",
                           help="with --benchmark: a file of extra database images (R1M), one path a line")
-    evaluate.add_argument("--scales", metavar="S", type=float, nargs="+",
-                          help="with --benchmark: descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales)")
+    evaluate.add_argument("--scales", metavar="S", nargs="+",
+                          help="with --benchmark: descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's "
+                               "'[1, 1/2**(1/2), 1/2]' (default: eval.scales)")
     _add_progress_switches(evaluate)
 
     embed = _add_subcommand(
@@ -309,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("--force", action="store_true", help="replace an existing whitened checkpoint")
     whiten.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     whiten.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
-    whiten.add_argument("--scales", metavar="S", type=float, nargs="+",
-                        help="descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales, as the benchmarks)")
+    whiten.add_argument("--scales", metavar="S", nargs="+",
+                        help="descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's '[1, 1/2**(1/2), 1/2]' (default: "
+                             "eval.scales, as the benchmarks)")
 
     recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
     recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
@@ -405,7 +411,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise RecallkUsageError("--benchmark and --split choose what to evaluate; pass one of them")
     if args.benchmark is not None:
         results = evaluate_benchmark(path, args.benchmark, data_dir=args.data_dir, distractors=args.distractors,
-                                     scales=args.scales, device=args.device, progress=_progress(args))
+                                     scales=_scales(args.scales), device=args.device, progress=_progress(args))
         print(format_revisited_table(results))
     else:
         results = evaluate_run(
@@ -421,6 +427,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     atomic_write_text(out.with_suffix(".txt"), "\n\n".join(tables) + "\n")
     print(f"saved {out} and {out.with_suffix('.txt')} (splits: {', '.join(merged)})")
     return EXIT_OK
+
+
+def _scales(tokens: list[str] | None) -> tuple[float, ...] | None:
+    """``--scales`` as numbers: ``1 0.7071 0.5`` or cirtorch's ``'[1, 1/2**(1/2), 1/2]'`` (parsed, never evaluated)."""
+    from recallk.evaluation.multiscale import parse_scales
+
+    return None if tokens is None else parse_scales(" ".join(tokens))
 
 
 def _earlier_results(path: Path) -> dict[str, Any]:
@@ -519,7 +532,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     shape = model.preprocess.input_shape  # (C, H, W) of a preprocessed image
     example = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
     out = export_network(model.network, example, args.out, args.format)
-    difference = float((load_exported(out, args.format)(example) - model.embed(example)).abs().max())
+    with torch.no_grad():
+        eager = model(example)  # the network at one scale: what the exported graph computes
+    difference = float((load_exported(out, args.format)(example) - eager).abs().max())
     checked = f"; max |exported - eager| = {difference:.2e} on a batch of 4"
     print(f"saved {out} ({args.format}, input (B, {', '.join(map(str, shape))}){checked})")
     return EXIT_OK
@@ -535,7 +550,7 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     images = list_image_files(args.images) if args.images else ()
     out, layer = whiten_run(
         args.path, pairs=args.pairs, images=images, dim=args.dim, power=power, out=args.out, force=args.force,
-        data_dir=args.data_dir, device=args.device, scales=args.scales,
+        data_dir=args.data_dir, device=args.device, scales=_scales(args.scales),
     )
     kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {power}"
     print(f"saved {out} (whitening {kind}, {layer.in_dim} -> {layer.out_dim} dims)")

@@ -20,7 +20,6 @@ from PIL import Image
 
 from recallk.data.image_dataset import apply_pixel_limit
 from recallk.errors import RecallkUsageError
-from recallk.evaluation.embed import embed_batches
 from recallk.evaluation.index import Index
 from recallk.files import atomic_write, atomic_write_text
 from recallk.pretrained import RecallkModel, load_model, open_image
@@ -71,7 +70,8 @@ def embed_image_files(
     model: RecallkModel, files: Sequence[Path], batch_size: int = 256, progress: bool = True,
     skip_bad_images: bool = False, max_image_pixels: int | None = None, what: str = "images",
 ) -> tuple[torch.Tensor, list[Path]]:
-    """Float32 unit-norm embeddings ``(N, D)`` of the image ``files`` that decode, and those files.
+    """Float32 unit-norm embeddings ``(N, D)`` of the image ``files`` that decode, and those files, described as
+    :meth:`~recallk.pretrained.RecallkModel.embed` describes them (a landmark model: as its benchmarks do).
 
     An undecodable file is a one-line error naming it and ``--skip-bad-images``; with ``skip_bad_images`` such files
     are left out and reported in one warning (count and names) after the progress bar. ``max_image_pixels`` raises
@@ -85,13 +85,12 @@ def embed_image_files(
     bad: list[Path] = []
     large: list[Path] = []
 
-    def batches() -> Iterator[torch.Tensor]:
-        batch: list[torch.Tensor] = []
+    def images() -> Iterator[torch.Tensor]:
         for path in files:
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", Image.DecompressionBombWarning)
-                    batch.append(preprocess(path))
+                    image = preprocess(path)
             except RecallkUsageError as err:
                 if not skip_bad_images:
                     raise RecallkUsageError(
@@ -102,15 +101,11 @@ def embed_image_files(
             if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
                 large.append(path)
             kept.append(path)
-            if len(batch) == batch_size:
-                yield torch.stack(batch)
-                batch = []
-        if batch:
-            yield torch.stack(batch)
+            yield image
         if not kept:
             raise RecallkUsageError(f"none of the {len(files)} {what} could be decoded; pass readable image files")
 
-    embeddings = embed_batches(model.network, batches(), model.device, total=len(files), progress=progress)
+    embeddings = model.describe(images(), batch_size, total=len(files), progress=progress)
     if large:
         logger.warning(
             "%d %s have more pixels than Pillow's decompression-bomb warning limit of %s and were read as usual "
@@ -157,8 +152,9 @@ def _open_reported(path: str | Path) -> Image.Image:
 
 
 def model_fingerprint(model: RecallkModel) -> str:
-    """SHA-256 of the network's weights and buffers and of its preprocessing: changes whenever the model does."""
-    digest = hashlib.sha256(repr(model.preprocess).encode())
+    """SHA-256 of the network's weights and buffers and of how it describes images (preprocessing, scales): changes
+    whenever the model does."""
+    digest = hashlib.sha256(repr(model.description).encode())
     for name, tensor in sorted(model.network.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

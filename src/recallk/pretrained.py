@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,11 @@ from torch import Tensor, nn
 
 from recallk import __version__
 from recallk.config import Config, config_from_dict, config_to_dict, config_to_yaml
-from recallk.data.image_dataset import too_large_message
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_batches
 from recallk.files import atomic_write_from_file, atomic_write_text
-from recallk.training.assemble import build_network, decode_like_the_reader, eval_transform, reader_decoding_of
+from recallk.training.assemble import build_network
+from recallk.training.description import Description, Preprocessing, describes_full_images, open_image
 
 FORMAT = "recallk-pretrained-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,96 +47,13 @@ HUB_PREFIX = "hf://"
 ImageItem = str | Path | Image.Image | np.ndarray | Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """What turns an image file or PIL image into the network's input tensor ``(C, image_size, image_size)``.
-
-    The decoding of the training data's reader and the evaluation transform, both from the one assembly
-    (:mod:`recallk.training.assemble`): ``grayscale`` and ``invert`` are the reader's decoding
-    (:func:`~recallk.training.assemble.reader_decoding_of`), then the eval transform of ``data.transform``,
-    ``data.image_size``, the timm ``backbone`` (``data.transform: timm``) and ``data.options.mean/std``.
-    """
-
-    transform: str
-    image_size: int
-    invert: bool = False
-    grayscale: bool = False
-    backbone: str | None = None
-    mean: Any = None
-    std: Any = None
-
-    @classmethod
-    def from_config(cls, config: Config) -> Preprocessing:
-        data, options = config.data, config.data.options
-        mode, invert = reader_decoding_of(config)
-        return cls(
-            data.transform, data.image_size, invert=invert, grayscale=mode == "L", backbone=config.model.backbone,
-            mean=options.get("mean"), std=options.get("std"),
-        )
-
-    def __call__(self, image: str | Path | Image.Image | np.ndarray) -> Tensor:
-        if isinstance(image, np.ndarray):
-            image = array_image(image)
-        elif not isinstance(image, Image.Image):
-            image = open_image(image)
-        image = decode_like_the_reader(image, "L" if self.grayscale else "RGB", self.invert)
-        return self.transform_fn(image)
-
-    @functools.cached_property
-    def transform_fn(self) -> Callable[[Image.Image], Tensor]:
-        """The eval transform, built once (``data.transform: timm`` resolves the backbone's data config)."""
-        return eval_transform(self.transform, self.image_size, self.backbone, self.mean, self.std)
-
-    @functools.cached_property
-    def input_shape(self) -> tuple[int, ...]:
-        """``(C, H, W)`` of a preprocessed image: what the network was trained and evaluated on."""
-        return tuple(self(Image.new("RGB", (self.image_size, self.image_size))).shape)
-
-
-def array_image(array: np.ndarray) -> Image.Image:
-    """A numpy image ``(H, W)`` or ``(H, W, C)`` (C = 1, 3 or 4; integers 0-255 or 0-65535, floats 0-1 or 0-255) as a
-    PIL image with its values on 0-255, decoded like an image file of that kind."""
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or array.size == 0:
-        raise ValueError(
-            f"a numpy image must be (H, W) or (H, W, C) with C = 1, 3 or 4, got shape {array.shape}; for a batch "
-            "pass a list of images"
-        )
-    if array.dtype == np.bool_ or array.dtype.kind not in "uif":
-        raise ValueError(f"a numpy image must hold integers or floats, got dtype {array.dtype}")
-    if array.dtype.kind == "f":
-        pixels = np.nan_to_num(array.astype(np.float64))
-        scale = 255.0 if pixels.max() <= 1.0 else 1.0  # as image files of floats are read
-        array = np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        pixels = array.astype(np.float64)
-        pixels = pixels * (255.0 / 65535.0) if pixels.max() > 255 else pixels  # 16-bit values, as in PNG files
-        array = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(array))  # decoded further like a file (decode_like_the_reader)
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """A decoded image file; a missing or undecodable file is a one-line error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist; pass the path of an image file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except Image.DecompressionBombError as err:
-        option = "--max-image-pixels {0} (recallk embed/search; in Python PIL.Image.MAX_IMAGE_PIXELS = {0})"
-        raise RecallkUsageError(too_large_message(str(path), err, option)) from None
-    except (OSError, ValueError) as err:
-        raise RecallkUsageError(f"cannot decode image {path} ({err}); pass a PNG/JPEG image file") from None
-
-
 class RecallkModel(nn.Module):
-    """A trained embedding network together with its config, preprocessing and test metrics.
+    """A trained embedding network together with its config, its way of describing images and test metrics.
 
-    ``forward(inputs)`` is the network's (a batch ``(B, C, H, W)`` or a token dict -> ``(B, D)``);
-    :meth:`embed` takes raw items. ``config`` is the training :class:`~recallk.config.Config`; ``metrics`` the
+    ``forward(inputs)`` is the network's (a batch ``(B, C, H, W)`` or a token dict -> ``(B, D)``, one scale);
+    :meth:`embed` takes raw items and describes images as :attr:`description` says (a landmark model: full images
+    at ``eval.scales``, whitened after the scales, :mod:`recallk.training.description`); :attr:`preprocess` is
+    its :class:`Preprocessing`. ``config`` is the training :class:`~recallk.config.Config`; ``metrics`` the
     test metrics of the run (``{}`` when unknown).
     """
 
@@ -145,7 +62,8 @@ class RecallkModel(nn.Module):
         self.network = network
         self.config = config
         self.metrics = dict(metrics or {})
-        self.preprocess = None if self.is_text else Preprocessing.from_config(config)
+        self.description = None if self.is_text else Description.from_config(config)
+        self.preprocess = None if self.description is None else self.description.preprocessing
         self.eval()
 
     @property
@@ -164,46 +82,58 @@ class RecallkModel(nn.Module):
         return self.network(inputs)
 
     def embed(self, items: Any, batch_size: int = 256, progress: bool = False) -> Tensor:
-        """Float32 unit-norm embeddings ``(N, D)`` on the CPU of ``items``, in order.
+        """Float32 unit-norm embeddings ``(N, D)`` on the CPU of ``items``, in order, as :attr:`description` says
+        (the same descriptors as ``recallk embed``, ``recallk search`` and, for a landmark model, the benchmarks).
 
         ``items``: one or a list of image file paths, PIL images or numpy images ``(H, W)`` / ``(H, W, C)``
         (uint8 0-255, or floats 0-1: preprocessed here, as image files are), a preprocessed tensor ``(C, H, W)``
-        or batch ``(B, C, H, W)`` of exactly the preprocessing's shape (:attr:`Preprocessing.input_shape`; other
-        sizes or channel counts are refused, not resized: ``model.preprocess(image)`` makes the tensor); for text
-        models a string or a list of strings.
+        or batch ``(B, C, H, W)``; for text models a string or a list of strings. A preprocessed tensor of a
+        recall@k model must have exactly the preprocessing's shape (:attr:`Preprocessing.input_shape`; other sizes
+        or channel counts are refused, not resized: ``model.preprocess(image)`` makes the tensor); one of a landmark
+        model (:attr:`Description.full_images`) is a full image of any size with the model's channels.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batches, total = self._batches(items, batch_size)
-        return embed_batches(self.network, batches, self.device, total=total, progress=progress)
+        if self.is_text:
+            texts = self._texts(items)
+            tokenize = self.network.tokenize
+            batches = (tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size))
+            return embed_batches(self.network, batches, self.device, total=len(texts), progress=progress)
+        images, total = self._images(items)
+        return self.describe(images, batch_size, total, progress)
 
-    def _batches(self, items: Any, batch_size: int) -> tuple[Any, int]:
+    def describe(
+        self, images: Iterable[Tensor], batch_size: int = 256, total: int | None = None, progress: bool = False
+    ) -> Tensor:
+        """Float32 unit-norm descriptors ``(N, D)`` on the CPU of preprocessed images (``(C, H, W)`` each, made by
+        :attr:`preprocess`), as :attr:`description` says; ``total`` sizes the progress bar."""
+        assert self.description is not None, "a text model embeds strings"
+        return self.description.descriptors(self.network, images, self.device, batch_size, total, progress,
+                                            desc="embedding")
+
+    def _texts(self, items: Any) -> list[str]:
+        texts = [items] if isinstance(items, str) else list(items)
+        if not texts:
+            raise ValueError("nothing to embed: the list of items is empty")
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("a text model embeds strings; pass a string or a list of strings")
+        return texts
+
+    def _images(self, items: Any) -> tuple[Iterator[Tensor], int]:
+        preprocess = self.preprocess
+        assert preprocess is not None
         if isinstance(items, Tensor):
-            if self.is_text or items.dim() not in (3, 4):
+            if items.dim() not in (3, 4):
                 raise ValueError(
                     f"expected an image tensor (C, H, W) or batch (B, C, H, W), got shape {tuple(items.shape)}"
                 )
             batch = items if items.dim() == 4 else items.unsqueeze(0)
-            assert self.preprocess is not None
-            _check_input_shape(batch[0] if len(batch) else batch.new_empty(batch.shape[1:]), self.preprocess)
-            return (batch[i : i + batch_size] for i in range(0, len(batch), batch_size)), len(batch)
+            return (_check_input_shape(image, preprocess) for image in batch), len(batch)
         single = isinstance(items, (str, Path, Image.Image)) or (isinstance(items, np.ndarray) and items.ndim < 4)
         items = [items] if single else list(items)
         if not items:
             raise ValueError("nothing to embed: the list of items is empty")
-        if self.is_text:
-            if not all(isinstance(t, str) for t in items):
-                raise ValueError("a text model embeds strings; pass a string or a list of strings")
-            tokenize = self.network.tokenize
-            return (tokenize(items[i : i + batch_size]) for i in range(0, len(items), batch_size)), len(items)
-        preprocess = self.preprocess
-        assert preprocess is not None
-
-        def image_batches() -> Any:
-            for start in range(0, len(items), batch_size):
-                yield torch.stack([_image_tensor(item, preprocess) for item in items[start : start + batch_size]])
-
-        return image_batches(), len(items)
+        return (_image_tensor(item, preprocess) for item in items), len(items)
 
     # ------------------------------------------------------------------ saving and sharing
 
@@ -224,6 +154,7 @@ class RecallkModel(nn.Module):
             "recallk_version": __version__,
             "embed_dim": self.embed_dim,
             "preprocessing": dataclasses.asdict(self.preprocess) if self.preprocess is not None else None,
+            "scales": list(self.description.scales) if self.description is not None else None,
             "metrics": self.metrics,
             "config": config_to_dict(config),
         }
@@ -315,7 +246,13 @@ def _check_input_shape(image: Tensor, preprocess: Preprocessing) -> Tensor:
     """``image`` (C, H, W) when it has the preprocessing's shape; else a one-line error (no silent resizing: a
     network that accepts other sizes would return other embeddings)."""
     expected = preprocess.input_shape
-    if tuple(image.shape) != expected:
+    if preprocess.full_image_size is not None and image.shape[0] != expected[0]:
+        raise ValueError(
+            f"a preprocessed image tensor must have this model's {expected[0]} channel(s), got shape "
+            f"{tuple(image.shape)}; pass the image itself (a path, PIL image or numpy array) to have it preprocessed, "
+            "or model.preprocess(image)"
+        )
+    if preprocess.full_image_size is None and tuple(image.shape) != expected:
         what = "number of channels" if image.shape[0] != expected[0] else "size"
         raise ValueError(
             f"a preprocessed image tensor must have this model's input shape (C, H, W) = {expected}, got "
@@ -463,7 +400,11 @@ def _data_sentence(config: Config, task: str) -> str:
     if data.split_val:
         text += f", best epoch chosen on `{data.split_val}` by {config.train.select_metric}"
     text += f", tested on {', '.join(f'`{s}`' for s in data.split_test)}."
-    if task.startswith("image"):
+    if task.startswith("image") and describes_full_images(config):
+        scales = ", ".join(f"{s:g}" for s in config.eval.scales)
+        text += (f" Inputs: full images, longer side shrunk to {config.eval.image_size} px, `{data.transform}` "
+                 f"normalisation, described at scales {scales} (`model.embed` does this).")
+    elif task.startswith("image"):
         text += f" Inputs: `{data.transform}` preprocessing at {data.image_size} px."
     return text
 

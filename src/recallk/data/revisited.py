@@ -170,6 +170,21 @@ def scale_factor(width: int, height: int, image_size: int) -> float:
     return min(1.0, image_size / max(width, height))
 
 
+def fit_image(
+    image: Image.Image, image_size: int, box: tuple[float, float, float, float] | None = None
+) -> Image.Image:
+    """``image`` cropped to ``box`` ``(x1, y1, x2, y2)`` (original pixels, rounded) when given, then scaled by
+    :func:`scale_factor` of the full image (Lanczos; never enlarged): how landmark descriptors see an image."""
+    factor = scale_factor(*image.size, image_size)
+    if box is not None:
+        x1, y1, x2, y2 = box
+        image = image.crop((round(x1), round(y1), max(round(x2), round(x1) + 1), max(round(y2), round(y1) + 1)))
+    if factor < 1.0:
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
 class LandmarkImages(Dataset):
     """Images for descriptors, one at a time (no batch padding): ``dataset[i]`` is a ``(C, H, W)`` tensor.
 
@@ -212,14 +227,7 @@ class LandmarkImages(Dataset):
             raise RecallkUsageError(f"cannot decode image {path} ({err}); replace or remove it") from None
         if self.invert:
             image = ImageOps.invert(image)
-        factor = scale_factor(*image.size, self.image_size)
-        if self.boxes is not None:
-            x1, y1, x2, y2 = self.boxes[index]
-            image = image.crop((round(x1), round(y1), max(round(x2), round(x1) + 1), max(round(y2), round(y1) + 1)))
-        if factor < 1.0:
-            size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-        return image
+        return fit_image(image, self.image_size, None if self.boxes is None else self.boxes[index])
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.to_tensor(self.load(index))

@@ -1,20 +1,29 @@
 """Descriptors of variable-size images at one or several scales (instance-level retrieval, e.g. ROxf / RPar).
 
 Each image is its own batch (no padding ever enters a descriptor) and runs through :func:`~recallk.evaluation.embed.
-embed_batches`, the one embedding code path (eval mode, float32, autocast off). With scales ``s_1 .. s_S`` the
-image ``x`` is resized to ``round(s H) x round(s W)`` (bilinear, antialiased when shrinking; scale 1 leaves it
-as is) and the descriptor is the generalised mean of the per-scale descriptors::
+embed_batches`, the one embedding code path (eval mode, float32, autocast off). The computation is cirtorch's
+``extract_ms`` (Radenović et al., ``cnnimageretrieval-pytorch``). With scales ``s_1 .. s_S`` the image tensor ``x``
+``(C, H, W)`` becomes ``x_s = interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)`` (no
+antialiasing; ``floor(s H) x floor(s W)`` pixels; scale 1 leaves ``x`` as is) and the descriptor is::
 
     d = normalize( ( mean_s  normalize(f(x_s)) ^ p ) ^ (1/p) )
 
-with ``p`` the model's GeM exponent (:func:`gem_exponent`; 1 without GeM), as cirtorch aggregates multi-scale
-GeM. Powers are signed (``sign(v) |v|^p``), so descriptors with negative entries (a linear head) stay real; for
-non-negative descriptors this is exactly ``v^p``. An optional ``post_process`` (e.g. a learned whitening) maps the
-aggregated ``(N, D)`` descriptors to ``(N, D')``; its output is L2-normalised again.
+with ``p`` cirtorch's ``msp``. cirtorch sets ``msp`` to the GeM exponent only for a network that ends in GeM
+pooling without a projection (its ``whitening`` layer), else 1. Every recallk image model projects after pooling
+(``LayerNorm -> Linear``), so recallk describes with ``p = 1``: the mean of the unit-norm per-scale descriptors,
+L2-normalised (:func:`recallk.training.description.describe`). Powers are signed (``sign(v) |v|^p``), equal to
+cirtorch's ``v^p`` for non-negative descriptors (a bare GeM output), and real where cirtorch's would be NaN.
+An optional ``post_process`` (e.g. a learned whitening) maps the aggregated ``(N, D)`` descriptors to ``(N, D')``;
+its output is L2-normalised again, as cirtorch applies its learned whitening after the multi-scale aggregation.
+
+:func:`parse_scales` reads scales as recallk and cirtorch spell them: ``1 0.7071 0.5`` or ``'[1, 1/2**(1/2), 1/2]'``.
 """
 
 from __future__ import annotations
 
+import ast
+import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -23,24 +32,61 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from recallk.evaluation.embed import embed_batches
-from recallk.models.heads import GeM
 
 PostProcess = Callable[[Tensor], Tensor]
 
+_OPERATORS: dict[type, Callable[..., float]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
 
-def gem_exponent(model: nn.Module) -> float:
-    """The ``p`` of the model's (first) GeM pooling, or 1.0 when it has none."""
-    gem = next((m for m in model.modules() if isinstance(m, GeM)), None)
-    return 1.0 if gem is None else float(gem.p.detach())
+
+def _arithmetic(node: ast.AST) -> float:
+    """The value of a parsed expression of numbers, ``+ - * / **`` and parentheses (nothing else is evaluated)."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_arithmetic(node.left), _arithmetic(node.right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_arithmetic(node.operand))
+    raise ValueError("not a number")
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """Positive scales from ``text``: numbers or arithmetic (``1/2**(1/2)``) separated by commas (else by spaces), in
+    optional brackets, e.g. ``"1 0.7071 0.5"`` or cirtorch's ``"[1, 1/2**(1/2), 1/2]"``. Parsed, never ``eval``-ed:
+    only numbers, ``+ - * / **`` and parentheses are accepted; anything else is a one-line ``ValueError``."""
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+    items = [item.strip() for item in inner.split(",")] if "," in inner else inner.split()
+    items = [item for item in items if item]
+    scales = []
+    for item in items:
+        try:
+            value = _arithmetic(ast.parse(item, mode="eval").body)
+        except (SyntaxError, ValueError, ArithmeticError):
+            value = math.nan
+        if not (isinstance(value, float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"scale {item!r} in {text!r} is not a positive number; write e.g. 1 0.7071 0.5 or "
+                             "'[1, 1/2**(1/2), 1/2]'")
+        scales.append(value)
+    if not scales:
+        raise ValueError(f"no scales in {text!r}; write e.g. 1 0.7071 0.5 or '[1, 1/2**(1/2), 1/2]'")
+    return tuple(scales)
 
 
 def rescale(image: Tensor, scale: float) -> Tensor:
-    """``(C, H, W)`` -> ``(C, round(scale H), round(scale W))`` (at least 1 pixel); scale 1 returns ``image``."""
+    """``(C, H, W)`` -> ``(C, floor(scale H), floor(scale W))``, cirtorch's bilinear ``interpolate(scale_factor=scale,
+    align_corners=False)`` without antialiasing; scale 1 returns ``image``. A scale that leaves no pixel is a
+    one-line ``ValueError``."""
     if scale == 1.0:
         return image
     height, width = image.shape[-2:]
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+    if math.floor(height * scale) < 1 or math.floor(width * scale) < 1:
+        raise ValueError(f"scale {scale} leaves no pixel of a {height}x{width} image; drop that scale or use larger "
+                         "images (eval.image_size)")
+    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
 
 
 def signed_power(values: Tensor, p: float) -> Tensor:
@@ -60,7 +106,7 @@ def iter_multiscale_descriptors(
     images: Iterable[Tensor],
     device: torch.device,
     scales: Sequence[float] = (1.0,),
-    p: float | None = None,
+    p: float = 1.0,
     post_process: PostProcess | None = None,
     chunk_size: int = 1024,
     total: int | None = None,
@@ -70,12 +116,11 @@ def iter_multiscale_descriptors(
     """Yield float32 ``(n, D)`` descriptors of consecutive chunks of ``chunk_size`` images (``(C, H, W)`` each,
     any size), in order; memory holds one chunk, whatever the number of images.
 
-    ``p`` defaults to :func:`gem_exponent` of ``model``; ``post_process`` is applied to each chunk (then
-    L2-normalised). ``total`` (number of images) sizes the progress bar.
+    ``p``: cirtorch's ``msp`` (module docstring); ``post_process`` is applied to each chunk (then L2-normalised).
+    ``total`` (number of images) sizes the progress bar.
     """
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
-    p = gem_exponent(model) if p is None else p
     iterator = iter(images)
     with tqdm(total=total, desc=desc, unit="image", disable=not progress, leave=False) as bar:
         while True:
@@ -96,7 +141,7 @@ def multiscale_descriptors(
     images: Iterable[Tensor],
     device: torch.device,
     scales: Sequence[float] = (1.0,),
-    p: float | None = None,
+    p: float = 1.0,
     post_process: PostProcess | None = None,
     total: int | None = None,
     progress: bool = True,

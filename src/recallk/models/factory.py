@@ -70,13 +70,6 @@ class EmbeddingModel(nn.Module):
         self.whitening = nn.Identity() if whitening is None else whitening
         self.embed_dim = self.head.fc.out_features if whitening is None else whitening.out_dim
 
-    def pop_whitening(self) -> Whitening | None:
-        """Remove the whitening layer and return it (``None`` when there is none): for callers that aggregate the
-        head's descriptors first (multi-scale) and whiten afterwards."""
-        whitening = self.whitening if isinstance(self.whitening, Whitening) else None
-        self.set_whitening(None)
-        return whitening
-
     def unwhitened(self, images: torch.Tensor) -> torch.Tensor:
         """The head's unit-norm descriptors ``(B, head dim)`` before any whitening (what whitening is fitted on)."""
         if self.channels_last and images.dim() == 4:

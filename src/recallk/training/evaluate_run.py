@@ -7,26 +7,23 @@ training for ``eval.benchmarks`` and ``recallk evaluate --benchmark`` through :f
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
 from recallk.config import Config, config_from_dict
 from recallk.data.revisited import LandmarkImages, RevisitedBenchmark, read_revisited
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
-from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors, multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
-from recallk.models.factory import EmbeddingModel
-from recallk.training.assemble import build_network, build_split, eval_transform, reader_decoding_of
+from recallk.training.assemble import build_network, build_split
 from recallk.training.checkpoint import CheckpointError, load_checkpoint
+from recallk.training.description import Description
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +105,44 @@ def export_embeddings(
     return out
 
 
-def landmark_tensor_transform(config: Config) -> Callable[[Image.Image], torch.Tensor]:
-    """The run's evaluation transform without its resize and crop: colour conversion, tensor, normalisation."""
-    data = config.data
-    full = eval_transform(data.transform, data.image_size, config.model.backbone, data.options.get("mean"),
-                          data.options.get("std"))
-    return T.Compose([step for step in full.transforms if not isinstance(step, (T.Resize, T.CenterCrop))])
-
-
-def landmark_images(config: Config, paths: list[Path], boxes: list | None = None) -> DataLoader:
-    """The images ``paths`` (queries cropped to ``boxes``) one at a time, as the landmark benchmarks read them:
+def landmark_images(description: Description, paths: list[Path], boxes: list | None = None,
+                    num_workers: int = 0) -> DataLoader:
+    """The images ``paths`` (queries cropped to ``boxes``) one at a time, as a full-image ``description`` reads them:
     decoded as the run's reader decodes, scaled to ``eval.image_size`` (shrink only), the run's normalisation."""
-    mode, invert = reader_decoding_of(config)
-    dataset = LandmarkImages(paths, config.eval.image_size, landmark_tensor_transform(config), mode, invert, boxes)
-    return DataLoader(dataset, batch_size=None, num_workers=config.data.num_workers)  # one image at a time
+    preprocessing = description.preprocessing
+    assert preprocessing.full_image_size is not None, "landmark images are full images"
+    dataset = LandmarkImages(paths, preprocessing.full_image_size, preprocessing.transform_fn, preprocessing.mode,
+                             preprocessing.invert, boxes)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers)  # one image at a time
+
+
+def benchmark_descriptors(
+    model: nn.Module,
+    config: Config,
+    benchmark: RevisitedBenchmark,
+    device: torch.device,
+    scales: Sequence[float] | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, Iterator[torch.Tensor]]:
+    """``(queries (Q, D), database (N, D), distractor chunks)``: the descriptors of a landmark benchmark's images.
+
+    Every image is described as a landmark model describes it (:class:`~recallk.training.description.Description`
+    with full images, what ``recallk embed`` and :meth:`recallk.RecallkModel.embed` give a landmark model):
+    decoded as the run's reader decodes, queries cropped to their box, scaled to ``eval.image_size`` (shrink only),
+    described at ``scales`` (default ``eval.scales``) and whitened after the scales when the model has a whitening.
+    The distractors are described lazily, chunk by chunk, while the iterator is consumed.
+    """
+    if hasattr(model, "tokenize"):
+        raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
+    description = Description.from_config(config, full_images=True, scales=scales)
+
+    def described(paths: list[Path], what: str, boxes: list | None = None) -> Iterator[torch.Tensor]:
+        images = landmark_images(description, paths, boxes, config.data.num_workers)
+        return description.iter_descriptors(model, images, device, total=len(paths), progress=progress, desc=what)
+
+    queries = torch.cat(list(described(benchmark.queries, f"{benchmark.name} queries", benchmark.boxes)))
+    database = torch.cat(list(described(benchmark.database, f"{benchmark.name} database")))
+    return queries, database, described(benchmark.distractors, "distractors")
 
 
 def benchmark_metrics(
@@ -130,35 +151,36 @@ def benchmark_metrics(
     benchmark: RevisitedBenchmark,
     device: torch.device,
     scales: Sequence[float] | None = None,
-    post_process: PostProcess | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Easy/Medium/Hard mAP and mP@1/5/10 of ``model`` on ``benchmark`` (distractors included), as fractions.
-
-    Images are decoded as the run's reader decodes, queries cropped to their box, everything scaled to
-    ``eval.image_size`` (shrink only) and described at ``scales`` (default ``eval.scales``); ``post_process``
-    (e.g. whitening) maps the aggregated descriptors. Distractor descriptors are scored chunk by chunk and dropped.
-    Returns ``{"easy": {...}, "medium": {...}, "hard": {...}, "image_size", "scales", "database", "distractors"}``.
-    """
-    if hasattr(model, "tokenize"):
-        raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
+    """Easy/Medium/Hard mAP and mP@1/5/10 of ``model`` on ``benchmark`` (distractors included), as fractions, from
+    :func:`benchmark_descriptors`; distractor descriptors are scored chunk by chunk and dropped. Returns
+    ``{"easy": {...}, "medium": {...}, "hard": {...}, "image_size", "scales", "whitening", "database",
+    "distractors"}``."""
     scales = tuple(scales or config.eval.scales)
-    options: dict[str, Any] = {"scales": scales, "post_process": post_process, "progress": progress}
-    queries = multiscale_descriptors(model, landmark_images(config, benchmark.queries, benchmark.boxes), device,
-                                     total=len(benchmark.queries), desc=f"{benchmark.name} queries", **options)
-    database = multiscale_descriptors(model, landmark_images(config, benchmark.database), device,
-                                      total=len(benchmark.database), desc=f"{benchmark.name} database", **options)
-    distractors = iter_multiscale_descriptors(model, landmark_images(config, benchmark.distractors), device,
-                                              total=len(benchmark.distractors), desc="distractors", **options)
+    queries, database, distractors = benchmark_descriptors(model, config, benchmark, device, scales, progress)
     results: dict[str, Any] = search_metrics(queries.to(device), database, benchmark.gnd, distractors)
-    results.update(image_size=config.eval.image_size, scales=list(scales), database=len(benchmark.database),
-                   distractors=len(benchmark.distractors))
+    results.update(image_size=config.eval.image_size, scales=list(scales), whitening=whitening_name(config),
+                   database=len(benchmark.database), distractors=len(benchmark.distractors))
     return results
 
 
-def benchmark_key(name: str, distractors: str | Path | None) -> str:
-    """The results key of a benchmark: ``roxford5k``, or ``roxford5k+<list file stem>`` with distractors."""
-    return name if distractors is None else f"{name}+{Path(distractors).stem}"
+def whitening_name(config: Config) -> str:
+    """``"none"``, or the kind and output size of the model's whitening, e.g. ``"learned 256-d"``."""
+    model = config.model
+    if model.whitening == "none":
+        return "none"
+    return f"{model.whitening} {model.whitening_dim or model.embed_dim}-d"
+
+
+def benchmark_key(name: str, distractors: str | Path | None, metrics: dict[str, Any]) -> str:
+    """The results key of a benchmark evaluation: every setting that changes its numbers, e.g.
+    ``roxford5k+<list file stem> (best.pt, 1024 px, scales 1 0.707107 0.5, whitening none)``: the distractor list,
+    and the ``checkpoint``, ``image_size``, ``scales`` and ``whitening`` of ``metrics``."""
+    scales = " ".join(f"{s:g}" for s in metrics["scales"])
+    settings = (f"{metrics['checkpoint']}, {metrics['image_size']} px, scales {scales}, "
+                f"whitening {metrics['whitening']}")
+    return f"{name if distractors is None else f'{name}+{Path(distractors).stem}'} ({settings})"
 
 
 def evaluate_benchmark(
@@ -170,15 +192,14 @@ def evaluate_benchmark(
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics`) of a trained model on a landmark
-    benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the run's ``data.data_dir``)."""
+    """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics` plus the ``checkpoint`` file name) of a
+    trained model on a landmark benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the
+    run's ``data.data_dir``)."""
     from recallk.data.paths import resolve_data_dir
 
     torch_device = resolve_device(device)
-    model, config, _ = load_trained_model(path, torch_device)
+    model, config, checkpoint = load_trained_model(path, torch_device)
     read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
-    # a learned whitening (recallk whiten) maps the multi-scale aggregate, as it was fitted on it (cirtorch's order)
-    whitening = model.pop_whitening() if isinstance(model, EmbeddingModel) else None
-    metrics = benchmark_metrics(model, config, read, torch_device, scales, post_process=whitening, progress=progress)
-    metrics["whitening"] = config.model.whitening
-    return {benchmark_key(benchmark, distractors): metrics}
+    metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress)
+    metrics["checkpoint"] = checkpoint.name
+    return {benchmark_key(benchmark, distractors, metrics): metrics}

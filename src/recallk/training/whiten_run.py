@@ -25,11 +25,11 @@ from recallk.data.landmarks import sfm120k_pairs
 from recallk.data.paths import resolve_data_dir
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
-from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.factory import EmbeddingModel
 from recallk.models.whitening import Whitening, learn_whitening, pca_whitening
 from recallk.training.assemble import build_network
 from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+from recallk.training.description import Description
 from recallk.training.evaluate_run import WHITENED_CHECKPOINT, landmark_images, resolve_checkpoint
 
 # Data sets whose reader lists matching pairs: name -> reader of (images folder, image names, pairs (M, 2)).
@@ -124,7 +124,9 @@ def _descriptors(
     network: EmbeddingModel, config: Config, paths: list[Path], scales: Sequence[float], device: torch.device,
     progress: bool,
 ) -> torch.Tensor:
-    """Descriptors ``(N, D)`` as the landmark benchmarks compute them: full images at ``eval.image_size`` (shrink
-    only), one at a time, aggregated over ``scales`` (:mod:`recallk.evaluation.multiscale`)."""
-    return multiscale_descriptors(network, landmark_images(config, paths), device, scales=scales, total=len(paths),
-                                  progress=progress, desc="descriptors for whitening")
+    """Descriptors ``(N, D)`` as the landmark benchmarks compute them (the full-image
+    :class:`~recallk.training.description.Description` at ``scales``)."""
+    description = Description.from_config(config, full_images=True, scales=scales)
+    images = landmark_images(description, paths, num_workers=config.data.num_workers)
+    return description.descriptors(network, images, device, total=len(paths), progress=progress,
+                                   desc="descriptors for whitening")
