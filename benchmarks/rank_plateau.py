@@ -37,7 +37,8 @@ def plan(out: Path, runs_dir: Path) -> list[oq.PlannedRun]:
 
 def census_records(out: Path, runs: Sequence[oq.PlannedRun]) -> dict[str, dict]:
     """The record with a census of each planned run, by variant name (runs without one are absent)."""
-    files = (oq.results_path(out, "large_batch", "jsonl"), oq.results_path(out / "rank_plateau", "large_batch", "jsonl"))
+    files = (oq.results_path(out, "large_batch", "jsonl"),
+             oq.results_path(out / "rank_plateau", "large_batch", "jsonl"))
     by_key = {oq.record_key(r): r for path in files for r in oq.read_records(path) if r.get("census")}
     return {run.variant.name: by_key[run.key] for run in runs if run.key in by_key}
 

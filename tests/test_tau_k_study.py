@@ -138,3 +138,31 @@ def test_tau_k_equal_to_k_is_spelled_k_in_the_library_and_the_config() -> None:
         RecallAtKLoss(tau_k="q")
     with pytest.raises(ConfigError, match="loss.tau_k"):
         load_config(RECIPE, ["loss.tau_k=q"])
+
+
+def test_plateau_warning_names_the_share_the_ranks_and_the_fix() -> None:
+    from recallk.training.health import plateau_warning
+
+    flat = {"pairs_with_gradient": 0.001, "mean_rank": 1115.3}
+    message = plateau_warning(flat, batch_size=4096, k_max=16)
+    assert message is not None and "\n" not in message
+    assert "0.1 % of the (query, positive) pairs" in message and "rank 1,115 of 4,095" in message
+    assert "loss.tau_k_start=4096" in message and "loss.tau_k=k" in message
+    assert plateau_warning({"pairs_with_gradient": 0.2, "mean_rank": 30.0}, 256, 16) is None
+
+
+def test_training_warns_once_when_rs_at_k_starts_on_its_plateau(tmp_path, caplog) -> None:
+    """A temperature so small that no positive is within reach of k: the first batch is all plateau."""
+    from recallk.training.trainer import train
+
+    data = make_glyph_folder(tmp_path / "glyphs")
+    settings = {"loss__tau_k": 1e-4, "train__max_steps": 2, "output__plots": False, "output__export_embeddings": False}
+    with caplog.at_level("WARNING", logger="recallk"):
+        train(tiny_config(tmp_path, **settings), tmp_path / "flat", data_dir=data, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "gradient plateau" in r.getMessage()]
+    assert len(warnings) == 1 and "loss.tau_k_start=16" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recallk"):  # annealing is the fix: no warning
+        train(tiny_config(tmp_path, **settings, loss__tau_k_start=16.0), tmp_path / "annealed", data_dir=data,
+              progress=False)
+    assert not [r for r in caplog.records if "gradient plateau" in r.getMessage()]

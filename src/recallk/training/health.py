@@ -1,4 +1,5 @@
-"""A training-health check: warn once when the first steps neither move the loss nor produce a gradient.
+"""Training-health checks: warn once when the first steps neither move the loss nor produce a gradient, and when
+RS@k starts on its gradient plateau.
 
 A network whose embeddings all start nearly identical (cosine similarities 0.99-1.0, e.g. black-on-white images fed
 to a small CNN from scratch with GroupNorm or frozen BatchNorm) saturates the rank sigmoids of RS@k: the loss sits
@@ -62,3 +63,26 @@ class StuckTrainingCheck:
             )
             return True
         return False
+
+
+# Below this share of (query, positive) pairs with a gradient in the first batch, RS@k at a fixed tau_k starts on
+# its plateau (issue 30: 0.1 % at batch 4,096 from scratch, where it collapsed; see PLATEAU_ADVICE).
+PLATEAU_SHARE = 0.01
+PLATEAU_ADVICE = (
+    "from such a start RS@k at batch 4,096 from scratch reached {fixed} recall@1 against {fixes} with the fixes "
+    "(BENCHMARKS.md, 'The recall temperature'): set loss.tau_k_start={batch} (tau_k annealed from the batch size "
+    "down to loss.tau_k over loss.tau_k_anneal_epochs) or loss.tau_k=k, or start from pretrained weights"
+)
+
+
+def plateau_warning(census: dict[str, float], batch_size: int, k_max: int) -> str | None:
+    """The warning for a first batch whose census (:func:`recallk.losses.census.positive_pair_census`) shows RS@k
+    on its plateau (fewer than ``PLATEAU_SHARE`` of the pairs with a gradient), else None."""
+    share = census["pairs_with_gradient"]
+    if share >= PLATEAU_SHARE:
+        return None
+    return (
+        f"RS@k starts on its gradient plateau: {100 * share:.1f} % of the (query, positive) pairs of the first "
+        f"batch have a gradient, since the positives rank {census['mean_rank']:,.0f} of {batch_size - 1:,} on "
+        f"average, far beyond k={k_max}; " + PLATEAU_ADVICE.format(fixed="{FIXED}", fixes="{FIXES}", batch=batch_size)
+    )

@@ -62,7 +62,7 @@ from recallk.training.assemble import (
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from recallk.training.console import RunLog, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
-from recallk.training.health import StuckTrainingCheck, gradient_norm
+from recallk.training.health import StuckTrainingCheck, gradient_norm, plateau_warning
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
@@ -328,10 +328,16 @@ class Trainer:
         if not bool(torch.isfinite(embeddings).all()):
             return embeddings.sum() * float("nan")
         every = self.cfg.output.census_every
-        if every and self.step % every == 0 and self.run is not None and self.dist.world_size == 1:
+        census_due = every and self.step % every == 0 and self.run is not None and self.dist.world_size == 1
+        plateau_due = self.step == 0 and self.is_main and self.cfg.loss.name == "rsk" and self.tau_schedule is None
+        if census_due or plateau_due:
             census = positive_pair_census(self.loss_fn, embeddings.detach(), labels)
-            self.run.append_census({"step": self.step, "epoch": self.epoch, "tau_k": list(getattr(
-                getattr(self.loss_fn, "loss", self.loss_fn), "tau_k", ())), **census})
+            if census_due:
+                self.run.append_census({"step": self.step, "epoch": self.epoch, "tau_k": list(getattr(
+                    getattr(self.loss_fn, "loss", self.loss_fn), "tau_k", ())), **census})
+            warning = plateau_warning(census, len(labels), max(self.cfg.loss.k)) if plateau_due else None
+            if warning:
+                logger.warning(warning)
         return self.loss_fn(embeddings, labels, **kwargs)
 
     def _train_step(self, images: Inputs, labels: torch.Tensor) -> float:
