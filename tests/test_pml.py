@@ -1,5 +1,5 @@
 """RS@k with pytorch-metric-learning's real classes: the issue's table row by row, a real two-process
-DistributedLossWrapper run (torchrun, gloo), and the README's "coming from pytorch-metric-learning" example."""
+DistributedLossWrapper run (torchrun, gloo), and the pytorch-metric-learning example of docs/guide/migrating.md."""
 
 from __future__ import annotations
 
