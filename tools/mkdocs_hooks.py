@@ -4,6 +4,7 @@
   text of :func:`recallk.config.explain_config` (what ``recallk config --explain`` prints), so it cannot drift;
   ``<!-- recallk:recipes -->`` the table of bundled recipes (:func:`recallk.recipes.list_recipes`).
 - ``benchmarks/full.md`` is BENCHMARKS.md itself, with its figures from ``benchmarks/results/``.
+- Sphinx roles in docstrings (``:func:`name` ``) are shown as plain code in the API pages.
 - ``assets/generated/*.png`` are the plots of a tiny training run made during the build (:func:`train_tiny_run`),
   so the pictures in the guides are what the code draws today.
 """
@@ -24,6 +25,7 @@ CONFIG_MARKER = "<!-- recallk:config-reference -->"
 RECIPES_MARKER = "<!-- recallk:recipes -->"
 GENERATED_PLOTS = ("training_curves.png", "recall_at_k.png", "retrievals_test.png")
 _KEY_LINE = re.compile(r"^  (?P<key>[\w.]+): (?P<rest>.*)$")
+_SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):<code>~?")
 
 
 def config_reference_markdown() -> str:
@@ -115,3 +117,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     if RECIPES_MARKER in markdown:
         markdown = markdown.replace(RECIPES_MARKER, recipes_markdown())
     return markdown
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    """``:func:<code>x</code>`` (a Sphinx role of a docstring, rendered by mkdocstrings) -> ``<code>x</code>``."""
+    return _SPHINX_ROLE.sub("<code>", html)
