@@ -243,10 +243,10 @@ def test_k_larger_than_the_batch_and_unnormalised_metrics_warn_once() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# PML's SelfSupervisedLoss refuses RS@k: the README's replacement (two views labelled by image) runs
+# PML's SelfSupervisedLoss refuses RS@k: the migration guide's replacement (two views labelled by image) runs
 
 
-def test_the_readme_replacement_for_self_supervised_loss() -> None:
+def test_the_docs_replacement_for_self_supervised_loss() -> None:
     from pytorch_metric_learning.losses import SelfSupervisedLoss
 
     loss_fn = RecallAtKLoss(k=(1, 2, 4))
@@ -255,7 +255,7 @@ def test_the_readme_replacement_for_self_supervised_loss() -> None:
     model = torch.nn.Linear(8, 8)
     images = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
     view1, view2 = images + 0.1 * torch.randn_like(images), images + 0.1 * torch.randn_like(images)
-    # -- as in the README
+    # -- as in docs/guide/migrating.md
     embeddings = torch.nn.functional.normalize(model(torch.cat([view1, view2])), dim=1)
     labels = torch.arange(len(view1)).repeat(2)  # image i's two views share label i
     loss = loss_fn(embeddings, labels)

@@ -1,10 +1,9 @@
 """RS@k with pytorch-metric-learning's real classes: the issue's table row by row, a real two-process
-DistributedLossWrapper run (torchrun, gloo), and the README's "coming from pytorch-metric-learning" example."""
+DistributedLossWrapper run (torchrun, gloo), and the pytorch-metric-learning example of docs/guide/migrating.md."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pml_ddp_worker
 from recallk import RecallAtKLoss
 from recallk.losses import CrossBatchRecallAtK
 
+from docs_blocks import DOCS, python_block
 from run_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,17 +141,8 @@ def test_distributed_loss_wrapper_under_two_gloo_processes_gives_the_global_batc
         assert "miners do not apply" in result["efficient_error"] and "efficient=False" in result["efficient_error"]
 
 
-def readme_section(title: str) -> str:
-    """The first ```python block after the README heading ``title``."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index(title):]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, f"no python block under {title!r}"
-    return match.group(1)
-
-
-def test_the_readme_pml_example_runs_as_written(tmp_path: Path) -> None:
-    code = readme_section("## Coming from pytorch-metric-learning")
+def test_the_docs_pml_example_runs_as_written(tmp_path: Path) -> None:
+    code = python_block(DOCS / "guide" / "migrating.md", "## From pytorch-metric-learning")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,6 +18,8 @@ from recallk.errors import RecallkUsageError
 from recallk.evaluation.index import Index
 from recallk.inference import cached_gallery_index, list_image_files
 
+from docs_blocks import DOCS, python_block
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -189,10 +191,8 @@ def test_embed_command_on_unlabelled_files(trained_run: Path, tmp_path: Path) ->
     assert bad.returncode == 2 and "needs a text model" in bad.stderr
 
 
-def test_readme_example_runs(trained_run: Path, tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Using a trained model", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_docs_trained_model_example_runs(trained_run: Path, tmp_path: Path) -> None:
+    code = python_block(DOCS / "guide" / "trained-model.md", "## Load and embed")
     files, _ = run_test_images(trained_run)
     for name, source in zip(("query.png", "a.png", "b.png", "c.png"), (files[0], files[0], files[5], files[10])):
         Image.open(source).save(tmp_path / name)
