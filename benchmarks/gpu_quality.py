@@ -203,12 +203,13 @@ def planned_items(planned: Planned, args: argparse.Namespace) -> int:
 
 def estimate(planned: Planned, records: list[dict], args: argparse.Namespace) -> tuple[float, bool]:
     """Seconds the run should take and whether that comes from runs measured on this device: their items per
-    second and per-run overhead (start, data, evaluation), else the slow constants ``DEFAULT_RATE``."""
+    second and per-run overhead (the child process's whole time less its training loop's: start, data,
+    evaluation), else the slow constants ``DEFAULT_RATE`` and ``DEFAULT_OVERHEAD``."""
     measured = [r for r in records if r["status"] == "ok" and r.get("track") == planned.track
-                and r["machine"].get("device") == args.device and r.get("items")]
+                and r["machine"].get("device") == args.device]
     if measured:
         rate = sum(r["items"] for r in measured) / max(sum(r["train_seconds"] for r in measured), 1e-6)
-        overhead = statistics.fmean(r["wall_seconds"] - r["train_seconds"] for r in measured)
+        overhead = statistics.fmean(r["run_seconds"] - r["train_seconds"] for r in measured)
     else:
         rate, overhead = DEFAULT_RATE[(args.device, planned.track)], DEFAULT_OVERHEAD[args.device]
     return overhead + planned_items(planned, args) / rate, bool(measured)
@@ -239,8 +240,12 @@ def results_path(args: argparse.Namespace, suffix: str) -> Path:
     return args.out / f"{EXPERIMENT}.{suffix}"
 
 
+RECORD = "gpu_quality record: "  # the line of a child's output that holds its record
+
+
 def run_one(name: str, seed: int, args: argparse.Namespace, command: str) -> int:
-    """The child process: train one run and append its record (with its track and items) to the results file."""
+    """The child process: train one run and print its record (with its track and items) on one line of stdout,
+    for the parent to write."""
     (planned,) = [p for p in plan(argparse.Namespace(**{**vars(args), "seeds": [seed]}), every=True)
                   if p.arm.name == name]
     if args.threads:
@@ -253,7 +258,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, command: str) -> int
         from recallk.config import load_config
 
         record["items"] = record["steps"] * load_config(planned.arm.config, planned.run.overrides).data.batch_size
-    oq.append_record(results_path(args, "jsonl"), record)
+    print(RECORD + json.dumps(record), flush=True)
     return 0
 
 
@@ -266,11 +271,21 @@ def not_finished(planned: Planned, status: str, error: str, seconds: float, comm
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command}
 
 
-def run_all(runs: list[Planned], args: argparse.Namespace, argv: list[str], command: str) -> list[str]:
-    """Every planned run not finished yet, in order, each a child process stopped at the budget's end; returns
-    the statuses of the runs started."""
+def child_record(planned: Planned, result: dict, command: str) -> dict:
+    """The record of a child's run (``run_seconds``: the child's whole time), or the record of a run that was
+    stopped at its time limit (``result["returncode"] == -1``) or failed."""
+    lines = [line for line in result["output"].splitlines() if line.startswith(RECORD)]
+    if result["returncode"] == 0 and lines:
+        return {**json.loads(lines[-1][len(RECORD):]), "run_seconds": result["seconds"]}
+    status = "stopped" if result["returncode"] == -1 else "failed"
+    error = result["error"] if status == "stopped" else gpu_suite.section_status(result)
+    return not_finished(planned, status, error, result["seconds"], command)
+
+
+def run_all(runs: list[Planned], args: argparse.Namespace, argv: list[str], command: str, began: float) -> list[str]:
+    """Every planned run not finished yet, in order, each a child process stopped at the end of the budget
+    (counted from ``began``, the script's start); returns the statuses of the runs started."""
     path = results_path(args, "jsonl")
-    began = time.perf_counter()
     records = oq.read_records(path)
     done = {oq.record_key(r) for r in records if r["status"] in DONE}
     print_plan(runs, done, records, args)
@@ -287,19 +302,16 @@ def run_all(runs: list[Planned], args: argparse.Namespace, argv: list[str], comm
         left = math.inf if args.budget is None else args.budget - (time.perf_counter() - began)
         seconds, measured = estimate(planned, oq.read_records(path), args)
         if left < gpu_suite.MIN_SECTION_SECONDS or (measured and seconds > left):
-            oq.log(f"{tag}: not started: needs ~{seconds:.0f} s, {max(left, 0):.0f} s of the budget left")
+            oq.log(f"{tag}: not started: needs ~{max(seconds, gpu_suite.MIN_SECTION_SECONDS):.0f} s, "
+                   f"{max(left, 0):.0f} s of the budget left")
             continue
         oq.log(f"{tag}: start (~{seconds:.0f} s{'' if measured else ', constant estimate'}, {left:.0f} s left)")
         result = gpu_suite.run_section([Path(__file__).name, *argv, "--one", planned.arm.name, str(planned.run.seed)],
                                        min(left, args.run_timeout))
         if result["returncode"] == -1:
-            limit = "--run-timeout" if args.run_timeout < left else "the end of the --budget"
-            oq.append_record(path, not_finished(planned, "stopped", f"{result['error']}: {limit}",
-                                                result["seconds"], command))
-        elif result["returncode"] != 0:
-            oq.append_record(path, not_finished(planned, "failed", gpu_suite.section_status(result),
-                                                result["seconds"], command))
-        record = oq.read_records(path)[-1]
+            result["error"] += ": --run-timeout" if args.run_timeout < left else ": the end of the --budget"
+        record = child_record(planned, result, command)
+        oq.append_record(path, record)
         outcome = (f"R@1 {100 * record['metrics']['recall@1']:.1f}, MAP@R {100 * record['metrics']['map@r']:.1f}"
                    if record["status"] == "ok" else f"{record['status']}: {record['error']}")
         oq.log(f"{tag}: {outcome} ({result['seconds']:.0f} s)")
@@ -467,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_one(args.one[0], int(args.one[1]), args,
                        shlex.join(["python", "benchmarks/gpu_quality.py", *parent]))
     command = shlex.join(["python", "benchmarks/gpu_quality.py", *argv])
+    began = time.perf_counter()
     if args.device == "cuda" and not args.report:
         import torch
 
@@ -480,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         oq.log(f"gpu_quality.py: error: {err}")
         return 2
-    statuses = [] if args.report else run_all(runs, args, argv, command)
+    statuses = [] if args.report else run_all(runs, args, argv, command, began)
     oq.log(f"[gpu_quality] wrote {write_report(runs, args, command)}")
     return 1 if "failed" in statuses else 0
 

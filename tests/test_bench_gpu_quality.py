@@ -90,6 +90,7 @@ def test_quick_runs_both_tracks_resumes_stops_and_writes_the_table(tmp_path: Pat
         ("bs1024_rsk", "ok", "image", 1), ("clinc150_rsk", "ok", "text", 1)]
     assert {"train.device=cpu", "data.batch_size=64", "train.chunk_size=16", "loss.tau_k=1"} <= set(image["overrides"])
     assert image["items"] == 64 and text["items"] == 8 and 0 <= text["metrics"]["recall@1"] <= 1
+    assert image["run_seconds"] > image["train_seconds"] > 0  # the child's whole time: the next estimates' overhead
     table = (out / "gpu_quality.md").read_text()
     assert "| batch 1024, RS@k | " in table and "| clinc150, RS@k | " in table and "Unmeasured" not in table
 
