@@ -305,7 +305,8 @@ def run_all(runs: list[Planned], args: argparse.Namespace, argv: list[str], comm
             oq.log(f"{tag}: not started: needs ~{max(seconds, gpu_suite.MIN_SECTION_SECONDS):.0f} s, "
                    f"{max(left, 0):.0f} s of the budget left")
             continue
-        oq.log(f"{tag}: start (~{seconds:.0f} s{'' if measured else ', constant estimate'}, {left:.0f} s left)")
+        budget = "no budget" if math.isinf(left) else f"{left:.0f} s of the budget left"
+        oq.log(f"{tag}: start (~{seconds:.0f} s{'' if measured else ', constant estimate'}; {budget})")
         result = gpu_suite.run_section([Path(__file__).name, *argv, "--one", planned.arm.name, str(planned.run.seed)],
                                        min(left, args.run_timeout))
         if result["returncode"] == -1:
