@@ -13,7 +13,7 @@ The CPU tables train one pretrained epoch per run; the paper trains 40-170. This
   ``--text-epochs`` (default 10), each batch in one chunk, RS@k with and without SiMix, Smooth-AP, multi-similarity.
 
 Every run goes through recallk's trainer (``omniglot_quality.execute``: best epoch on the validation classes by
-MAP@R, metrics on the unseen test classes). The order (``ARMS``, then seed by seed: seed 0 of every comparison
+MAP@R, metrics on the unseen test classes). The order (:func:`arms`, then seed by seed: seed 0 of every comparison
 before seed 1) puts the comparisons that decide the issue first. Each run is a child process in its own process
 group (``gpu_suite.run_section``): one that outlasts the ``--budget`` is stopped with its group and recorded as
 ``stopped`` (it runs again next time); a run whose measured time does not fit the time left is not started.
@@ -24,7 +24,8 @@ unmeasured), rewritten after every run. ``--quick`` runs the same plan at tiny s
 tiny batches, validation classes as the test split): the script's own test.
 
 A GPU machine without a package index runs it with its own torch, after ``--pack`` has put the offline weights,
-pytorch-metric-learning and the data into one folder on the CPU machine:
+pytorch-metric-learning and the data into one folder on the CPU machine (image track 32 MiB, text track 48 MiB:
+MiniLM's weights stored in float16, loaded as float32):
 
     python benchmarks/gpu_quality.py --pack .gpu_carry --tracks image        # here: weights, PML, Omniglot
     RECALLK_DATA=.gpu_carry/data PYTHONPATH=src:.gpu_carry/site python3 benchmarks/gpu_quality.py --budget 480
