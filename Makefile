@@ -7,7 +7,7 @@ RECALLK_DATA ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export RECALLK_DATA
 
 
-.PHONY: setup demo lint test docs docs-serve bench bench-speed bench-quality bench-gpu bench-pretrained clean
+.PHONY: setup demo lint test docs docs-serve bench bench-speed bench-quality bench-gpu bench-gpu-quality bench-pretrained clean
 
 $(BIN)/recallk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ bench-speed: setup
 # package index: PYTHONPATH=src python3 benchmarks/gpu_suite.py (pytorch-metric-learning must be importable).
 bench-gpu: setup
 	$(BIN)/python benchmarks/gpu_suite.py
+
+# Issue 30 at the paper's length on one GPU (EfficientNet-Lite0 at 96 px for 30 epochs, MiniLM for 10; RS@k against
+# Smooth-AP, FastAP and multi-similarity at batches 256 to 4,096, SiMix on and off): resumable, most informative runs
+# first, stops cleanly after BUDGET seconds; writes benchmarks/results/gpu_quality/gpu_quality.{jsonl,md}. On a GPU
+# machine without a package index: `--pack FOLDER` here first (its docstring says how).
+BUDGET ?=
+bench-gpu-quality: setup
+	$(BIN)/python benchmarks/gpu_quality.py $(if $(BUDGET),--budget $(BUDGET))
 
 bench-quality: setup
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment losses
