@@ -58,7 +58,7 @@ LOSS_OPTIONS: dict[str, int] = {}  # extra RecallAtKLoss arguments (``--query-ch
 def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
     from recallk import RecallAtKLoss, SimilarityMixup  # from --baseline-src when that is first on sys.path
 
-    mixup = SimilarityMixup() if simix else None
+    mixup = SimilarityMixup(pairs_per_class=None) if simix else None  # every same-class pair
     return RecallAtKLoss(k=K, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS)(emb, labels)
 
 

@@ -216,16 +216,27 @@ def budget_overrides(epochs: int, max_steps: int | None, extra: Sequence[str]) -
     return (*out, *extra)
 
 
+# recallk's defaults when the stored results were made, where they have changed since (issue 30 moved SiMix to 6
+# pairs per class): every run of these benchmarks starts from them (they are prepended to its overrides) and the
+# config digest compares with them, so a stored run keeps its key, and a changed default can never make an old
+# result stand for a new setting (an arm that takes the new default gets a new digest, and runs).
+RECORDED_DEFAULTS = {"loss": {"tau_k": 1.0, "simix_pairs_per_class": None}}
+RECORDED_OVERRIDES = tuple(f"{section}.{key}={json.dumps(value)}" for section, values in RECORDED_DEFAULTS.items()
+                           for key, value in values.items())
+
+
 def config_digest(config_path: Path, overrides: Sequence[str]) -> str:
-    """First 16 hex digits of the SHA-256 of the resolved config's non-default settings (``output`` left out), as
-    JSON. Only values that differ from recallk's defaults count, so a new config field (with a default) added to
-    recallk does not make earlier results stale.
+    """First 16 hex digits of the SHA-256 of the resolved config's settings that differ from the defaults the
+    stored results were made with (recallk's defaults with ``RECORDED_DEFAULTS``; ``output`` left out), as JSON. A
+    new config field (with a default) added to recallk does not make earlier results stale.
 
     Loading the config also validates it: a bad ``--override`` raises ``ConfigError`` before any training.
     """
     from recallk.config import Config, config_to_dict, load_config
 
     resolved, defaults = config_to_dict(load_config(config_path, overrides)), config_to_dict(Config())
+    for section, values in RECORDED_DEFAULTS.items():
+        defaults[section].update(values)
     changed = {
         section: {key: value for key, value in values.items() if value != defaults[section].get(key)}
         if isinstance(values, dict) else values
@@ -242,7 +253,7 @@ def plan_runs(experiment: Experiment, args: argparse.Namespace) -> list[PlannedR
     runs = []
     for seed in args.seeds:
         for variant in variants:
-            overrides = (*variant.overrides, f"seed={seed}", *shared)
+            overrides = (*RECORDED_OVERRIDES, *variant.overrides, f"seed={seed}", *shared)
             runs.append(PlannedRun(experiment.name, variant, seed, overrides, config_digest(args.config, overrides)))
     return runs
 

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer import losses as st_losses  # noqa: E402
 
+from recallk import SimilarityMixup  # noqa: E402
 from recallk.data.sampler import ClassBalancedBatchSampler  # noqa: E402
 from recallk.data.text import load_text_split  # noqa: E402
 from recallk.evaluation.metrics import retrieval_metrics  # noqa: E402
@@ -67,7 +68,8 @@ def build_loss(variant: str, model: SentenceTransformer, mini_batch: int) -> tor
     if variant == "rsk":
         return CachedRecallAtKLoss(model, mini_batch_size=mini_batch)
     if variant == "rsk_simix":
-        return CachedRecallAtKLoss(model, mini_batch_size=mini_batch, mixup=True)
+        # every same-class pair, as these runs were made (SiMix's default is 6 pairs per class since issue 30)
+        return CachedRecallAtKLoss(model, mini_batch_size=mini_batch, mixup=SimilarityMixup(pairs_per_class=None))
     if variant == "cmnrl":
         return st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch)
     if variant == "mnrl":

@@ -49,7 +49,7 @@ def build_loss(
     tau_k: float | str | tuple[float, ...] = 1.0,
     rank_includes_query: bool = False,
     simix: bool = False,
-    simix_pairs_per_class: int | None = None,
+    simix_pairs_per_class: int | None = 6,
     memory_size: int = 0,
     params: dict[str, Any] | None = None,
 ) -> nn.Module:

@@ -45,11 +45,13 @@ class SimilarityMixup:
     """Adds virtual same-class items to a batch through its similarity matrix.
 
     Args:
-        pairs_per_class: ``None`` mixes every same-class pair (as in the paper); an int draws that many
-            random pairs per class (fewer when a class has fewer pairs).
+        pairs_per_class: how many random same-class pairs to mix per class (fewer when a class has fewer pairs);
+            ``None`` mixes every pair. The default, 6, is every pair at the paper's 4 samples per class (its
+            setting) and the paper's count of mixtures beyond it: at 8 per class (28 pairs), mixing all pairs cost
+            7-10 recall@1 points where 6 cost 1.6-2.5 (BENCHMARKS.md, issue 30).
     """
 
-    def __init__(self, pairs_per_class: int | None = None) -> None:
+    def __init__(self, pairs_per_class: int | None = 6) -> None:
         if pairs_per_class is not None and (isinstance(pairs_per_class, bool) or pairs_per_class < 1):
             raise ValueError(f"pairs_per_class must be None (all pairs) or a positive int, got {pairs_per_class!r}")
         self.pairs_per_class = pairs_per_class
