@@ -120,3 +120,32 @@ def test_pca_whitening_from_images_and_bad_requests(sfm_run: Path, tmp_path: Pat
     assert "unknown sfm120k pairs split 'test'" in capsys.readouterr().err
     assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "9", "--out", str(tmp_path / "x.pt")]) == 2
     assert "--dim 9: the whitening dimension must be in 1..8" in capsys.readouterr().err
+
+
+def test_a_whitening_of_other_weights_is_refused(sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    def copy(name: str) -> Path:
+        shutil.copytree(sfm_run, tmp_path / name, ignore=shutil.ignore_patterns("whitened.pt", "search_cache"))
+        return tmp_path / name
+
+    run, trained_on = copy("run"), copy("trained_on")
+    assert main(["train", "--resume", str(trained_on), "train.epochs=2", "train.max_steps=4",
+                 "--device", "cpu", "--quiet"]) == 0  # new weights in last.pt
+    capsys.readouterr()
+    foreign = ["whiten", str(trained_on / "checkpoints" / "last.pt"), "--pairs", "val", "--scales", "1", "--device",
+               "cpu", "--quiet"]
+    assert main([*foreign, "--out", str(run / "checkpoints" / "whitened.pt")]) == 2  # refused before any work
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a whitening of weights" in error and "best.pt weights" in error
+    assert not (run / "checkpoints" / "whitened.pt").exists()
+    # written anyway (an older recallk, a copied file): the run refuses to resolve to it, naming both
+    assert main([*foreign, "--out", str(tmp_path / "whitened.pt")]) == 0
+    shutil.copy(tmp_path / "whitened.pt", run / "checkpoints" / "whitened.pt")
+    for command in (["evaluate", str(run), "--benchmark", "roxford5k", "--device", "cpu"],
+                    ["embed", str(run), "--images", str(tmp_path), "--out", str(tmp_path / "e.npz")]):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"of {trained_on / 'checkpoints' / 'last.pt'}" in error and f"recallk whiten {run} --force" in error
+    assert main(["whiten", str(run), "--pairs", "val", "--scales", "1", "--device", "cpu", "--force", "--quiet"]) == 0
+    assert recallk.load_model(run).embed_dim == 8  # fitted again on the run's own best.pt

@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
     whiten.add_argument("--scales", metavar="S", type=float, nargs="+",
                         help="descriptor scales, e.g. 1 0.7071 0.5 (default: eval.scales, as the benchmarks)")
+    _add_progress_switches(whiten)
 
     recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
     recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
@@ -535,7 +536,7 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     images = list_image_files(args.images) if args.images else ()
     out, layer = whiten_run(
         args.path, pairs=args.pairs, images=images, dim=args.dim, power=power, out=args.out, force=args.force,
-        data_dir=args.data_dir, device=args.device, scales=args.scales,
+        data_dir=args.data_dir, device=args.device, scales=args.scales, progress=_progress(args),
     )
     kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {power}"
     print(f"saved {out} (whitening {kind}, {layer.in_dim} -> {layer.out_dim} dims)")

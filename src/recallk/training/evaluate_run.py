@@ -26,36 +26,72 @@ from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descripto
 from recallk.evaluation.revisited import search_metrics
 from recallk.models.factory import EmbeddingModel
 from recallk.training.assemble import build_network, build_split, eval_transform, reader_decoding_of
-from recallk.training.checkpoint import CheckpointError, load_checkpoint
+from recallk.training.checkpoint import CheckpointError, load_checkpoint, weights_digest
 
 logger = logging.getLogger(__name__)
 
 
 WHITENED_CHECKPOINT = "whitened.pt"  # written by ``recallk whiten`` (recallk.training.whiten_run)
+TRAINED_CHECKPOINTS = ("best.pt", "last.pt")  # a run's own checkpoints, in the order a run directory resolves them
+
+
+def trained_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run directory's ``checkpoints/best.pt``, else ``last.pt`` (never the
+    whitened one: what ``recallk whiten`` fits on). A run directory that is not finished is named in a warning."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = [path / "checkpoints" / name for name in TRAINED_CHECKPOINTS if (path / "checkpoints" / name).is_file()]
+    if not found:
+        if (path / "config.yaml").is_file():
+            raise CheckpointError(
+                f"run directory {path} has no checkpoint yet: its training stopped before saving one (or is still "
+                f"running); start it again with 'recallk train {path / 'config.yaml'} --run-dir {path}'"
+            )
+        raise CheckpointError(f"{path} is not a run directory (no checkpoints/best.pt or last.pt); pass a run "
+                              "directory created by 'recallk train' or a checkpoint file")
+    if not (path / "summary.json").is_file():
+        logger.warning("run %s is unfinished (no summary.json: interrupted, or still training); using %s as it is "
+                       "now; continue it with 'recallk train --resume %s'", path, found[0], path)
+    return found[0]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's ``checkpoints/whitened.pt`` (the model with its learned whitening),
-    else ``best.pt``, else ``last.pt``. A ``whitened.pt`` older than ``best.pt``/``last.pt`` (training went on
-    after ``recallk whiten``) is still used, with a warning to fit it again."""
+    """A checkpoint file, or a run directory's ``checkpoints/whitened.pt`` (the model with its whitening), else
+    :func:`trained_checkpoint`. A ``whitened.pt`` must hold the weights of the run's ``best.pt`` or ``last.pt``
+    (:func:`check_whitening_source`): one fitted on another run, or on weights training has replaced since, is
+    refused."""
     path = Path(path)
-    if path.is_dir():
-        folder = path / "checkpoints"
-        for name in (WHITENED_CHECKPOINT, "best.pt", "last.pt"):
-            if (folder / name).is_file():
-                if name == WHITENED_CHECKPOINT:
-                    _warn_if_stale(folder / name)
-                return folder / name
-        raise CheckpointError(f"run directory {path} has no checkpoints/best.pt or last.pt; train it first")
-    return path
+    trained = trained_checkpoint(path)
+    whitened = path / "checkpoints" / WHITENED_CHECKPOINT
+    if not path.is_dir() or not whitened.is_file():
+        return trained
+    whitening = load_checkpoint(whitened).get("whitening", {})
+    check_whitening_source(whitened, whitening.get("source_weights"), whitening.get("source_checkpoint"))
+    return whitened
 
 
-def _warn_if_stale(whitened: Path) -> None:
-    newer = [p.name for p in (whitened.with_name("best.pt"), whitened.with_name("last.pt"))
-             if p.is_file() and p.stat().st_mtime > whitened.stat().st_mtime]
-    if newer:
-        logger.warning("%s is older than %s: training went on after recallk whiten; run recallk whiten again "
-                       "(with --force) to whiten the new weights", whitened, " and ".join(newer))
+def check_whitening_source(whitened: Path, digest: str | None, source: str | None) -> None:
+    """Refuse a whitened checkpoint ``whitened`` in a run's ``checkpoints/`` folder unless ``digest`` (the
+    :func:`~recallk.training.checkpoint.weights_digest` of the weights it was fitted on, read from ``source``) is
+    that of the folder's ``best.pt`` or ``last.pt``; one line names both. A folder without them checks nothing."""
+    held = {}
+    for name in TRAINED_CHECKPOINTS:
+        if (whitened.parent / name).is_file():
+            held[name] = weights_digest(load_checkpoint(whitened.parent / name)["model"])
+            if held[name] == digest:
+                return
+    if not held:
+        return
+    run = whitened.parent.parent
+    fitted = (f"weights {digest[:12]} of {source}" if digest else
+              f"the weights of {source}, with no digest to check them by (written by an older recallk)")
+    holds = " and ".join(f"{name} weights {value[:12]}" for name, value in held.items())
+    raise CheckpointError(
+        f"{whitened} is a whitening of {fitted}, but this run holds {holds} (another run's whitening, or training "
+        f"went on after recallk whiten); fit it again with 'recallk whiten {run} --force ...', or pass "
+        f"{whitened.with_name(next(iter(held)))} to use the model without whitening"
+    )
 
 
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, Path]:

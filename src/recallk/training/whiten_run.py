@@ -4,10 +4,12 @@ The trained network's descriptors (the head's output before any whitening, float
 benchmarks compute them: full images, ``eval.image_size``, ``eval.scales``) of the images of matching pairs (learned
 whitening, :func:`~recallk.models.whitening.learn_whitening`) or of a set of images (PCA whitening,
 :func:`~recallk.models.whitening.pca_whitening`) are fitted. The result is written as
-``checkpoints/whitened.pt`` next to the checkpoint it came from: the same weights plus the whitening buffers, and a
+``checkpoints/whitened.pt`` next to the checkpoint it came from: the same weights plus the whitening buffers, a
 config with ``model.whitening`` and ``model.whitening_dim`` set, so that every loader builds the layer and applies
-it. A run directory resolves to ``whitened.pt`` before ``best.pt``
-(:func:`~recallk.training.evaluate_run.resolve_checkpoint`).
+it, and the digest of the weights it was fitted on (``whitening.source_weights``). A run directory resolves to
+``whitened.pt`` before ``best.pt`` as long as that digest is the run's ``best.pt`` or ``last.pt``
+(:func:`~recallk.training.evaluate_run.resolve_checkpoint`); a run directory given to ``recallk whiten`` is fitted on
+its ``best.pt`` (else ``last.pt``), never on an earlier whitening.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.factory import EmbeddingModel
 from recallk.models.whitening import Whitening, learn_whitening, pca_whitening
 from recallk.training.assemble import build_network
-from recallk.training.checkpoint import load_checkpoint, save_checkpoint
-from recallk.training.evaluate_run import WHITENED_CHECKPOINT, landmark_images, resolve_checkpoint
+from recallk.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
+from recallk.training.evaluate_run import (
+    WHITENED_CHECKPOINT,
+    check_whitening_source,
+    landmark_images,
+    trained_checkpoint,
+)
 
 # Data sets whose reader lists matching pairs: name -> reader of (images folder, image names, pairs (M, 2)).
 PAIR_READERS = {"sfm120k": sfm120k_pairs}
@@ -61,11 +68,14 @@ def whiten_run(
     """
     if (pairs is None) == (not images):
         raise RecallkUsageError("pass either --pairs PART (learned whitening) or --images PATH ... (PCA whitening)")
-    checkpoint = resolve_checkpoint(path)
+    checkpoint = trained_checkpoint(path)
     target = Path(out) if out is not None else checkpoint.parent / WHITENED_CHECKPOINT
     if target.exists() and not force:
         raise RecallkUsageError(f"{target} already exists; pass --force to replace it or --out FILE to write elsewhere")
     state = load_checkpoint(checkpoint)
+    source_weights = weights_digest(state["model"])
+    if target.name == WHITENED_CHECKPOINT:  # a run directory would resolve to it: it must whiten that run's weights
+        check_whitening_source(target, source_weights, str(checkpoint))
     config = config_from_dict(state["config"])
     network = build_network(config, weights_follow=True)
     network.load_state_dict(state["model"])
@@ -88,7 +98,8 @@ def whiten_run(
         config, model=dataclasses.replace(config.model, whitening=kind, whitening_dim=layer.out_dim)
     )
     about: dict[str, Any] = {
-        "kind": kind, "dim": layer.out_dim, "source_checkpoint": str(checkpoint), "images": len(paths),
+        "kind": kind, "dim": layer.out_dim, "source_checkpoint": str(checkpoint), "source_weights": source_weights,
+        "images": len(paths),
         "image_size": config.eval.image_size, "scales": list(scales),
         "pairs": None if pair_index is None else f"{config.data.dataset} {pairs} ({len(pair_index)} pairs)",
         "power": power if kind == "pca" else None,
