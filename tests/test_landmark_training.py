@@ -5,6 +5,7 @@ every way of loading the run applies it, and `recallk evaluate --benchmark roxfo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,10 +122,22 @@ def test_pca_whitening_from_images_and_bad_requests(sfm_run: Path, tmp_path: Pat
     assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "9", "--out", str(tmp_path / "x.pt")]) == 2
     assert "--dim 9: the whitening dimension must be in 1..8" in capsys.readouterr().err
 
+    # too few images or pairs for the dimensions: refused before any image is read (these do not decode)
+    for i in range(5):
+        (tmp_path / "few" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "few" / f"{i}.jpg").write_bytes(b"not an image")
+    assert main(["whiten", str(sfm_run), "--images", str(tmp_path / "few"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "PCA whitening to 8 dimensions needs more images than dimensions, got 5; pass at least 9 images or " \
+           "--dim 4 or less" in capsys.readouterr().err
+    small = make_sfm120k(tmp_path / "small", {"train": {0: 2}, "val": {1: 3, 2: 3}})
+    shutil.rmtree(small / "ims")
+    assert main(["whiten", str(sfm_run), "--pairs", "val", "--data-dir", str(tmp_path / "small"), "--out",
+                 str(tmp_path / "x.pt")]) == 2
+    assert "--pairs val lists 4 pairs, but learned whitening of 8-d descriptors needs at least 8" in \
+           capsys.readouterr().err
+
 
 def test_a_whitening_of_other_weights_is_refused(sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import shutil
-
     def copy(name: str) -> Path:
         shutil.copytree(sfm_run, tmp_path / name, ignore=shutil.ignore_patterns("whitened.pt", "search_cache"))
         return tmp_path / name

@@ -64,6 +64,18 @@ def test_pca_whitening_decorrelates_with_the_power(power: float) -> None:
         pca_whitening(x, dim=6)
 
 
+def test_pca_whitening_refuses_directions_the_descriptors_lack() -> None:
+    with pytest.raises(ValueError, match="to 8 dimensions needs descriptors that vary in 8 directions, but these 5 "
+                                         "span only 4; fit on more images than dimensions"):
+        pca_whitening(correlated(5, 8))  # 5 points span 4 directions: the other 4 would be scaled by 3e4
+    assert pca_whitening(correlated(5, 8), dim=4).projection.abs().max() < 1e3
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(50, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 8, generator=generator,
+                                                                                     dtype=torch.float64)
+    with pytest.raises(ValueError, match="but these 50 span only 3"):  # many images, but of 3 directions only
+        pca_whitening(flat, dim=5)
+
+
 def test_whitened_model_is_saved_loaded_and_exported_with_its_whitening(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = create_model("omniglot_cnn", embed_dim=8, widths=(16,), pooling="gem").eval()

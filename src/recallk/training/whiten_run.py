@@ -85,7 +85,7 @@ def whiten_run(
     size = network.head.fc.out_features
     if dim is not None and not 0 < dim <= size:
         raise RecallkUsageError(f"--dim {dim}: the whitening dimension must be in 1..{size} (the embedding size)")
-    paths, pair_index = _images_to_describe(config, pairs, images, data_dir)
+    paths, pair_index = _images_to_describe(config, pairs, images, data_dir, size, dim or size)
     torch_device = resolve_device(device)
     scales = tuple(scales or config.eval.scales)
     descriptors = _descriptors(network.to(torch_device), config, paths, scales, torch_device, progress)
@@ -110,10 +110,17 @@ def whiten_run(
 
 
 def _images_to_describe(
-    config: Config, pairs: str | None, images: Sequence[Path], data_dir: str | Path | None
+    config: Config, pairs: str | None, images: Sequence[Path], data_dir: str | Path | None, size: int, dim: int
 ) -> tuple[list[Path], np.ndarray | None]:
-    """The image files to describe and the (query, positive) pairs among them (``None`` for PCA)."""
+    """The image files to describe and the (query, positive) pairs among them (``None`` for PCA), refused before any
+    image is read when they are too few to fit ``size``-d descriptors (learned: ``size`` pairs) to ``dim``
+    dimensions (PCA: ``dim + 1`` images)."""
     if pairs is None:
+        if len(images) <= dim:
+            raise RecallkUsageError(
+                f"PCA whitening to {dim} dimensions needs more images than dimensions, got {len(images)}; pass at "
+                f"least {dim + 1} images" + (f" or --dim {len(images) - 1} or less" if len(images) > 1 else "")
+            )
         return [Path(p) for p in images], None
     data = config.data
     reader = PAIR_READERS.get(data.dataset)
@@ -123,6 +130,12 @@ def _images_to_describe(
             "--images PATH for PCA whitening"
         )
     base, names, index = reader(resolve_data_dir(data_dir if data_dir is not None else data.data_dir), pairs)
+    if len(index) < size:
+        raise RecallkUsageError(
+            f"--pairs {pairs} lists {len(index)} pairs, but learned whitening of {size}-d descriptors needs at least "
+            f"{size} (one per dimension); use a part with more pairs (sfm120k: train or whiten) or PCA whitening "
+            "(--images)"
+        )
     paths = [base / name for name in names]
     missing = [p for p in paths if not p.is_file()]
     if missing:
