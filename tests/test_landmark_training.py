@@ -162,3 +162,22 @@ def test_a_whitening_of_other_weights_is_refused(sfm_run: Path, tmp_path: Path, 
         assert f"of {trained_on / 'checkpoints' / 'last.pt'}" in error and f"recallk whiten {run} --force" in error
     assert main(["whiten", str(run), "--pairs", "val", "--scales", "1", "--device", "cpu", "--force", "--quiet"]) == 0
     assert recallk.load_model(run).embed_dim == 8  # fitted again on the run's own best.pt
+
+
+def test_images_without_a_suffix_and_image_lists(sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ims = tmp_path / "ims"  # cirtorch's SfM-120k ims/: JPEGs named by their cid, without a suffix
+    shutil.copytree(sfm_run.parent / "data" / "train" / "retrieval-SfM-120k" / "ims", ims)
+    images = sorted(p for p in ims.rglob("*") if p.is_file())
+    (ims / "NOTES").write_text("not an image, no suffix either")
+    assert main(["embed", str(sfm_run), "--images", str(ims), "--out", str(tmp_path / "all.npz")]) == 0
+    assert sorted(np.load(tmp_path / "all.npz")["item_ids"].tolist()) == sorted(map(str, images))
+    listing = tmp_path / "list.txt"  # one path a line, relative to the list's folder or absolute
+    listing.write_text(f"{images[0].relative_to(tmp_path)}\n\n{images[1]}\n")
+    assert main(["embed", str(sfm_run), "--images", str(listing), "--out", str(tmp_path / "two.npz")]) == 0
+    assert np.load(tmp_path / "two.npz")["item_ids"].tolist() == [str(images[0]), str(images[1])]
+    assert main(["whiten", str(sfm_run), "--images", str(ims), "--dim", "4", "--scales", "1", "--out",
+                 str(tmp_path / "pca.pt"), "--device", "cpu", "--quiet"]) == 0
+    assert "PCA, power 0.5, 8 -> 4 dims" in capsys.readouterr().out
+    listing.write_text("missing.jpg\n")
+    assert main(["whiten", str(sfm_run), "--images", str(listing), "--out", str(tmp_path / "x.pt")]) == 2
+    assert f"image {tmp_path / 'missing.jpg'} listed in image list {listing} does not exist" in capsys.readouterr().err

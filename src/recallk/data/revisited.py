@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from recallk.data.image_dataset import convert_image
+from recallk.data.listing import read_path_list
 from recallk.errors import RecallkUsageError
 from recallk.registry import BENCHMARKS
 
@@ -137,13 +138,7 @@ def _check_box(path: Path, box: np.ndarray, q: int) -> tuple[float, float, float
 
 def read_distractor_list(path: str | Path) -> list[Path]:
     """Paths of a distractor list file: one image per line, relative to the file's folder (or absolute)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RecallkUsageError(f"distractor list {path} does not exist; pass a text file with one image path a line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    images = [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines if line]
-    _check_exists(images, f"distractor list {path}")
-    return images
+    return read_path_list(path, "distractor list")
 
 
 def read_revisited(root: str | Path, name: str, distractors: str | Path | None = None) -> RevisitedBenchmark:
