@@ -5,6 +5,7 @@ every way of loading the run applies it, and `recallk evaluate --benchmark roxfo
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from recallk.training.checkpoint import load_checkpoint
 from recallk.training.evaluate_run import landmark_tensor_transform
 from revisited_fixtures import write_revisited
 
-from data_fixtures import landmark_image, make_sfm120k
+from data_fixtures import landmark_image, make_gldv2, make_sfm120k
 
 TINY = [  # the recipe, shrunk to a CPU-sized model and batch
     "model.backbone=omniglot_cnn", "model.pretrained=false", "model.in_chans=3", "model.widths=[8,16]",
@@ -49,9 +50,35 @@ def sfm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("recipe", ["sfm120k_resnet101_gem", "gldv2_resnet50_gem"])
 def test_landmark_recipes_pass_the_dry_run(recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", recipe, "loss.name=smooth_ap", "--dry-run", "--data-dir", str(tmp_path)]) == 0
+    make_sfm120k(tmp_path, {"train": {c: 16 for c in range(2)}, "val": {c: 16 for c in range(10, 12)}})
+    make_gldv2(tmp_path, {landmark: 4 for landmark in range(3)})
+    args = ["train", recipe, "loss.name=smooth_ap", "data.options.val_landmarks=1", "--dry-run", "--data-dir",
+            str(tmp_path)]
+    assert main(args if recipe.startswith("gldv2") else [a for a in args if "val_landmarks" not in a]) == 0
     printed = capsys.readouterr().out
     assert "gem_lr_mult: 10.0" in printed and "freeze_batchnorm: true" in printed and "batch_size: 4096" in printed
+
+
+def test_dry_run_reads_the_landmark_lists(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What training refuses first thing, the dry run refuses too: an empty data folder, a pickle without
+    ``cluster``, a listed image that is missing."""
+    dry_run = ["train", "sfm120k_resnet101_gem", "--dry-run", "--data-dir", str(tmp_path)]
+    assert main(dry_run) == 2
+    assert "retrieval-SfM-120k.pkl not found" in capsys.readouterr().err
+    folder = make_sfm120k(tmp_path, {"train": {c: 16 for c in range(2)}, "val": {10: 16}})
+    assert main(dry_run) == 0
+    missing = sorted(p for p in (folder / "ims").rglob("*") if p.is_file())[0]
+    content = missing.read_bytes()
+    missing.unlink()
+    assert main(dry_run) == 2
+    error = capsys.readouterr().err
+    assert "1 of" in error and "listed images are missing" in error and str(missing) in error
+    missing.write_bytes(content)
+    db = pickle.loads((folder / "retrieval-SfM-120k.pkl").read_bytes())
+    del db["val"]["cluster"]
+    (folder / "retrieval-SfM-120k.pkl").write_bytes(pickle.dumps(db))
+    assert main(dry_run) == 2
+    assert "part 'val' lacks cluster" in capsys.readouterr().err
 
 
 def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -181,3 +208,9 @@ def test_images_without_a_suffix_and_image_lists(sfm_run: Path, tmp_path: Path, 
     listing.write_text("missing.jpg\n")
     assert main(["whiten", str(sfm_run), "--images", str(listing), "--out", str(tmp_path / "x.pt")]) == 2
     assert f"image {tmp_path / 'missing.jpg'} listed in image list {listing} does not exist" in capsys.readouterr().err
+
+
+def test_embed_a_landmark_run_defaults_to_its_test_split(sfm_run: Path, tmp_path: Path) -> None:
+    assert main(["embed", str(sfm_run), "--out", str(tmp_path / "val.npz"), "--device", "cpu", "--quiet"]) == 0
+    saved = np.load(tmp_path / "val.npz")  # data.split_test of the recipe is [val]; sfm120k has no split 'test'
+    assert len(saved["item_ids"]) == 24 and len(set(saved["labels"].tolist())) == 6

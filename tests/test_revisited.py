@@ -215,6 +215,10 @@ class _RunsCode:
      "is outside the 64x48 image"),
     (lambda root: next((root / "roxford5k" / "jpg").glob("*_1_*.jpg")).unlink(), "does not exist"),
     (lambda root: (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(_RunsCode())), "refusing"),
+    (lambda root: _rewrite_gnd(root, lambda c: c["imlist"].append(c["imlist"][2])),
+     "imlist[14] names roxford5k_0_2.jpg a second time"),
+    (lambda root: _rewrite_gnd(root, lambda c: [g.update(easy=[], hard=np.array([])) for g in c["gnd"]]),
+     "no query has a positive"),
 ])
 def test_bad_files_are_one_line_errors(tmp_path: Path, breakage, message: str) -> None:
     write_revisited(tmp_path)

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--images", metavar="PATH", nargs="+", help="unlabelled image files or folders to embed")
     embed.add_argument("--texts", metavar="FILE", help="text file to embed, one sentence per line (text models)")
     embed.add_argument("--data", metavar="DATASET", help="dataset name (default: the one the model was trained on)")
-    embed.add_argument("--split", default="test", help="split to embed (default: test)")
+    embed.add_argument("--split", help="split to embed (default: the run's first test split, data.split_test)")
     embed.add_argument("--out", metavar="FILE", required=True, help="output .npz file")
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")

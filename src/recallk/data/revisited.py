@@ -117,6 +117,15 @@ def _checked_gnd(path: Path, gnd: Sequence[Any], num_database: int) -> list[dict
     return checked
 
 
+def _check_unique(path: Path, key: str, images: Sequence[Path]) -> None:
+    seen: set[Path] = set()
+    for index, image in enumerate(images):
+        if image in seen:
+            raise RecallkUsageError(f"{path}: {key}[{index}] names {image.name} a second time; each image may be "
+                                    f"listed once in {key} (use the official ground truth)")
+        seen.add(image)
+
+
 def _check_exists(paths: Sequence[Path], where: str) -> None:
     for path in paths:
         if not path.is_file():
@@ -153,8 +162,13 @@ def read_revisited(root: str | Path, name: str, distractors: str | Path | None =
     raw = _load_ground_truth(gnd_path)
     database = [_image_path(folder / "jpg", str(n)) for n in raw["imlist"]]
     queries = [_image_path(folder / "jpg", str(n)) for n in raw["qimlist"]]
+    for key, paths in (("imlist", database), ("qimlist", queries)):
+        _check_unique(gnd_path, key, paths)
     _check_exists(database + queries, f"{gnd_path}")
     gnd = _checked_gnd(gnd_path, raw["gnd"], len(database))
+    if not any(entry["easy"].size or entry["hard"].size for entry in gnd):
+        raise RecallkUsageError(f"{gnd_path}: no query has a positive (every gnd[q]'s easy and hard are empty), so "
+                                "no mAP can be computed; use the official ground truth")
     boxes = [_check_box(path, entry.pop("bbx"), q) for q, (path, entry) in enumerate(zip(queries, gnd))]
     extra = read_distractor_list(distractors) if distractors is not None else []
     return RevisitedBenchmark(name, database, queries, boxes, gnd, extra)

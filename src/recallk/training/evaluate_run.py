@@ -124,16 +124,19 @@ def evaluate_run(
 def export_embeddings(
     checkpoint: str | Path,
     out: str | Path,
-    split: str = "test",
+    split: str | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Embed ``split`` of ``dataset`` (default: the training data set) and save embeddings, labels and ids."""
+    """Embed ``split`` of ``dataset`` (default: the training data set) and save embeddings, labels and ids. The
+    default split is the run's first test split (``data.split_test``; ``test`` for another ``dataset``)."""
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(checkpoint, torch_device)
+    if split is None:
+        split = config.data.split_test[0] if dataset in (None, config.data.dataset) else "test"
     source = build_split(config, split, model, data_dir=data_dir, dataset=dataset)
     embeddings = embed_source(
         model, source, batch_size or config.eval.batch_size, torch_device, progress=progress,
