@@ -21,7 +21,7 @@ from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.export import load_exported
 from recallk.training.checkpoint import load_checkpoint
 from recallk.training.evaluate_run import landmark_tensor_transform
-from revisited_fixtures import write_revisited
+from revisited_fixtures import write_distractors, write_revisited
 
 from data_fixtures import landmark_image, make_gldv2, make_sfm120k
 
@@ -214,3 +214,28 @@ def test_embed_a_landmark_run_defaults_to_its_test_split(sfm_run: Path, tmp_path
     assert main(["embed", str(sfm_run), "--out", str(tmp_path / "val.npz"), "--device", "cpu", "--quiet"]) == 0
     saved = np.load(tmp_path / "val.npz")  # data.split_test of the recipe is [val]; sfm120k has no split 'test'
     assert len(saved["item_ids"]) == 24 and len(set(saved["labels"].tolist())) == 6
+
+
+def test_unreadable_images_fail_before_the_descriptors_or_are_skipped(sfm_run: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(sfm_run.parent / "data", data)
+    listing = write_distractors(tmp_path / "r1m", 3)
+    (tmp_path / "r1m" / "jpg" / "d2.jpg").write_bytes(b"GIF89a broken")
+    out = tmp_path / "evaluation.json"
+    evaluate = ["evaluate", str(sfm_run / "checkpoints" / "best.pt"), "--benchmark", "roxford5k", "--data-dir",
+                str(data), "--distractors", str(listing), "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(evaluate) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "1 of 20 roxford5k images cannot be read, e.g." in error and "d2.jpg" in error
+    assert main([*evaluate, "--skip-bad-images"]) == 0
+    assert json.loads(out.read_text())["roxford5k+distractors"]["distractors"] == 2
+
+    _, names, _ = sfm120k_pairs(data, "val")
+    (data / "train" / "retrieval-SfM-120k" / "ims" / names[0]).write_bytes(b"")  # in one of the 18 val pairs
+    whiten = ["whiten", str(sfm_run / "checkpoints" / "best.pt"), "--pairs", "val", "--data-dir", str(data),
+              "--scales", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "w.pt")]
+    assert main(whiten) == 2
+    assert "1 of 24 images to fit the whitening on cannot be read" in capsys.readouterr().err
+    assert main([*whiten, "--skip-bad-images"]) == 0
+    assert load_checkpoint(tmp_path / "w.pt")["whitening"]["pairs"] == "sfm120k val (17 pairs)"

@@ -238,6 +238,32 @@ def test_missing_distractor_list_and_listed_image(tmp_path: Path) -> None:
         read_revisited(tmp_path, "roxford5k", distractors=listing)
 
 
+def test_unreadable_images_are_refused_first_or_left_out(tmp_path: Path) -> None:
+    content = write_revisited(tmp_path)
+    listing = write_distractors(tmp_path / "r1m", 3)
+    jpg = tmp_path / "roxford5k" / "jpg"
+    (jpg / f"{content['qimlist'][1]}.jpg").write_bytes(b"<html>not found</html>")  # a garbage query JPEG
+    with pytest.raises(RecallkUsageError) as error:
+        read_revisited(tmp_path, "roxford5k", distractors=listing)
+    assert "\n" not in str(error.value) and "1 of 20 roxford5k images cannot be read" in str(error.value)
+    assert f"{content['qimlist'][1]}.jpg (cannot identify image file" in str(error.value)
+    assert "--skip-bad-images" in str(error.value)
+
+    bad_database = content["gnd"][0]["easy"][1]  # a positive of query 0, with database images after it
+    (jpg / f"{content['imlist'][bad_database]}.jpg").write_bytes(b"")
+    (tmp_path / "r1m" / "jpg" / "d1.jpg").write_bytes(b"\xff\xd8 truncated")
+    bench = read_revisited(tmp_path, "roxford5k", distractors=listing, skip_bad_images=True)
+    assert [p.name for p in bench.distractors] == ["d0.jpg", "d2.jpg"]
+    kept_queries = [0, 2]
+    assert [p.stem for p in bench.queries] == [content["qimlist"][q] for q in kept_queries]
+    assert bench.boxes == [tuple(content["gnd"][q]["bbx"]) for q in kept_queries]
+    assert [p.stem for p in bench.database] == [n for i, n in enumerate(content["imlist"]) if i != bad_database]
+    for entry, q in zip(bench.gnd, kept_queries):  # the same images by name, without the one left out
+        for key in ("easy", "hard", "junk"):
+            expected = [content["imlist"][i] for i in content["gnd"][q][key] if i != bad_database]
+            assert [bench.database[i].stem for i in entry[key]] == expected
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Descriptors
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from recallk.data.image_dataset import convert_image
+from recallk.data.image_dataset import convert_image, unreadable_images
 from recallk.data.listing import read_path_list
 from recallk.errors import RecallkUsageError
 from recallk.registry import BENCHMARKS
@@ -150,10 +150,15 @@ def read_distractor_list(path: str | Path) -> list[Path]:
     return read_path_list(path, "distractor list")
 
 
-def read_revisited(root: str | Path, name: str, distractors: str | Path | None = None) -> RevisitedBenchmark:
+def read_revisited(
+    root: str | Path, name: str, distractors: str | Path | None = None, skip_bad_images: bool = False
+) -> RevisitedBenchmark:
     """Read benchmark ``name`` (``roxford5k``, ``rparis6k``) from ``<root>/<name>/``, checking every file it names.
 
-    ``distractors``: an optional list file of extra database images (R1M), appended after the database.
+    ``distractors``: an optional list file of extra database images (R1M), appended after the database. Every
+    image's header is read (:func:`~recallk.data.image_dataset.unreadable_images`): one that Pillow cannot read is
+    refused here, before any descriptor, or with ``skip_bad_images`` left out (a query with its ground truth, a
+    database image from every query's ``easy``/``hard``/``junk`` with the later indices shifted, a distractor).
     """
     if name not in BENCHMARKS:
         raise RecallkUsageError(BENCHMARKS.unknown(name))
@@ -166,11 +171,19 @@ def read_revisited(root: str | Path, name: str, distractors: str | Path | None =
         _check_unique(gnd_path, key, paths)
     _check_exists(database + queries, f"{gnd_path}")
     gnd = _checked_gnd(gnd_path, raw["gnd"], len(database))
+    extra = read_distractor_list(distractors) if distractors is not None else []
+    bad = unreadable_images(queries + database + extra, f"{name} images", skip_bad_images)
+    if bad:
+        kept = np.array([path not in bad for path in database])
+        new_index = np.cumsum(kept) - 1  # old database index -> index among the kept images
+        gnd = [{key: new_index[values[kept[values]]] if key != "bbx" else values for key, values in entry.items()}
+               for path, entry in zip(queries, gnd) if path not in bad]
+        queries, database = [p for p in queries if p not in bad], [p for p in database if p not in bad]
+        extra = [p for p in extra if p not in bad]
     if not any(entry["easy"].size or entry["hard"].size for entry in gnd):
         raise RecallkUsageError(f"{gnd_path}: no query has a positive (every gnd[q]'s easy and hard are empty), so "
                                 "no mAP can be computed; use the official ground truth")
     boxes = [_check_box(path, entry.pop("bbx"), q) for q, (path, entry) in enumerate(zip(queries, gnd))]
-    extra = read_distractor_list(distractors) if distractors is not None else []
     return RevisitedBenchmark(name, database, queries, boxes, gnd, extra)
 
 

@@ -208,14 +208,18 @@ def evaluate_benchmark(
     scales: Sequence[float] | None = None,
     device: str = "auto",
     progress: bool = True,
+    skip_bad_images: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics`) of a trained model on a landmark
-    benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the run's ``data.data_dir``)."""
+    benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the run's ``data.data_dir``);
+    images Pillow cannot read are refused before any descriptor, or left out with ``skip_bad_images``
+    (:func:`~recallk.data.revisited.read_revisited`)."""
     from recallk.data.paths import resolve_data_dir
 
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(path, torch_device)
-    read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
+    read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors,
+                          skip_bad_images=skip_bad_images)
     # a learned whitening (recallk whiten) maps the multi-scale aggregate, as it was fitted on it (cirtorch's order)
     whitening = model.pop_whitening() if isinstance(model, EmbeddingModel) else None
     metrics = benchmark_metrics(model, config, read, torch_device, scales, post_process=whitening, progress=progress)

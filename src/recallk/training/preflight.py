@@ -40,7 +40,8 @@ def preflight(
     check_user_splits(data, root, splits)
     if landmark_lists:
         check_landmark_splits(data, root, splits)
-    return {name: read_revisited(resolve_data_dir(root), name) for name in config.eval.benchmarks}
+    return {name: read_revisited(resolve_data_dir(root), name, skip_bad_images=data.skip_bad_images)
+            for name in config.eval.benchmarks}
 
 
 def check_device(config: Config) -> None:

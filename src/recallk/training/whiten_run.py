@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from recallk.config import Config, config_from_dict, config_to_dict
+from recallk.data.image_dataset import unreadable_images
 from recallk.data.landmarks import sfm120k_pairs
 from recallk.data.paths import resolve_data_dir
 from recallk.engine.distributed import resolve_device
@@ -55,6 +56,7 @@ def whiten_run(
     device: str = "auto",
     scales: Sequence[float] | None = None,
     progress: bool = True,
+    skip_bad_images: bool = False,
 ) -> tuple[Path, Whitening]:
     """Fit a whitening for the model at ``path`` (a run directory or a checkpoint) and save the whitened model.
 
@@ -63,8 +65,9 @@ def whiten_run(
     size (default: the embedding size). Descriptors are computed as the landmark benchmarks compute them (full
     images with the longer side ``eval.image_size``, aggregated over ``scales``, default ``eval.scales``), so the
     whitening fits what ``recallk evaluate --benchmark`` whitens. ``out``: the new checkpoint (default
-    ``checkpoints/whitened.pt`` beside the source); an existing file is replaced only with ``force``. Returns the
-    file written and the whitening layer.
+    ``checkpoints/whitened.pt`` beside the source); an existing file is replaced only with ``force``. Images Pillow
+    cannot read are refused before any descriptor is computed, or left out with ``skip_bad_images`` (with the pairs
+    that use them). Returns the file written and the whitening layer.
     """
     if (pairs is None) == (not images):
         raise RecallkUsageError("pass either --pairs PART (learned whitening) or --images PATH ... (PCA whitening)")
@@ -86,6 +89,7 @@ def whiten_run(
     if dim is not None and not 0 < dim <= size:
         raise RecallkUsageError(f"--dim {dim}: the whitening dimension must be in 1..{size} (the embedding size)")
     paths, pair_index = _images_to_describe(config, pairs, images, data_dir, size, dim or size)
+    paths, pair_index = _without_unreadable(paths, pair_index, skip_bad_images)
     torch_device = resolve_device(device)
     scales = tuple(scales or config.eval.scales)
     descriptors = _descriptors(network.to(torch_device), config, paths, scales, torch_device, progress)
@@ -152,3 +156,17 @@ def _descriptors(
     only), one at a time, aggregated over ``scales`` (:mod:`recallk.evaluation.multiscale`)."""
     return multiscale_descriptors(network, landmark_images(config, paths), device, scales=scales, total=len(paths),
                                   progress=progress, desc="descriptors for whitening")
+
+
+def _without_unreadable(
+    paths: list[Path], pair_index: np.ndarray | None, skip: bool
+) -> tuple[list[Path], np.ndarray | None]:
+    """``paths`` and ``pair_index`` (``(M, 2)`` indices into ``paths``) with the images Pillow cannot read refused
+    (:func:`~recallk.data.image_dataset.unreadable_images`), or with ``skip`` left out, with the pairs using them."""
+    bad = unreadable_images(paths, "images to fit the whitening on", skip)
+    if not bad:
+        return paths, pair_index
+    kept = np.array([path not in bad for path in paths])
+    if pair_index is not None:
+        pair_index = (np.cumsum(kept) - 1)[pair_index[kept[pair_index].all(axis=1)]]
+    return [path for path, keep in zip(paths, kept) if keep], pair_index
