@@ -189,6 +189,7 @@ def test_a_whitening_of_other_weights_is_refused(sfm_run: Path, tmp_path: Path, 
         assert f"of {trained_on / 'checkpoints' / 'last.pt'}" in error and f"recallk whiten {run} --force" in error
     assert main(["whiten", str(run), "--pairs", "val", "--scales", "1", "--device", "cpu", "--force", "--quiet"]) == 0
     assert recallk.load_model(run).embed_dim == 8  # fitted again on the run's own best.pt
+    assert not (run / "descriptor_cache").exists()  # its descriptors were kept only while it computed them
 
 
 def test_images_without_a_suffix_and_image_lists(sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -239,3 +240,30 @@ def test_unreadable_images_fail_before_the_descriptors_or_are_skipped(sfm_run: P
     assert "1 of 24 images to fit the whitening on cannot be read" in capsys.readouterr().err
     assert main([*whiten, "--skip-bad-images"]) == 0
     assert load_checkpoint(tmp_path / "w.pt")["whitening"]["pairs"] == "sfm120k val (17 pairs)"
+
+
+def test_an_interrupted_benchmark_resumes_from_its_descriptor_cache(
+    sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sfm_run, run, ignore=shutil.ignore_patterns("whitened.pt", "evaluation.*"))
+    listing = write_distractors(tmp_path / "r1m", 3)
+    good = (tmp_path / "r1m" / "jpg" / "d1.jpg").read_bytes()
+    (tmp_path / "r1m" / "jpg" / "d1.jpg").write_bytes(good[: len(good) // 2])  # its header reads; its pixels do not
+    evaluate = ["evaluate", str(run), "--benchmark", "roxford5k", "--distractors", str(listing), "--device", "cpu",
+                "--quiet"]
+    assert main(evaluate) == 2  # after the queries' and the database's descriptors
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot decode image" in error and "d1.jpg" in error
+    kept = sorted((run / "descriptor_cache").glob("*.pt"))
+    assert len(kept) == 2  # one chunk of queries, one of the database
+
+    (tmp_path / "r1m" / "jpg" / "d1.jpg").write_bytes(good)
+    with caplog.at_level("INFO"):
+        assert main(evaluate[:-1]) == 0  # without --quiet: the resumption is reported
+    assert "the descriptors of 3 of 3 roxford5k queries are read from" in caplog.text
+    assert "the descriptors of 14 of 14 roxford5k database are read from" in caplog.text
+    assert not (run / "descriptor_cache").exists()  # removed once the metrics are saved
+    resumed = json.loads((run / "evaluation.json").read_text())["roxford5k+distractors"]
+    assert main([*evaluate, "--out", str(tmp_path / "fresh.json")]) == 0  # computed from scratch
+    assert json.loads((tmp_path / "fresh.json").read_text())["roxford5k+distractors"] == resumed

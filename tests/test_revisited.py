@@ -301,6 +301,33 @@ def test_multiscale_without_gem_averages_and_post_process_applies() -> None:
     torch.testing.assert_close(got, F.normalize(F.normalize(mean, dim=1) @ projection, dim=1))
 
 
+def test_descriptor_cache_computes_only_the_missing_chunks(tmp_path: Path) -> None:
+    from recallk.evaluation.descriptor_cache import DescriptorCache
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(7)]
+    values = torch.arange(7.0)[:, None].repeat(1, 3)
+    asked: list[list[int]] = []
+
+    def compute(indices):
+        asked.append(list(indices))
+        for start in range(0, len(indices), 3):
+            yield values[list(indices[start:start + 3])]
+
+    first = DescriptorCache(tmp_path / "cache", "model A", chunk_size=3)
+    assert torch.equal(torch.cat(list(first.descriptors(paths, compute))), values)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # chunks of 3, 3 and 1 images
+    first.files[1].unlink()  # as if interrupted while computing the middle chunk
+    again = DescriptorCache(tmp_path / "cache", "model A", chunk_size=3)
+    assert torch.equal(torch.cat(list(again.descriptors(paths, compute))), values)
+    other = DescriptorCache(tmp_path / "cache", "model B", chunk_size=3)  # other settings: nothing is reused
+    assert torch.equal(torch.cat(list(other.descriptors(paths, compute))), values)
+    assert asked == [list(range(7)), [3, 4, 5], list(range(7))]
+    again.discard()
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # model B's are not this cache's to remove
+    other.discard()
+    assert not (tmp_path / "cache").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end
 

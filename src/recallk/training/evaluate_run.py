@@ -6,8 +6,9 @@ training for ``eval.benchmarks`` and ``recallk evaluate --benchmark`` through :f
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from recallk.config import Config, config_from_dict
 from recallk.data.revisited import LandmarkImages, RevisitedBenchmark, read_revisited
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
+from recallk.evaluation.descriptor_cache import DescriptorCache
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
-from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors, multiscale_descriptors
+from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
 from recallk.models.factory import EmbeddingModel
 from recallk.training.assemble import build_network, build_split, eval_transform, reader_decoding_of
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 WHITENED_CHECKPOINT = "whitened.pt"  # written by ``recallk whiten`` (recallk.training.whiten_run)
+DESCRIPTOR_CACHE = "descriptor_cache"  # descriptors kept while a benchmark or a whitening computes them
+DESCRIPTOR_CHUNK = 1024  # images per chunk of descriptors (computed, cached and scored together)
 TRAINED_CHECKPOINTS = ("best.pt", "last.pt")  # a run's own checkpoints, in the order a run directory resolves them
 
 
@@ -171,28 +175,79 @@ def benchmark_metrics(
     scales: Sequence[float] | None = None,
     post_process: PostProcess | None = None,
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Easy/Medium/Hard mAP and mP@1/5/10 of ``model`` on ``benchmark`` (distractors included), as fractions.
 
     Images are decoded as the run's reader decodes, queries cropped to their box, everything scaled to
     ``eval.image_size`` (shrink only) and described at ``scales`` (default ``eval.scales``); ``post_process``
     (e.g. whitening) maps the aggregated descriptors. Distractor descriptors are scored chunk by chunk and dropped.
+    With ``cache_dir``, descriptors are kept there chunk by chunk while they are computed
+    (:class:`~recallk.evaluation.descriptor_cache.DescriptorCache`), so an interrupted evaluation resumes where it
+    stopped; they are removed once the metrics are computed.
     Returns ``{"easy": {...}, "medium": {...}, "hard": {...}, "image_size", "scales", "database", "distractors"}``.
     """
     if hasattr(model, "tokenize"):
         raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
     scales = tuple(scales or config.eval.scales)
-    options: dict[str, Any] = {"scales": scales, "post_process": post_process, "progress": progress}
-    queries = multiscale_descriptors(model, landmark_images(config, benchmark.queries, benchmark.boxes), device,
-                                     total=len(benchmark.queries), desc=f"{benchmark.name} queries", **options)
-    database = multiscale_descriptors(model, landmark_images(config, benchmark.database), device,
-                                      total=len(benchmark.database), desc=f"{benchmark.name} database", **options)
-    distractors = iter_multiscale_descriptors(model, landmark_images(config, benchmark.distractors), device,
-                                              total=len(benchmark.distractors), desc="distractors", **options)
+    describe = LandmarkDescriber(model, config, device, scales, post_process, progress, cache_dir)
+    queries = torch.cat(list(describe(benchmark.queries, f"{benchmark.name} queries", benchmark.boxes)))
+    database = torch.cat(list(describe(benchmark.database, f"{benchmark.name} database")))
+    distractors = describe(benchmark.distractors, "distractors")
     results: dict[str, Any] = search_metrics(queries.to(device), database, benchmark.gnd, distractors)
+    describe.discard()
     results.update(image_size=config.eval.image_size, scales=list(scales), database=len(benchmark.database),
                    distractors=len(benchmark.distractors))
     return results
+
+
+class LandmarkDescriber:
+    """``describer(paths, desc, boxes=None)``: an iterator of the descriptors ``(n, D)`` of image files, chunk by
+    chunk, as the landmark benchmarks compute them (:func:`landmark_images`, the multi-scale aggregate of
+    :mod:`recallk.evaluation.multiscale`, then ``post_process``). With ``cache_dir`` they go through a
+    :class:`~recallk.evaluation.descriptor_cache.DescriptorCache` keyed by everything that changes them: the
+    weights (and those of ``post_process`` when it is a module), ``eval.image_size``, ``scales``, the reader's
+    decoding and the preprocessing."""
+
+    def __init__(self, model: nn.Module, config: Config, device: torch.device, scales: Sequence[float],
+                 post_process: PostProcess | None = None, progress: bool = True,
+                 cache_dir: Path | None = None) -> None:
+        self.model, self.config, self.device, self.scales = model, config, device, tuple(scales)
+        self.post_process, self.progress, self.cache = post_process, progress, None
+        if cache_dir is not None:
+            whitening = post_process.state_dict() if isinstance(post_process, nn.Module) else {}
+            settings = json.dumps({
+                "weights": weights_digest(model.state_dict(), exclude_prefix="\0"),
+                "post_process": None if post_process is None else weights_digest(whitening, exclude_prefix="\0"),
+                "image_size": config.eval.image_size, "scales": list(self.scales),
+                "decoding": reader_decoding_of(config), "preprocessing": repr(landmark_tensor_transform(config)),
+            })
+            self.cache = DescriptorCache(cache_dir, settings, DESCRIPTOR_CHUNK)
+
+    def __call__(self, paths: Sequence[Path], desc: str, boxes: Sequence | None = None) -> Iterator[torch.Tensor]:
+        def compute(indices: Sequence[int]) -> Iterator[torch.Tensor]:
+            images = landmark_images(self.config, [paths[i] for i in indices],
+                                     None if boxes is None else [boxes[i] for i in indices])
+            return iter_multiscale_descriptors(
+                self.model, images, self.device, self.scales, post_process=self.post_process,
+                chunk_size=DESCRIPTOR_CHUNK, total=len(indices), progress=self.progress, desc=desc,
+            )
+
+        if self.cache is None:
+            return compute(range(len(paths)))
+        return self.cache.descriptors(list(paths), compute, boxes, what=desc)
+
+    def discard(self) -> None:
+        """Remove the cached descriptors (once the result they served is computed)."""
+        if self.cache is not None:
+            self.cache.discard()
+
+
+def descriptor_cache_folder(path: str | Path) -> Path:
+    """Where ``recallk evaluate --benchmark`` and ``recallk whiten`` keep descriptors while they compute them: the
+    run directory's ``descriptor_cache/``, or that folder beside a checkpoint file."""
+    path = Path(path)
+    return (path if path.is_dir() else path.parent) / DESCRIPTOR_CACHE
 
 
 def benchmark_key(name: str, distractors: str | Path | None) -> str:
@@ -222,6 +277,7 @@ def evaluate_benchmark(
                           skip_bad_images=skip_bad_images)
     # a learned whitening (recallk whiten) maps the multi-scale aggregate, as it was fitted on it (cirtorch's order)
     whitening = model.pop_whitening() if isinstance(model, EmbeddingModel) else None
-    metrics = benchmark_metrics(model, config, read, torch_device, scales, post_process=whitening, progress=progress)
+    metrics = benchmark_metrics(model, config, read, torch_device, scales, post_process=whitening, progress=progress,
+                                cache_dir=descriptor_cache_folder(path))
     metrics["whitening"] = config.model.whitening
     return {benchmark_key(benchmark, distractors): metrics}

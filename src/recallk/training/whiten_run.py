@@ -28,15 +28,15 @@ from recallk.data.landmarks import sfm120k_pairs
 from recallk.data.paths import resolve_data_dir
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
-from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.factory import EmbeddingModel
 from recallk.models.whitening import Whitening, learn_whitening, pca_whitening
 from recallk.training.assemble import build_network
 from recallk.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from recallk.training.evaluate_run import (
     WHITENED_CHECKPOINT,
+    LandmarkDescriber,
     check_whitening_source,
-    landmark_images,
+    descriptor_cache_folder,
     trained_checkpoint,
 )
 
@@ -64,7 +64,8 @@ def whiten_run(
     -> learned whitening; ``images``: image files -> PCA whitening with eigenvalue ``power``. ``dim``: output
     size (default: the embedding size). Descriptors are computed as the landmark benchmarks compute them (full
     images with the longer side ``eval.image_size``, aggregated over ``scales``, default ``eval.scales``), so the
-    whitening fits what ``recallk evaluate --benchmark`` whitens. ``out``: the new checkpoint (default
+    whitening fits what ``recallk evaluate --benchmark`` whitens; they are kept in the run's ``descriptor_cache/``
+    while they are computed, so an interrupted fit resumes. ``out``: the new checkpoint (default
     ``checkpoints/whitened.pt`` beside the source); an existing file is replaced only with ``force``. Images Pillow
     cannot read are refused before any descriptor is computed, or left out with ``skip_bad_images`` (with the pairs
     that use them). Returns the file written and the whitening layer.
@@ -92,7 +93,9 @@ def whiten_run(
     paths, pair_index = _without_unreadable(paths, pair_index, skip_bad_images)
     torch_device = resolve_device(device)
     scales = tuple(scales or config.eval.scales)
-    descriptors = _descriptors(network.to(torch_device), config, paths, scales, torch_device, progress)
+    describe = LandmarkDescriber(network.to(torch_device), config, torch_device, scales, progress=progress,
+                                 cache_dir=descriptor_cache_folder(path))
+    descriptors = torch.cat(list(describe(paths, "descriptors for whitening")))
     if pair_index is not None:
         kind, layer = "learned", learn_whitening(descriptors, torch.from_numpy(pair_index), dim)
     else:
@@ -110,6 +113,7 @@ def whiten_run(
     }
     save_checkpoint(target, {"config": config_to_dict(whitened), "model": network.cpu().state_dict(),
                              "whitening": about})
+    describe.discard()
     return target, layer
 
 
@@ -146,16 +150,6 @@ def _images_to_describe(
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of the {pairs} pairs are missing, e.g. "
                                 f"{missing[0]}; the {data.dataset} images must sit under {base}")
     return paths, index
-
-
-def _descriptors(
-    network: EmbeddingModel, config: Config, paths: list[Path], scales: Sequence[float], device: torch.device,
-    progress: bool,
-) -> torch.Tensor:
-    """Descriptors ``(N, D)`` as the landmark benchmarks compute them: full images at ``eval.image_size`` (shrink
-    only), one at a time, aggregated over ``scales`` (:mod:`recallk.evaluation.multiscale`)."""
-    return multiscale_descriptors(network, landmark_images(config, paths), device, scales=scales, total=len(paths),
-                                  progress=progress, desc="descriptors for whitening")
 
 
 def _without_unreadable(
