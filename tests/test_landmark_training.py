@@ -267,3 +267,17 @@ def test_an_interrupted_benchmark_resumes_from_its_descriptor_cache(
     resumed = json.loads((run / "evaluation.json").read_text())["roxford5k+distractors"]
     assert main([*evaluate, "--out", str(tmp_path / "fresh.json")]) == 0  # computed from scratch
     assert json.loads((tmp_path / "fresh.json").read_text())["roxford5k+distractors"] == resumed
+
+
+def test_a_benchmark_of_a_read_only_run_is_computed_without_a_cache(
+    sfm_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from test_newcomer_api import read_only
+
+    run = tmp_path / "run"
+    shutil.copytree(sfm_run, run, ignore=shutil.ignore_patterns("whitened.pt", "evaluation.*"))
+    with read_only(run), caplog.at_level("WARNING"):
+        assert main(["evaluate", str(run), "--benchmark", "roxford5k", "--device", "cpu", "--out",
+                     str(tmp_path / "evaluation.json")]) == 0
+    assert f"cannot keep descriptors in {run / 'descriptor_cache'} (not writable)" in caplog.text
+    assert json.loads((tmp_path / "evaluation.json").read_text())["roxford5k"]["database"] == 14

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,15 @@ from recallk.files import atomic_write
 logger = logging.getLogger(__name__)
 
 Compute = Callable[[list[int]], Iterator[Tensor]]  # image indices -> descriptors of chunk_size images at a time
+
+
+def writable_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` exists or can be created, and files can be written into it."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 class DescriptorCache:

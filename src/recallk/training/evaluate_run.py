@@ -22,7 +22,7 @@ from recallk.config import Config, config_from_dict
 from recallk.data.revisited import LandmarkImages, RevisitedBenchmark, read_revisited
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
-from recallk.evaluation.descriptor_cache import DescriptorCache
+from recallk.evaluation.descriptor_cache import DescriptorCache, writable_folder
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.evaluation.multiscale import PostProcess, iter_multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
@@ -214,7 +214,10 @@ class LandmarkDescriber:
                  cache_dir: Path | None = None) -> None:
         self.model, self.config, self.device, self.scales = model, config, device, tuple(scales)
         self.post_process, self.progress, self.cache = post_process, progress, None
-        if cache_dir is not None:
+        if cache_dir is not None and not writable_folder(cache_dir):
+            logger.warning("cannot keep descriptors in %s (not writable): an interruption will start again from the "
+                           "first image", cache_dir)
+        elif cache_dir is not None:
             whitening = post_process.state_dict() if isinstance(post_process, nn.Module) else {}
             settings = json.dumps({
                 "weights": weights_digest(model.state_dict(), exclude_prefix="\0"),
