@@ -66,10 +66,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     (:func:`check_whitening_source`): one fitted on another run, or on weights training has replaced since, is
     refused."""
     path = Path(path)
-    trained = trained_checkpoint(path)
     whitened = path / "checkpoints" / WHITENED_CHECKPOINT
     if not path.is_dir() or not whitened.is_file():
-        return trained
+        return trained_checkpoint(path)
     whitening = load_checkpoint(whitened).get("whitening", {})
     check_whitening_source(whitened, whitening.get("source_weights"), whitening.get("source_checkpoint"))
     return whitened
@@ -220,8 +219,8 @@ class LandmarkDescriber:
         elif cache_dir is not None:
             whitening = post_process.state_dict() if isinstance(post_process, nn.Module) else {}
             settings = json.dumps({
-                "weights": weights_digest(model.state_dict(), exclude_prefix="\0"),
-                "post_process": None if post_process is None else weights_digest(whitening, exclude_prefix="\0"),
+                "weights": weights_digest(model.state_dict(), exclude_prefix=None),
+                "post_process": None if post_process is None else weights_digest(whitening, exclude_prefix=None),
                 "image_size": config.eval.image_size, "scales": list(self.scales),
                 "decoding": reader_decoding_of(config), "preprocessing": repr(landmark_tensor_transform(config)),
             })
