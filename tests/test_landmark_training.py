@@ -5,6 +5,7 @@ every way of loading the run applies it, and `recallk evaluate --benchmark roxfo
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,10 @@ from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.evaluation.revisited import search_metrics
 from recallk.models.export import load_exported
 from recallk.training.checkpoint import load_checkpoint
-from recallk.training.evaluate_run import benchmark_descriptors
-from revisited_fixtures import write_revisited
+from recallk.training.evaluate_run import LandmarkDescriber, benchmark_descriptors
+from revisited_fixtures import write_distractors, write_revisited
 
-from data_fixtures import landmark_image, make_sfm120k
+from data_fixtures import landmark_image, make_gldv2, make_sfm120k
 
 TINY = [  # the recipe, shrunk to a CPU-sized model and batch
     "model.backbone=omniglot_cnn", "model.pretrained=false", "model.in_chans=3", "model.widths=[8,16]",
@@ -34,6 +35,9 @@ TINY = [  # the recipe, shrunk to a CPU-sized model and batch
     "data.num_workers=0", "train.epochs=1", "train.max_steps=2", "train.chunk_size=4", "train.eval_every=1",
     "eval.batch_size=32", "output.plots=false",
 ]
+# evaluation.json's keys of roxford5k (and with the distractor list distractors.txt) for the run's best.pt
+KEY = "roxford5k (best.pt, 1024 px, scales 1 0.7071 0.5, whitening none)"
+R1M_KEY = "roxford5k+distractors (best.pt, 1024 px, scales 1 0.7071 0.5, whitening none)"
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +57,35 @@ def sfm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("recipe", ["sfm120k_resnet101_gem", "gldv2_resnet50_gem"])
 def test_landmark_recipes_pass_the_dry_run(recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", recipe, "loss.name=smooth_ap", "--dry-run", "--data-dir", str(tmp_path)]) == 0
+    make_sfm120k(tmp_path, {"train": {c: 16 for c in range(2)}, "val": {c: 16 for c in range(10, 12)}})
+    make_gldv2(tmp_path, {landmark: 4 for landmark in range(3)})
+    args = ["train", recipe, "loss.name=smooth_ap", "data.options.val_landmarks=1", "--dry-run", "--data-dir",
+            str(tmp_path)]
+    assert main(args if recipe.startswith("gldv2") else [a for a in args if "val_landmarks" not in a]) == 0
     printed = capsys.readouterr().out
     assert "gem_lr_mult: 10.0" in printed and "freeze_batchnorm: true" in printed and "batch_size: 4096" in printed
+
+
+def test_dry_run_reads_the_landmark_lists(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What training refuses first thing, the dry run refuses too: an empty data folder, a pickle without
+    ``cluster``, a listed image that is missing."""
+    dry_run = ["train", "sfm120k_resnet101_gem", "--dry-run", "--data-dir", str(tmp_path)]
+    assert main(dry_run) == 2
+    assert "retrieval-SfM-120k.pkl not found" in capsys.readouterr().err
+    folder = make_sfm120k(tmp_path, {"train": {c: 16 for c in range(2)}, "val": {10: 16}})
+    assert main(dry_run) == 0
+    missing = sorted(p for p in (folder / "ims").rglob("*") if p.is_file())[0]
+    content = missing.read_bytes()
+    missing.unlink()
+    assert main(dry_run) == 2
+    error = capsys.readouterr().err
+    assert "1 of" in error and "listed images are missing" in error and str(missing) in error
+    missing.write_bytes(content)
+    db = pickle.loads((folder / "retrieval-SfM-120k.pkl").read_bytes())
+    del db["val"]["cluster"]
+    (folder / "retrieval-SfM-120k.pkl").write_bytes(pickle.dumps(db))
+    assert main(dry_run) == 2
+    assert "part 'val' lacks cluster" in capsys.readouterr().err
 
 
 def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -129,6 +159,20 @@ def test_pca_whitening_from_images_and_bad_requests(sfm_run: Path, tmp_path: Pat
     assert main(["whiten", str(sfm_run), "--pairs", "val", "--dim", "9", "--out", str(tmp_path / "x.pt")]) == 2
     assert "--dim 9: the whitening dimension must be in 1..8" in capsys.readouterr().err
 
+    # too few images or pairs for the dimensions: refused before any image is read (these do not decode)
+    for i in range(5):
+        (tmp_path / "few" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "few" / f"{i}.jpg").write_bytes(b"not an image")
+    assert main(["whiten", str(sfm_run), "--images", str(tmp_path / "few"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "PCA whitening to 8 dimensions needs more images than dimensions, got 5; pass at least 9 images or " \
+           "--dim 4 or less" in capsys.readouterr().err
+    small = make_sfm120k(tmp_path / "small", {"train": {0: 2}, "val": {1: 3, 2: 3}})
+    shutil.rmtree(small / "ims")
+    assert main(["whiten", str(sfm_run), "--pairs", "val", "--data-dir", str(tmp_path / "small"), "--out",
+                 str(tmp_path / "x.pt")]) == 2
+    assert "--pairs val lists 4 pairs, but learned whitening of 8-d descriptors needs at least 8" in \
+           capsys.readouterr().err
+
 
 def test_embed_search_and_load_model_describe_images_as_the_benchmark(sfm_run: Path, tmp_path: Path) -> None:
     """A landmark model (whitened, three scales) gives one descriptor per image, whichever command asks: `recallk
@@ -143,8 +187,8 @@ def test_embed_search_and_load_model_describe_images_as_the_benchmark(sfm_run: P
     model = recallk.load_model(run)
     assert model.description.full_images and model.description.scales == (1.0, 0.7071, 0.5)
     benchmark = read_revisited(data, "roxford5k")
-    queries, database, _ = benchmark_descriptors(model.network, model.config, benchmark, torch.device("cpu"),
-                                                 progress=False)
+    describe = LandmarkDescriber(model.network, model.config, torch.device("cpu"), progress=False)
+    queries, database, _ = benchmark_descriptors(describe, benchmark)
     assert database.shape == (len(benchmark.database), 6)
 
     # queries cropped to their box, as the benchmark crops them (no scaling: the images are under eval.image_size)
@@ -183,3 +227,155 @@ def test_embed_search_and_load_model_describe_images_as_the_benchmark(sfm_run: P
     for neighbour in json.loads(report.read_text())["results"][0]["neighbours"]:
         row = database[names.index(Path(neighbour["path"]).name)]
         assert neighbour["similarity"] == pytest.approx(float(queries[0] @ row), abs=1e-5)
+
+
+def test_a_whitening_of_other_weights_is_refused(sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def copy(name: str) -> Path:
+        shutil.copytree(sfm_run, tmp_path / name, ignore=shutil.ignore_patterns("whitened.pt", "search_cache"))
+        return tmp_path / name
+
+    run, trained_on = copy("run"), copy("trained_on")
+    assert main(["train", "--resume", str(trained_on), "train.epochs=2", "train.max_steps=4",
+                 "--device", "cpu", "--quiet"]) == 0  # new weights in last.pt
+    capsys.readouterr()
+    foreign = ["whiten", str(trained_on / "checkpoints" / "last.pt"), "--pairs", "val", "--scales", "1", "--device",
+               "cpu", "--quiet"]
+    assert main([*foreign, "--out", str(run / "checkpoints" / "whitened.pt")]) == 2  # refused before any work
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a whitening of weights" in error and "best.pt weights" in error
+    assert not (run / "checkpoints" / "whitened.pt").exists()
+    # written anyway (an older recallk, a copied file): the run refuses to resolve to it, naming both
+    assert main([*foreign, "--out", str(tmp_path / "whitened.pt")]) == 0
+    shutil.copy(tmp_path / "whitened.pt", run / "checkpoints" / "whitened.pt")
+    for command in (["evaluate", str(run), "--benchmark", "roxford5k", "--device", "cpu"],
+                    ["embed", str(run), "--images", str(tmp_path), "--out", str(tmp_path / "e.npz")]):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"of {trained_on / 'checkpoints' / 'last.pt'}" in error and f"recallk whiten {run} --force" in error
+    assert main(["whiten", str(run), "--pairs", "val", "--scales", "1", "--device", "cpu", "--force", "--quiet"]) == 0
+    assert recallk.load_model(run).embed_dim == 8  # fitted again on the run's own best.pt
+    assert not (run / "descriptor_cache").exists()  # its descriptors were kept only while it computed them
+
+
+def test_images_without_a_suffix_and_image_lists(sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ims = tmp_path / "ims"  # cirtorch's SfM-120k ims/: JPEGs named by their cid, without a suffix
+    shutil.copytree(sfm_run.parent / "data" / "train" / "retrieval-SfM-120k" / "ims", ims)
+    images = sorted(p for p in ims.rglob("*") if p.is_file())
+    (ims / "NOTES").write_text("not an image, no suffix either")
+    assert main(["embed", str(sfm_run), "--images", str(ims), "--out", str(tmp_path / "all.npz")]) == 0
+    assert sorted(np.load(tmp_path / "all.npz")["item_ids"].tolist()) == sorted(map(str, images))
+    listing = tmp_path / "list.txt"  # one path a line, relative to the list's folder or absolute
+    listing.write_text(f"{images[0].relative_to(tmp_path)}\n\n{images[1]}\n")
+    assert main(["embed", str(sfm_run), "--images", str(listing), "--out", str(tmp_path / "two.npz")]) == 0
+    assert np.load(tmp_path / "two.npz")["item_ids"].tolist() == [str(images[0]), str(images[1])]
+    assert main(["whiten", str(sfm_run), "--images", str(ims), "--dim", "4", "--scales", "1", "--out",
+                 str(tmp_path / "pca.pt"), "--device", "cpu", "--quiet"]) == 0
+    assert "PCA, power 0.5, 8 -> 4 dims" in capsys.readouterr().out
+    listing.write_text("missing.jpg\n")
+    assert main(["whiten", str(sfm_run), "--images", str(listing), "--out", str(tmp_path / "x.pt")]) == 2
+    assert f"image {tmp_path / 'missing.jpg'} listed in image list {listing} does not exist" in capsys.readouterr().err
+
+
+def test_embed_a_landmark_run_defaults_to_its_test_split(sfm_run: Path, tmp_path: Path) -> None:
+    assert main(["embed", str(sfm_run), "--out", str(tmp_path / "val.npz"), "--device", "cpu", "--quiet"]) == 0
+    saved = np.load(tmp_path / "val.npz")  # data.split_test of the recipe is [val]; sfm120k has no split 'test'
+    assert len(saved["item_ids"]) == 24 and len(set(saved["labels"].tolist())) == 6
+
+
+def test_unreadable_images_fail_before_the_descriptors_or_are_skipped(sfm_run: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(sfm_run.parent / "data", data)
+    listing = write_distractors(tmp_path / "r1m", 3)
+    (tmp_path / "r1m" / "jpg" / "d2.jpg").write_bytes(b"GIF89a broken")
+    out = tmp_path / "evaluation.json"
+    evaluate = ["evaluate", str(sfm_run / "checkpoints" / "best.pt"), "--benchmark", "roxford5k", "--data-dir",
+                str(data), "--distractors", str(listing), "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(evaluate) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "1 of 20 roxford5k images cannot be read, e.g." in error and "d2.jpg" in error
+    assert main([*evaluate, "--skip-bad-images"]) == 0
+    assert json.loads(out.read_text())[R1M_KEY]["distractors"] == 2
+
+    _, names, _ = sfm120k_pairs(data, "val")
+    (data / "train" / "retrieval-SfM-120k" / "ims" / names[0]).write_bytes(b"")  # in one of the 18 val pairs
+    whiten = ["whiten", str(sfm_run / "checkpoints" / "best.pt"), "--pairs", "val", "--data-dir", str(data),
+              "--scales", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "w.pt")]
+    assert main(whiten) == 2
+    assert "1 of 24 images to fit the whitening on cannot be read" in capsys.readouterr().err
+    assert main([*whiten, "--skip-bad-images"]) == 0
+    assert load_checkpoint(tmp_path / "w.pt")["whitening"]["pairs"] == "sfm120k val (17 pairs)"
+
+
+def test_an_interrupted_benchmark_resumes_from_its_descriptor_cache(
+    sfm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sfm_run, run, ignore=shutil.ignore_patterns("whitened.pt", "evaluation.*"))
+    listing = write_distractors(tmp_path / "r1m", 3)
+    good = (tmp_path / "r1m" / "jpg" / "d1.jpg").read_bytes()
+    (tmp_path / "r1m" / "jpg" / "d1.jpg").write_bytes(good[: len(good) // 2])  # its header reads; its pixels do not
+    evaluate = ["evaluate", str(run), "--benchmark", "roxford5k", "--distractors", str(listing), "--device", "cpu",
+                "--quiet"]
+    assert main(evaluate) == 2  # after the queries' and the database's descriptors
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot decode image" in error and "d1.jpg" in error
+    kept = sorted((run / "descriptor_cache").glob("*.pt"))
+    assert len(kept) == 2  # one chunk of queries, one of the database
+
+    (tmp_path / "r1m" / "jpg" / "d1.jpg").write_bytes(good)
+    with caplog.at_level("INFO"):
+        assert main(evaluate[:-1]) == 0  # without --quiet: the resumption is reported
+    assert "the descriptors of 3 of 3 roxford5k queries are read from" in caplog.text
+    assert "the descriptors of 14 of 14 roxford5k database are read from" in caplog.text
+    assert not (run / "descriptor_cache").exists()  # removed once the metrics are saved
+    resumed = json.loads((run / "evaluation.json").read_text())[R1M_KEY]
+    assert main([*evaluate, "--out", str(tmp_path / "fresh.json")]) == 0  # computed from scratch
+    assert json.loads((tmp_path / "fresh.json").read_text())[R1M_KEY] == resumed
+
+
+def test_a_benchmark_of_a_read_only_run_is_computed_without_a_cache(
+    sfm_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from test_newcomer_api import read_only
+
+    run = tmp_path / "run"
+    shutil.copytree(sfm_run, run, ignore=shutil.ignore_patterns("whitened.pt", "evaluation.*"))
+    with read_only(run), caplog.at_level("WARNING"):
+        assert main(["evaluate", str(run), "--benchmark", "roxford5k", "--device", "cpu", "--out",
+                     str(tmp_path / "evaluation.json")]) == 0
+    assert f"cannot keep descriptors in {run / 'descriptor_cache'} (not writable)" in caplog.text
+    assert json.loads((tmp_path / "evaluation.json").read_text())[KEY]["database"] == 14
+
+
+def test_the_descriptor_cache_is_keyed_by_the_weights_and_the_description(sfm_run: Path, tmp_path: Path) -> None:
+    """A chunk of landmark descriptors is read back only for the same weights (a whitening's included) and the same
+    Description (scales, eval.image_size, preprocessing); any other computation writes and reads its own."""
+    import copy
+    import dataclasses
+
+    from recallk.models.whitening import pca_whitening
+    from recallk.training.evaluate_run import load_trained_model
+
+    model, config, _ = load_trained_model(sfm_run / "checkpoints" / "best.pt", torch.device("cpu"))
+    paths = sorted((sfm_run.parent / "data" / "roxford5k" / "jpg").glob("*.jpg"))[:10]
+
+    def described(network: torch.nn.Module = model, settings=config, scales=(1.0,)) -> tuple[torch.Tensor, set]:
+        describe = LandmarkDescriber(network, settings, torch.device("cpu"), scales, progress=False,
+                                     cache_dir=tmp_path / "cache")
+        return torch.cat(list(describe(paths, "images"))), set(describe.cache.files)
+
+    first, files = described()
+    again, same_files = described()
+    assert same_files == files and all(file.is_file() for file in files)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    whitened = copy.deepcopy(model)
+    whitened.set_whitening(pca_whitening(torch.cat([first, -first, first.roll(1, 1)]), dim=4))
+    other_weights = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other_weights.parameters()).add_(1e-3)
+    for other in (described(scales=(1.0, 0.5)), described(network=whitened), described(network=other_weights),
+                  described(settings=dataclasses.replace(config, eval=dataclasses.replace(config.eval, image_size=12))),
+                  described(settings=dataclasses.replace(config, data=dataclasses.replace(
+                      config.data, options={**config.data.options, "mean": [0.5] * 3, "std": [0.5] * 3})))):
+        assert not other[1] & files

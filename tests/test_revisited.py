@@ -216,6 +216,10 @@ class _RunsCode:
      "is outside the 64x48 image"),
     (lambda root: next((root / "roxford5k" / "jpg").glob("*_1_*.jpg")).unlink(), "does not exist"),
     (lambda root: (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(_RunsCode())), "refusing"),
+    (lambda root: _rewrite_gnd(root, lambda c: c["imlist"].append(c["imlist"][2])),
+     "imlist[14] names roxford5k_0_2.jpg a second time"),
+    (lambda root: _rewrite_gnd(root, lambda c: [g.update(easy=[], hard=np.array([])) for g in c["gnd"]]),
+     "no query has a positive"),
 ])
 def test_bad_files_are_one_line_errors(tmp_path: Path, breakage, message: str) -> None:
     write_revisited(tmp_path)
@@ -233,6 +237,32 @@ def test_missing_distractor_list_and_listed_image(tmp_path: Path) -> None:
     (tmp_path / "r1m" / "jpg" / "d1.jpg").unlink()
     with pytest.raises(RecallkUsageError, match="d1.jpg listed in distractor list"):
         read_revisited(tmp_path, "roxford5k", distractors=listing)
+
+
+def test_unreadable_images_are_refused_first_or_left_out(tmp_path: Path) -> None:
+    content = write_revisited(tmp_path)
+    listing = write_distractors(tmp_path / "r1m", 3)
+    jpg = tmp_path / "roxford5k" / "jpg"
+    (jpg / f"{content['qimlist'][1]}.jpg").write_bytes(b"<html>not found</html>")  # a garbage query JPEG
+    with pytest.raises(RecallkUsageError) as error:
+        read_revisited(tmp_path, "roxford5k", distractors=listing)
+    assert "\n" not in str(error.value) and "1 of 20 roxford5k images cannot be read" in str(error.value)
+    assert f"{content['qimlist'][1]}.jpg (cannot identify image file" in str(error.value)
+    assert "--skip-bad-images" in str(error.value)
+
+    bad_database = content["gnd"][0]["easy"][1]  # a positive of query 0, with database images after it
+    (jpg / f"{content['imlist'][bad_database]}.jpg").write_bytes(b"")
+    (tmp_path / "r1m" / "jpg" / "d1.jpg").write_bytes(b"\xff\xd8 truncated")
+    bench = read_revisited(tmp_path, "roxford5k", distractors=listing, skip_bad_images=True)
+    assert [p.name for p in bench.distractors] == ["d0.jpg", "d2.jpg"]
+    kept_queries = [0, 2]
+    assert [p.stem for p in bench.queries] == [content["qimlist"][q] for q in kept_queries]
+    assert bench.boxes == [tuple(content["gnd"][q]["bbx"]) for q in kept_queries]
+    assert [p.stem for p in bench.database] == [n for i, n in enumerate(content["imlist"]) if i != bad_database]
+    for entry, q in zip(bench.gnd, kept_queries):  # the same images by name, without the one left out
+        for key in ("easy", "hard", "junk"):
+            expected = [content["imlist"][i] for i in content["gnd"][q][key] if i != bad_database]
+            assert [bench.database[i].stem for i in entry[key]] == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,6 +338,33 @@ def test_scales_in_recallk_and_cirtorch_spelling(text: str) -> None:
 def test_scales_refuse_what_is_not_a_positive_number(text: str) -> None:
     with pytest.raises(ValueError, match="not a positive number|no scales"):
         parse_scales(text)
+
+
+def test_descriptor_cache_computes_only_the_missing_chunks(tmp_path: Path) -> None:
+    from recallk.evaluation.descriptor_cache import DescriptorCache
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(7)]
+    values = torch.arange(7.0)[:, None].repeat(1, 3)
+    asked: list[list[int]] = []
+
+    def compute(indices):
+        asked.append(list(indices))
+        for start in range(0, len(indices), 3):
+            yield values[list(indices[start:start + 3])]
+
+    first = DescriptorCache(tmp_path / "cache", "model A", chunk_size=3)
+    assert torch.equal(torch.cat(list(first.descriptors(paths, compute))), values)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # chunks of 3, 3 and 1 images
+    first.files[1].unlink()  # as if interrupted while computing the middle chunk
+    again = DescriptorCache(tmp_path / "cache", "model A", chunk_size=3)
+    assert torch.equal(torch.cat(list(again.descriptors(paths, compute))), values)
+    other = DescriptorCache(tmp_path / "cache", "model B", chunk_size=3)  # other settings: nothing is reused
+    assert torch.equal(torch.cat(list(other.descriptors(paths, compute))), values)
+    assert asked == [list(range(7)), [3, 4, 5], list(range(7))]
+    again.discard()
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # model B's are not this cache's to remove
+    other.discard()
+    assert not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

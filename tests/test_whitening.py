@@ -64,6 +64,18 @@ def test_pca_whitening_decorrelates_with_the_power(power: float) -> None:
         pca_whitening(x, dim=6)
 
 
+def test_pca_whitening_refuses_directions_the_descriptors_lack() -> None:
+    with pytest.raises(ValueError, match="to 8 dimensions needs descriptors that vary in 8 directions, but these 5 "
+                                         "span only 4; fit on more images than dimensions"):
+        pca_whitening(correlated(5, 8))  # 5 points span 4 directions: the other 4 would be scaled by 3e4
+    assert pca_whitening(correlated(5, 8), dim=4).projection.abs().max() < 1e3
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(50, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 8, generator=generator,
+                                                                                     dtype=torch.float64)
+    with pytest.raises(ValueError, match="but these 50 span only 3"):  # many images, but of 3 directions only
+        pca_whitening(flat, dim=5)
+
+
 def test_whitened_model_is_saved_loaded_and_exported_with_its_whitening(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = create_model("omniglot_cnn", embed_dim=8, widths=(16,), pooling="gem").eval()
@@ -122,24 +134,53 @@ def test_gem_exponent_gets_its_own_rate_and_no_weight_decay(tmp_path: Path) -> N
         trainer.close()
 
 
-def test_run_directory_resolves_to_the_whitened_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import os
-
+def test_run_directory_resolves_to_a_whitening_of_its_own_weights(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from recallk.training.checkpoint import CheckpointError, save_checkpoint, weights_digest
     from recallk.training.evaluate_run import resolve_checkpoint
 
+    def weights(seed: int) -> dict:
+        torch.manual_seed(seed)
+        return create_model("omniglot_cnn", embed_dim=4, widths=(4,)).state_dict()
+
     folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    for name in ("last.pt", "best.pt"):
-        (folder / name).write_bytes(b"")
+    best, last, other = weights(0), weights(1), weights(2)
+    save_checkpoint(folder / "best.pt", {"model": best})
+    save_checkpoint(folder / "last.pt", {"model": last})
+    (tmp_path / "summary.json").write_text("{}")
     assert resolve_checkpoint(tmp_path) == folder / "best.pt"
-    (folder / "whitened.pt").write_bytes(b"")
-    os.utime(folder / "best.pt", (1, 1))
-    os.utime(folder / "last.pt", (1, 1))
-    with caplog.at_level("WARNING"):
+    whitened = {**best, "whitening.mean": torch.ones(4), "whitening.projection": torch.eye(4)}
+    assert weights_digest(whitened) == weights_digest(best)  # the whitening's own buffers are not the weights
+    for source in (best, last):  # fitted on either checkpoint of this run
+        save_checkpoint(folder / "whitened.pt", {"model": whitened,
+                                                 "whitening": {"source_weights": weights_digest(source)}})
         assert resolve_checkpoint(tmp_path) == folder / "whitened.pt"
-    assert "older than" not in caplog.text
-    os.utime(folder / "last.pt")  # training went on after recallk whiten
-    os.utime(folder / "whitened.pt", (2, 2))
+    # another run's whitening (or one of weights that training has replaced since): refused in one line naming both
+    save_checkpoint(folder / "whitened.pt", {"model": whitened, "whitening": {
+        "source_weights": weights_digest(other), "source_checkpoint": "/elsewhere/checkpoints/best.pt"}})
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and f"weights {weights_digest(other)[:12]} of /elsewhere/checkpoints/best.pt" in message
+    assert f"best.pt weights {weights_digest(best)[:12]}" in message and "recallk whiten" in message
+    save_checkpoint(folder / "whitened.pt", {"model": whitened, "whitening": {"source_checkpoint": "x.pt"}})
+    with pytest.raises(CheckpointError, match="no digest to check them by"):
+        resolve_checkpoint(tmp_path)
+    assert resolve_checkpoint(folder / "whitened.pt") == folder / "whitened.pt"  # a file given is used as it is
+
+    (tmp_path / "summary.json").unlink()  # an interrupted run is named as unfinished
+    (folder / "whitened.pt").unlink()
     with caplog.at_level("WARNING"):
-        assert resolve_checkpoint(tmp_path) == folder / "whitened.pt"
-    assert "whitened.pt is older than last.pt" in caplog.text and "run recallk whiten again" in caplog.text
+        assert resolve_checkpoint(tmp_path) == folder / "best.pt"
+    assert "is unfinished" in caplog.text and f"recallk train --resume {tmp_path}" in caplog.text
+
+
+def test_run_directory_without_a_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    from recallk.training.checkpoint import CheckpointError
+    from recallk.training.evaluate_run import resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match="is not a run directory"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "config.yaml").write_text("{}")  # a run stopped before its first checkpoint
+    with pytest.raises(CheckpointError, match=f"start it again with 'recallk train {tmp_path}/config.yaml --run-dir"):
+        resolve_checkpoint(tmp_path)

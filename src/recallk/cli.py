@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scales", metavar="S", nargs="+",
                           help="with --benchmark: descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's "
                                "'[1, 1/2**(1/2), 1/2]' (default: eval.scales)")
+    evaluate.add_argument("--skip-bad-images", action="store_true",
+                          help="with --benchmark: leave out images that cannot be read (checked before any "
+                               "descriptor, reported in one warning)")
     _add_progress_switches(evaluate)
 
     embed = _add_subcommand(
@@ -255,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--images", metavar="PATH", nargs="+", help="unlabelled image files or folders to embed")
     embed.add_argument("--texts", metavar="FILE", help="text file to embed, one sentence per line (text models)")
     embed.add_argument("--data", metavar="DATASET", help="dataset name (default: the one the model was trained on)")
-    embed.add_argument("--split", default="test", help="split to embed (default: test)")
+    embed.add_argument("--split", help="split to embed (default: the run's first test split, data.split_test)")
     embed.add_argument("--out", metavar="FILE", required=True, help="output .npz file")
     embed.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     embed.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
@@ -317,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("--scales", metavar="S", nargs="+",
                         help="descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's '[1, 1/2**(1/2), 1/2]' (default: "
                              "eval.scales, as the benchmarks)")
+    whiten.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out images that cannot be read (and the pairs using them), checked before any "
+                             "descriptor")
+    _add_progress_switches(whiten)
 
     recipes = _add_subcommand(subparsers, "recipes", "list or copy the bundled recipes", RECIPES_EPILOG, _cmd_recipes)
     recipes.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), help="write recipe NAME into folder DIR")
@@ -405,13 +412,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from recallk.evaluation.revisited import format_revisited_table
     from recallk.training.evaluate_run import evaluate_benchmark, evaluate_run
 
-    if args.benchmark is None and (args.distractors or args.scales):
-        raise RecallkUsageError("--distractors and --scales apply to a landmark benchmark; add --benchmark NAME")
+    if args.benchmark is None and (args.distractors or args.scales or args.skip_bad_images):
+        raise RecallkUsageError("--distractors, --scales and --skip-bad-images apply to a landmark benchmark; add "
+                                "--benchmark NAME (a split's images follow the run's data.skip_bad_images)")
     if args.benchmark is not None and args.split is not None:
         raise RecallkUsageError("--benchmark and --split choose what to evaluate; pass one of them")
     if args.benchmark is not None:
         results = evaluate_benchmark(path, args.benchmark, data_dir=args.data_dir, distractors=args.distractors,
-                                     scales=_scales(args.scales), device=args.device, progress=_progress(args))
+                                     scales=_scales(args.scales), device=args.device, progress=_progress(args),
+                                     skip_bad_images=args.skip_bad_images)
         print(format_revisited_table(results))
     else:
         results = evaluate_run(
@@ -550,7 +559,8 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     images = list_image_files(args.images) if args.images else ()
     out, layer = whiten_run(
         args.path, pairs=args.pairs, images=images, dim=args.dim, power=power, out=args.out, force=args.force,
-        data_dir=args.data_dir, device=args.device, scales=_scales(args.scales),
+        data_dir=args.data_dir, device=args.device, scales=_scales(args.scales), progress=_progress(args),
+        skip_bad_images=args.skip_bad_images,
     )
     kind = f"learned from pairs '{args.pairs}'" if args.pairs else f"PCA, power {power}"
     print(f"saved {out} (whitening {kind}, {layer.in_dim} -> {layer.out_dim} dims)")

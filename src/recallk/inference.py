@@ -19,12 +19,14 @@ import torch
 from PIL import Image
 
 from recallk.data.image_dataset import apply_pixel_limit
+from recallk.data.listing import read_path_list
 from recallk.errors import RecallkUsageError
 from recallk.evaluation.index import Index
 from recallk.files import atomic_write, atomic_write_text
 from recallk.pretrained import RecallkModel, load_model, open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+LIST_SUFFIXES = (".txt",)  # a file of image paths, one a line
 CACHE_DIR = "search_cache"
 SHOWN_NAMES = 20  # file names listed in one warning about skipped or very large images
 
@@ -32,21 +34,39 @@ logger = logging.getLogger(__name__)
 
 
 def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files named by ``paths``: each a file, or a folder searched recursively (sorted, by suffix)."""
+    """Image files named by ``paths``: each an image file; a list file (``.txt``: one image path a line, relative to
+    its folder or absolute, :func:`~recallk.data.listing.read_path_list`); or a folder searched recursively (sorted)
+    for files with an image suffix and files without a suffix that Pillow identifies (cirtorch's SfM-120k ``ims/``)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_file(p))
             if not found:
                 raise FileNotFoundError(
-                    f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); point at a folder of images"
+                    f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)}, or images without a suffix); "
+                    "point at a folder of images"
                 )
             files.extend(found)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            files.extend(read_path_list(path))
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"{path} does not exist; pass image files or folders of images")
+            raise FileNotFoundError(f"{path} does not exist; pass image files, folders of images or a .txt list")
     return files
+
+
+def _is_image_file(path: Path) -> bool:
+    """An image suffix, or no suffix and contents Pillow identifies (it reads the header only)."""
+    if path.suffix:
+        return path.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True  # an image, too large for the current limit: reported when it is read
+    except (OSError, ValueError):
+        return False
 
 
 def read_text_lines(path: str | Path) -> list[str]:

@@ -26,6 +26,41 @@ class BadImageError(RecallkUsageError):
     """An image file exists but cannot be decoded (a data set problem the user fixes: the CLI exits with status 2)."""
 
 
+def image_error(file: IO[bytes] | str | Path) -> str | None:
+    """Why Pillow cannot read ``file`` (from its header and ``verify()``, without decoding the pixels), or ``None``
+    when it can: cheap enough to check every image of a data set before the work starts."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported when loaded
+            with Image.open(file) as image:
+                image.verify()
+    except _DECODE_ERRORS as err:
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
+
+
+def unreadable_images(paths: Sequence[Path], what: str, skip: bool) -> set[Path]:
+    """The image files among ``paths`` that Pillow cannot read (:func:`image_error`), checked before any work.
+
+    Without ``skip`` any such file is a one-line :class:`BadImageError` (count, the first file and why, the
+    option that leaves them out); with ``skip`` they are returned, for the caller to leave out, and named in one
+    warning. ``what`` names the images in both (e.g. ``"roxford5k images"``).
+    """
+    errors = {path: error for path in paths if (error := image_error(path)) is not None}
+    if not errors:
+        return set()
+    first, reason = next(iter(errors.items()))
+    if not skip:
+        raise BadImageError(
+            f"{len(errors)} of {len(paths)} {what} cannot be read, e.g. {first} ({reason}); replace or remove them, "
+            "or pass --skip-bad-images (data.skip_bad_images=true in training) to leave them out"
+        )
+    shown = ", ".join(str(p) for p in list(errors)[:3])
+    logger.warning("skipped %d of %d %s that cannot be read (--skip-bad-images): %s%s", len(errors), len(paths),
+                   what, shown, " ..." if len(errors) > 3 else "")
+    return set(errors)
+
+
 def apply_pixel_limit(limit: int | None) -> None:
     """Set Pillow's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS`` of this process to ``limit`` pixels
     (Pillow warns above it and refuses images over twice it); ``None`` leaves it as it is (Pillow's default
@@ -211,10 +246,9 @@ class ImageDataset(Dataset):
         keep = np.ones(len(names), dtype=bool)
         for i, name in enumerate(names):
             try:
-                with self.store.open(name) as f, warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported when loaded
-                    Image.open(f).verify()
-            except _DECODE_ERRORS:
+                with self.store.open(name) as f:
+                    keep[i] = image_error(f) is None
+            except OSError:
                 keep[i] = False
         bad = [n for n, k in zip(names, keep) if not k]
         if bad:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from recallk.errors import RecallkUsageError
+
 
 def check_split(dataset: str, split: str, splits: Sequence[str]) -> None:
     if split not in splits:
@@ -49,3 +51,19 @@ def class_keys(texts: Sequence[str]) -> list[int] | list[str]:
     if all(t.isdigit() for t in texts):
         return [int(t) for t in texts]
     return list(texts)
+
+
+def read_path_list(path: str | Path, what: str = "image list") -> list[Path]:
+    """The files a list file names, one a line (blank lines skipped), relative to the list file's folder or absolute;
+    a missing list or listed file is a one-line error naming it (``what`` says what the list is)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RecallkUsageError(f"{what} {path} does not exist; pass a text file with one image path a line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    files = [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines if line]
+    for file in files:
+        if not file.is_file():
+            raise RecallkUsageError(f"image {file} listed in {what} {path} does not exist; restore it or fix the list")
+    if not files:
+        raise RecallkUsageError(f"{what} {path} lists no file; write one image path a line")
+    return files

@@ -29,7 +29,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from recallk.data.image_dataset import convert_image
+from recallk.data.image_dataset import convert_image, unreadable_images
+from recallk.data.listing import read_path_list
 from recallk.errors import RecallkUsageError
 from recallk.registry import BENCHMARKS
 
@@ -116,6 +117,15 @@ def _checked_gnd(path: Path, gnd: Sequence[Any], num_database: int) -> list[dict
     return checked
 
 
+def _check_unique(path: Path, key: str, images: Sequence[Path]) -> None:
+    seen: set[Path] = set()
+    for index, image in enumerate(images):
+        if image in seen:
+            raise RecallkUsageError(f"{path}: {key}[{index}] names {image.name} a second time; each image may be "
+                                    f"listed once in {key} (use the official ground truth)")
+        seen.add(image)
+
+
 def _check_exists(paths: Sequence[Path], where: str) -> None:
     for path in paths:
         if not path.is_file():
@@ -137,19 +147,18 @@ def _check_box(path: Path, box: np.ndarray, q: int) -> tuple[float, float, float
 
 def read_distractor_list(path: str | Path) -> list[Path]:
     """Paths of a distractor list file: one image per line, relative to the file's folder (or absolute)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RecallkUsageError(f"distractor list {path} does not exist; pass a text file with one image path a line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    images = [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines if line]
-    _check_exists(images, f"distractor list {path}")
-    return images
+    return read_path_list(path, "distractor list")
 
 
-def read_revisited(root: str | Path, name: str, distractors: str | Path | None = None) -> RevisitedBenchmark:
+def read_revisited(
+    root: str | Path, name: str, distractors: str | Path | None = None, skip_bad_images: bool = False
+) -> RevisitedBenchmark:
     """Read benchmark ``name`` (``roxford5k``, ``rparis6k``) from ``<root>/<name>/``, checking every file it names.
 
-    ``distractors``: an optional list file of extra database images (R1M), appended after the database.
+    ``distractors``: an optional list file of extra database images (R1M), appended after the database. Every
+    image's header is read (:func:`~recallk.data.image_dataset.unreadable_images`): one that Pillow cannot read is
+    refused here, before any descriptor, or with ``skip_bad_images`` left out (a query with its ground truth, a
+    database image from every query's ``easy``/``hard``/``junk`` with the later indices shifted, a distractor).
     """
     if name not in BENCHMARKS:
         raise RecallkUsageError(BENCHMARKS.unknown(name))
@@ -158,10 +167,23 @@ def read_revisited(root: str | Path, name: str, distractors: str | Path | None =
     raw = _load_ground_truth(gnd_path)
     database = [_image_path(folder / "jpg", str(n)) for n in raw["imlist"]]
     queries = [_image_path(folder / "jpg", str(n)) for n in raw["qimlist"]]
+    for key, paths in (("imlist", database), ("qimlist", queries)):
+        _check_unique(gnd_path, key, paths)
     _check_exists(database + queries, f"{gnd_path}")
     gnd = _checked_gnd(gnd_path, raw["gnd"], len(database))
-    boxes = [_check_box(path, entry.pop("bbx"), q) for q, (path, entry) in enumerate(zip(queries, gnd))]
     extra = read_distractor_list(distractors) if distractors is not None else []
+    bad = unreadable_images(queries + database + extra, f"{name} images", skip_bad_images)
+    if bad:
+        kept = np.array([path not in bad for path in database])
+        new_index = np.cumsum(kept) - 1  # old database index -> index among the kept images
+        gnd = [{key: new_index[values[kept[values]]] if key != "bbx" else values for key, values in entry.items()}
+               for path, entry in zip(queries, gnd) if path not in bad]
+        queries, database = [p for p in queries if p not in bad], [p for p in database if p not in bad]
+        extra = [p for p in extra if p not in bad]
+    if not any(entry["easy"].size or entry["hard"].size for entry in gnd):
+        raise RecallkUsageError(f"{gnd_path}: no query has a positive (every gnd[q]'s easy and hard are empty), so "
+                                "no mAP can be computed; use the official ground truth")
+    boxes = [_check_box(path, entry.pop("bbx"), q) for q, (path, entry) in enumerate(zip(queries, gnd))]
     return RevisitedBenchmark(name, database, queries, boxes, gnd, extra)
 
 

@@ -308,20 +308,27 @@ def build_source(
         )
         names = build_omniglot(root, split, val_classes=val_classes, seed=seed).item_ids  # same order as the arrays
         return ArraySource.omniglot(images, labels, names, train)
-    kwargs = dict(cfg.options)
-    mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)  # transform options, not the reader's
+    mean, std = cfg.options.get("mean"), cfg.options.get("std")  # transform options, not the reader's
+    dataset = build_dataset(
+        cfg.dataset, data_dir, split,
+        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
+        skip_bad_images=cfg.skip_bad_images, max_image_pixels=cfg.max_image_pixels, **reader_kwargs(cfg, seed),
+    )
+    return DatasetSource(dataset, cfg.num_workers)
+
+
+def reader_kwargs(cfg: DataConfig, seed: int = 0) -> dict[str, Any]:
+    """The keyword arguments :func:`build_source` gives the reader of image data set ``cfg.dataset``: ``data.options``
+    without the transform's, Omniglot's ``val_classes``, ``seed`` and ``download``, and the landmark readers'
+    ``min_images`` (default ``data.samples_per_class``: they drop classes the sampler would pad)."""
+    kwargs = {key: value for key, value in cfg.options.items() if key not in TRANSFORM_OPTIONS}
     if cfg.dataset == "omniglot":
         kwargs.setdefault("val_classes", _val_classes(cfg))
         kwargs.setdefault("seed", seed)
         kwargs.setdefault("download", cfg.download)
-    if "min_images" in reader_options(cfg.dataset):  # landmark readers drop classes the sampler would pad
+    if "min_images" in reader_options(cfg.dataset):
         kwargs.setdefault("min_images", cfg.samples_per_class)
-    dataset = build_dataset(
-        cfg.dataset, data_dir, split,
-        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
-        skip_bad_images=cfg.skip_bad_images, max_image_pixels=cfg.max_image_pixels, **kwargs,
-    )
-    return DatasetSource(dataset, cfg.num_workers)
+    return kwargs
 
 
 def _val_classes(cfg: DataConfig) -> int:

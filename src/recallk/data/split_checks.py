@@ -1,6 +1,7 @@
 """Checks across the splits of one run on user data (the ``csv`` and ``folder`` readers), before training: every
 listed image exists, no two splits read the same CSV file, and no image is in two splits (a test on training images
-overstates recall). The training pre-flight and ``recallk train --dry-run`` run them."""
+overstates recall). The training pre-flight and ``recallk train --dry-run`` run them. ``--dry-run`` also reads the
+landmark training sets' lists (:func:`check_landmark_splits`), which training reads first thing anyway."""
 
 from __future__ import annotations
 
@@ -13,13 +14,24 @@ from typing import TYPE_CHECKING
 from recallk.data.factory import build_dataset
 from recallk.data.folder_csv import csv_split_file
 from recallk.data.paths import resolve_data_dir
-from recallk.data.sources import TRANSFORM_OPTIONS
+from recallk.data.sources import TRANSFORM_OPTIONS, reader_kwargs
 from recallk.errors import RecallkUsageError
 
 if TYPE_CHECKING:
     from recallk.config import DataConfig
 
 USER_READERS = ("csv", "folder")  # readers of user-arranged data; the standard data sets' splits are fixed
+LANDMARK_READERS = ("sfm120k", "gldv2")  # large downloads that users extract themselves: pickle/CSV plus images
+
+
+def check_landmark_splits(cfg: DataConfig, data_dir: str | Path | None, splits: Sequence[str]) -> None:
+    """For the landmark readers: read each distinct split in ``splits`` as training reads it (the pickle or CSV,
+    every listed image exists, classes too small dropped; no image decoded), so that a missing list file, a pickle
+    without ``cluster`` or a missing image fails with the one line training would give."""
+    if cfg.dataset not in LANDMARK_READERS:
+        return
+    for split in dict.fromkeys(splits):
+        build_dataset(cfg.dataset, resolve_data_dir(data_dir), split, **reader_kwargs(cfg))
 
 
 def check_user_splits(cfg: DataConfig, data_dir: str | Path | None, splits: Sequence[str]) -> None:

@@ -99,9 +99,16 @@ def learn_whitening(descriptors: Tensor, pairs: Tensor, dim: int | None = None) 
     return Whitening.from_fit(mean, projection[:dim])
 
 
+NULL_VARIANCE = 1e-10  # eigenvalues below this fraction of the largest one are directions the descriptors lack
+
+
 def pca_whitening(descriptors: Tensor, dim: int | None = None, power: float = 0.5, eps: float = 1e-9) -> Whitening:
     """PCA whitening of ``descriptors`` ``(N, D)``: ``P = diag(lambda + eps)^-power V^T`` over the ``dim`` leading
-    principal directions (``power`` 0.5: full whitening, 0: rotation only)."""
+    principal directions (``power`` 0.5: full whitening, 0: rotation only).
+
+    The descriptors must vary in ``dim`` directions (``N - 1 >= dim`` at least: ``N`` points span ``N - 1``):
+    whitening a direction of (numerically) zero variance would scale noise by ``eps^-power``; a ``ValueError`` says
+    how many directions there are instead."""
     dim = _check(descriptors, dim)
     if power < 0:
         raise ValueError(f"PCA whitening power must be >= 0 (0.5: full whitening), got {power}")
@@ -111,6 +118,13 @@ def pca_whitening(descriptors: Tensor, dim: int | None = None, power: float = 0.
     mean = x.mean(dim=0)
     centred = x - mean
     values, vectors = _descending_eigh(centred.t() @ centred / (len(x) - 1))
-    values, vectors = values[:dim].clamp(min=0) + eps, vectors[:, :dim]
+    rank = int((values > NULL_VARIANCE * values[0].clamp(min=0)).sum()) if values[0] > 0 else 0
+    if rank < dim:
+        raise ValueError(
+            f"PCA whitening to {dim} dimensions needs descriptors that vary in {dim} directions, but these {len(x)} "
+            f"span only {rank}; fit on more images than dimensions (at least {dim + 1}) or reduce the dimension to "
+            f"{max(rank, 1)}"
+        )
+    values, vectors = values[:dim] + eps, vectors[:, :dim]
     projection = values.pow(-power)[:, None] * vectors.t()
     return Whitening.from_fit(mean, projection)

@@ -8,6 +8,8 @@ is refused instead of executed.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,17 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"{path} is not a recallk checkpoint (no '{FORMAT}' tag); give a file written by `recallk train`"
         )
     return state
+
+
+def weights_digest(model_state: Mapping[str, torch.Tensor], exclude_prefix: str | None = "whitening.") -> str:
+    """SHA-256 (hex) of a model state dict's names, dtypes, shapes and values, in name order, leaving out the entries
+    under ``exclude_prefix`` (default: a whitening layer's buffers, so that a whitened checkpoint and the checkpoint
+    it was fitted on have the same digest; ``None``: every entry)."""
+    digest = hashlib.sha256()
+    for name in sorted(model_state):
+        if exclude_prefix is not None and name.startswith(exclude_prefix):
+            continue
+        tensor = model_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

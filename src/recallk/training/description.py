@@ -135,19 +135,19 @@ class Description:
 
     def iter_descriptors(
         self, network: nn.Module, images: Iterable[Tensor], device: torch.device, batch_size: int = 256,
-        total: int | None = None, progress: bool = True, desc: str = "descriptors",
+        total: int | None = None, progress: bool = True, desc: str = "descriptors", chunk_size: int = 1024,
     ) -> Iterator[Tensor]:
         """Float32 unit-norm descriptors of preprocessed ``images`` (``(C, H, W)`` each, from :attr:`preprocessing`),
         as consecutive ``(n, D)`` chunks on the CPU, in order. Crop: batches of ``batch_size`` through the network,
         one chunk. Full images: one image at a time at :attr:`scales`, the head's descriptors aggregated, then the
-        network's whitening (chunks of up to 1024 images)."""
+        network's whitening, in chunks of ``chunk_size`` images (the last one shorter)."""
         if not self.full_images:
             yield embed_batches(network, _stacked(images, batch_size), device, total=total, progress=progress,
                                 desc=desc)
             return
         features, whitening = _split_whitening(network)
         yield from iter_multiscale_descriptors(features, images, device, self.scales, post_process=whitening,
-                                               total=total, progress=progress, desc=desc)
+                                               chunk_size=chunk_size, total=total, progress=progress, desc=desc)
 
     def descriptors(
         self, network: nn.Module, images: Iterable[Tensor], device: torch.device, batch_size: int = 256,

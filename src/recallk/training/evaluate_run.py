@@ -6,6 +6,7 @@ training for ``eval.benchmarks`` and ``recallk evaluate --benchmark`` through :f
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,40 +20,78 @@ from recallk.config import Config, config_from_dict
 from recallk.data.revisited import LandmarkImages, RevisitedBenchmark, read_revisited
 from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
+from recallk.evaluation.descriptor_cache import DescriptorCache, writable_folder
 from recallk.evaluation.embed import embed_source, evaluate_embeddings, save_embeddings
 from recallk.evaluation.revisited import search_metrics
 from recallk.training.assemble import build_network, build_split
-from recallk.training.checkpoint import CheckpointError, load_checkpoint
+from recallk.training.checkpoint import CheckpointError, load_checkpoint, weights_digest
 from recallk.training.description import Description
 
 logger = logging.getLogger(__name__)
 
 
 WHITENED_CHECKPOINT = "whitened.pt"  # written by ``recallk whiten`` (recallk.training.whiten_run)
+DESCRIPTOR_CACHE = "descriptor_cache"  # descriptors kept while a benchmark or a whitening computes them
+DESCRIPTOR_CHUNK = 1024  # images per chunk of descriptors (computed, cached and scored together)
+TRAINED_CHECKPOINTS = ("best.pt", "last.pt")  # a run's own checkpoints, in the order a run directory resolves them
+
+
+def trained_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run directory's ``checkpoints/best.pt``, else ``last.pt`` (never the
+    whitened one: what ``recallk whiten`` fits on). A run directory that is not finished is named in a warning."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = [path / "checkpoints" / name for name in TRAINED_CHECKPOINTS if (path / "checkpoints" / name).is_file()]
+    if not found:
+        if (path / "config.yaml").is_file():
+            raise CheckpointError(
+                f"run directory {path} has no checkpoint yet: its training stopped before saving one (or is still "
+                f"running); start it again with 'recallk train {path / 'config.yaml'} --run-dir {path}'"
+            )
+        raise CheckpointError(f"{path} is not a run directory (no checkpoints/best.pt or last.pt); pass a run "
+                              "directory created by 'recallk train' or a checkpoint file")
+    if not (path / "summary.json").is_file():
+        logger.warning("run %s is unfinished (no summary.json: interrupted, or still training); using %s as it is "
+                       "now; continue it with 'recallk train --resume %s'", path, found[0], path)
+    return found[0]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's ``checkpoints/whitened.pt`` (the model with its learned whitening),
-    else ``best.pt``, else ``last.pt``. A ``whitened.pt`` older than ``best.pt``/``last.pt`` (training went on
-    after ``recallk whiten``) is still used, with a warning to fit it again."""
+    """A checkpoint file, or a run directory's ``checkpoints/whitened.pt`` (the model with its whitening), else
+    :func:`trained_checkpoint`. A ``whitened.pt`` must hold the weights of the run's ``best.pt`` or ``last.pt``
+    (:func:`check_whitening_source`): one fitted on another run, or on weights training has replaced since, is
+    refused."""
     path = Path(path)
-    if path.is_dir():
-        folder = path / "checkpoints"
-        for name in (WHITENED_CHECKPOINT, "best.pt", "last.pt"):
-            if (folder / name).is_file():
-                if name == WHITENED_CHECKPOINT:
-                    _warn_if_stale(folder / name)
-                return folder / name
-        raise CheckpointError(f"run directory {path} has no checkpoints/best.pt or last.pt; train it first")
-    return path
+    whitened = path / "checkpoints" / WHITENED_CHECKPOINT
+    if not path.is_dir() or not whitened.is_file():
+        return trained_checkpoint(path)
+    whitening = load_checkpoint(whitened).get("whitening", {})
+    check_whitening_source(whitened, whitening.get("source_weights"), whitening.get("source_checkpoint"))
+    return whitened
 
 
-def _warn_if_stale(whitened: Path) -> None:
-    newer = [p.name for p in (whitened.with_name("best.pt"), whitened.with_name("last.pt"))
-             if p.is_file() and p.stat().st_mtime > whitened.stat().st_mtime]
-    if newer:
-        logger.warning("%s is older than %s: training went on after recallk whiten; run recallk whiten again "
-                       "(with --force) to whiten the new weights", whitened, " and ".join(newer))
+def check_whitening_source(whitened: Path, digest: str | None, source: str | None) -> None:
+    """Refuse a whitened checkpoint ``whitened`` in a run's ``checkpoints/`` folder unless ``digest`` (the
+    :func:`~recallk.training.checkpoint.weights_digest` of the weights it was fitted on, read from ``source``) is
+    that of the folder's ``best.pt`` or ``last.pt``; one line names both. A folder without them checks nothing."""
+    held = {}
+    for name in TRAINED_CHECKPOINTS:
+        if (whitened.parent / name).is_file():
+            held[name] = weights_digest(load_checkpoint(whitened.parent / name)["model"])
+            if held[name] == digest:
+                return
+    if not held:
+        return
+    run = whitened.parent.parent
+    fitted = (f"weights {digest[:12]} of {source}" if digest else
+              f"the weights of {source}, with no digest to check them by (written by an older recallk)")
+    holds = " and ".join(f"{name} weights {value[:12]}" for name, value in held.items())
+    raise CheckpointError(
+        f"{whitened} is a whitening of {fitted}, but this run holds {holds} (another run's whitening, or training "
+        f"went on after recallk whiten); fit it again with 'recallk whiten {run} --force ...', or pass "
+        f"{whitened.with_name(next(iter(held)))} to use the model without whitening"
+    )
 
 
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config, Path]:
@@ -85,16 +124,19 @@ def evaluate_run(
 def export_embeddings(
     checkpoint: str | Path,
     out: str | Path,
-    split: str = "test",
+    split: str | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Embed ``split`` of ``dataset`` (default: the training data set) and save embeddings, labels and ids."""
+    """Embed ``split`` of ``dataset`` (default: the training data set) and save embeddings, labels and ids. The
+    default split is the run's first test split (``data.split_test``; ``test`` for another ``dataset``)."""
     torch_device = resolve_device(device)
     model, config, _ = load_trained_model(checkpoint, torch_device)
+    if split is None:
+        split = config.data.split_test[0] if dataset in (None, config.data.dataset) else "test"
     source = build_split(config, split, model, data_dir=data_dir, dataset=dataset)
     embeddings = embed_source(
         model, source, batch_size or config.eval.batch_size, torch_device, progress=progress,
@@ -117,32 +159,20 @@ def landmark_images(description: Description, paths: list[Path], boxes: list | N
 
 
 def benchmark_descriptors(
-    model: nn.Module,
-    config: Config,
-    benchmark: RevisitedBenchmark,
-    device: torch.device,
-    scales: Sequence[float] | None = None,
-    progress: bool = True,
+    describe: LandmarkDescriber, benchmark: RevisitedBenchmark
 ) -> tuple[torch.Tensor, torch.Tensor, Iterator[torch.Tensor]]:
     """``(queries (Q, D), database (N, D), distractor chunks)``: the descriptors of a landmark benchmark's images.
 
-    Every image is described as a landmark model describes it (:class:`~recallk.training.description.Description`
-    with full images, what ``recallk embed`` and :meth:`recallk.RecallkModel.embed` give a landmark model):
-    decoded as the run's reader decodes, queries cropped to their box, scaled to ``eval.image_size`` (shrink only),
-    described at ``scales`` (default ``eval.scales``) and whitened after the scales when the model has a whitening.
-    The distractors are described lazily, chunk by chunk, while the iterator is consumed.
+    Every image is described as a landmark model describes it (``describe``: :class:`LandmarkDescriber`, the
+    :class:`~recallk.training.description.Description` with full images, what ``recallk embed`` and
+    :meth:`recallk.RecallkModel.embed` give a landmark model): decoded as the run's reader decodes, queries cropped
+    to their box, scaled to ``eval.image_size`` (shrink only), described at the describer's scales and whitened
+    after the scales when the model has a whitening. The distractors are described lazily, chunk by chunk, while
+    the iterator is consumed.
     """
-    if hasattr(model, "tokenize"):
-        raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
-    description = Description.from_config(config, full_images=True, scales=scales)
-
-    def described(paths: list[Path], what: str, boxes: list | None = None) -> Iterator[torch.Tensor]:
-        images = landmark_images(description, paths, boxes, config.data.num_workers)
-        return description.iter_descriptors(model, images, device, total=len(paths), progress=progress, desc=what)
-
-    queries = torch.cat(list(described(benchmark.queries, f"{benchmark.name} queries", benchmark.boxes)))
-    database = torch.cat(list(described(benchmark.database, f"{benchmark.name} database")))
-    return queries, database, described(benchmark.distractors, "distractors")
+    queries = torch.cat(list(describe(benchmark.queries, f"{benchmark.name} queries", benchmark.boxes)))
+    database = torch.cat(list(describe(benchmark.database, f"{benchmark.name} database")))
+    return queries, database, describe(benchmark.distractors, "distractors")
 
 
 def benchmark_metrics(
@@ -152,17 +182,70 @@ def benchmark_metrics(
     device: torch.device,
     scales: Sequence[float] | None = None,
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Easy/Medium/Hard mAP and mP@1/5/10 of ``model`` on ``benchmark`` (distractors included), as fractions, from
-    :func:`benchmark_descriptors`; distractor descriptors are scored chunk by chunk and dropped. Returns
+    :func:`benchmark_descriptors`; distractor descriptors are scored chunk by chunk and dropped. With ``cache_dir``,
+    descriptors are kept there chunk by chunk while they are computed (:class:`LandmarkDescriber`), so an
+    interrupted evaluation resumes where it stopped; they are removed once the metrics are computed. Returns
     ``{"easy": {...}, "medium": {...}, "hard": {...}, "image_size", "scales", "whitening", "database",
     "distractors"}``."""
-    scales = tuple(scales or config.eval.scales)
-    queries, database, distractors = benchmark_descriptors(model, config, benchmark, device, scales, progress)
+    if hasattr(model, "tokenize"):
+        raise RecallkUsageError(f"{benchmark.name} is an image benchmark but this run's model embeds text")
+    describe = LandmarkDescriber(model, config, device, scales, progress, cache_dir)
+    queries, database, distractors = benchmark_descriptors(describe, benchmark)
     results: dict[str, Any] = search_metrics(queries.to(device), database, benchmark.gnd, distractors)
-    results.update(image_size=config.eval.image_size, scales=list(scales), whitening=whitening_name(config),
-                   database=len(benchmark.database), distractors=len(benchmark.distractors))
+    describe.discard()
+    results.update(image_size=config.eval.image_size, scales=list(describe.description.scales),
+                   whitening=whitening_name(config), database=len(benchmark.database),
+                   distractors=len(benchmark.distractors))
     return results
+
+
+class LandmarkDescriber:
+    """``describer(paths, desc, boxes=None)``: an iterator of the descriptors ``(n, D)`` of image files (queries
+    cropped to ``boxes``), chunk by chunk, as a landmark model describes them: the full-image
+    :class:`~recallk.training.description.Description` of ``config`` at ``scales`` (default ``eval.scales``),
+    :attr:`description`. With ``cache_dir`` they go through a
+    :class:`~recallk.evaluation.descriptor_cache.DescriptorCache` keyed by everything that changes them: the weights
+    (the whitening's included) and the description's fields (decoding, preprocessing, ``eval.image_size``, scales);
+    a folder that cannot be written is used without a cache, with a warning."""
+
+    def __init__(self, model: nn.Module, config: Config, device: torch.device, scales: Sequence[float] | None = None,
+                 progress: bool = True, cache_dir: Path | None = None) -> None:
+        self.model, self.device, self.progress, self.cache = model, device, progress, None
+        self.description = Description.from_config(config, full_images=True, scales=scales)
+        self.num_workers = config.data.num_workers
+        if cache_dir is not None and not writable_folder(cache_dir):
+            logger.warning("cannot keep descriptors in %s (not writable): an interruption will start again from the "
+                           "first image", cache_dir)
+        elif cache_dir is not None:
+            settings = json.dumps({"weights": weights_digest(model.state_dict(), exclude_prefix=None),
+                                   "description": repr(self.description)})
+            self.cache = DescriptorCache(cache_dir, settings, DESCRIPTOR_CHUNK)
+
+    def __call__(self, paths: Sequence[Path], desc: str, boxes: Sequence | None = None) -> Iterator[torch.Tensor]:
+        def compute(indices: Sequence[int]) -> Iterator[torch.Tensor]:
+            images = landmark_images(self.description, [paths[i] for i in indices],
+                                     None if boxes is None else [boxes[i] for i in indices], self.num_workers)
+            return self.description.iter_descriptors(self.model, images, self.device, total=len(indices),
+                                                     progress=self.progress, desc=desc, chunk_size=DESCRIPTOR_CHUNK)
+
+        if self.cache is None:
+            return compute(range(len(paths)))
+        return self.cache.descriptors(list(paths), compute, boxes, what=desc)
+
+    def discard(self) -> None:
+        """Remove the cached descriptors (once the result they served is computed)."""
+        if self.cache is not None:
+            self.cache.discard()
+
+
+def descriptor_cache_folder(path: str | Path) -> Path:
+    """Where ``recallk evaluate --benchmark`` and ``recallk whiten`` keep descriptors while they compute them: the
+    run directory's ``descriptor_cache/``, or that folder beside a checkpoint file."""
+    path = Path(path)
+    return (path if path.is_dir() else path.parent) / DESCRIPTOR_CACHE
 
 
 def whitening_name(config: Config) -> str:
@@ -191,15 +274,20 @@ def evaluate_benchmark(
     scales: Sequence[float] | None = None,
     device: str = "auto",
     progress: bool = True,
+    skip_bad_images: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """``{key: metrics}`` (:func:`benchmark_key`, :func:`benchmark_metrics` plus the ``checkpoint`` file name) of a
     trained model on a landmark benchmark read from ``<data root>/<benchmark>/`` (data root: ``data_dir``, else the
-    run's ``data.data_dir``)."""
+    run's ``data.data_dir``); images Pillow cannot read are refused before any descriptor, or left out with
+    ``skip_bad_images`` (:func:`~recallk.data.revisited.read_revisited`). Descriptors are kept in the run's
+    ``descriptor_cache/`` while they are computed (:func:`descriptor_cache_folder`)."""
     from recallk.data.paths import resolve_data_dir
 
     torch_device = resolve_device(device)
     model, config, checkpoint = load_trained_model(path, torch_device)
-    read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors)
-    metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress)
+    read = read_revisited(resolve_data_dir(data_dir or config.data.data_dir), benchmark, distractors,
+                          skip_bad_images=skip_bad_images)
+    metrics = benchmark_metrics(model, config, read, torch_device, scales, progress=progress,
+                                cache_dir=descriptor_cache_folder(path))
     metrics["checkpoint"] = checkpoint.name
     return {benchmark_key(benchmark, distractors, metrics): metrics}

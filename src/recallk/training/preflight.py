@@ -11,7 +11,7 @@ from recallk.config import Config
 from recallk.data.paths import resolve_data_dir
 from recallk.data.revisited import RevisitedBenchmark, read_revisited
 from recallk.data.sources import check_data_config
-from recallk.data.split_checks import check_user_splits
+from recallk.data.split_checks import check_landmark_splits, check_user_splits
 from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import SMALL_CNN
@@ -20,20 +20,28 @@ from recallk.models.text import PREFIX as TEXT_PREFIX
 TRANSFORM_CHANNELS = {"imagenet": 3, "omniglot": 1}  # channels of the tensors each data.transform produces
 
 
-def preflight(config: Config, data_dir: str | Path | None = None) -> dict[str, RevisitedBenchmark]:
+def preflight(
+    config: Config, data_dir: str | Path | None = None, landmark_lists: bool = True
+) -> dict[str, RevisitedBenchmark]:
     """Check the data set, transform, reader options and data root (:func:`~recallk.data.sources.check_data_config`),
     the loss parameters, that the model takes as many input channels as the transform produces, that
     ``train.device`` exists, for user data (csv, folder) the splits' listings
-    (:func:`~recallk.data.split_checks.check_user_splits`: files and images exist, no split shares another's), and
-    the files of the landmark benchmarks of ``eval.benchmarks``. Returns those benchmarks as read, by name."""
+    (:func:`~recallk.data.split_checks.check_user_splits`: files and images exist, no split shares another's), with
+    ``landmark_lists`` those of the landmark training sets (:func:`~recallk.data.split_checks.check_landmark_splits`;
+    training, which reads them next, passes ``False``), and the files of the landmark benchmarks of
+    ``eval.benchmarks``. Returns those benchmarks as read, by name."""
     root = data_dir if data_dir is not None else config.data.data_dir
     check_data_config(config.data, root)
     check_loss_params(config)
     check_channels(config)
     check_device(config)
     data = config.data
-    check_user_splits(data, root, [data.split_train, *([data.split_val] if data.split_val else []), *data.split_test])
-    return {name: read_revisited(resolve_data_dir(root), name) for name in config.eval.benchmarks}
+    splits = [data.split_train, *([data.split_val] if data.split_val else []), *data.split_test]
+    check_user_splits(data, root, splits)
+    if landmark_lists:
+        check_landmark_splits(data, root, splits)
+    return {name: read_revisited(resolve_data_dir(root), name, skip_bad_images=data.skip_bad_images)
+            for name in config.eval.benchmarks}
 
 
 def check_device(config: Config) -> None:

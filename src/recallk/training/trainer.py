@@ -122,7 +122,7 @@ class Trainer:
         self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
         # after the resume check (a changed data set is named as such); it reads the landmark benchmarks of
         # eval.benchmarks too, so a missing or bad file fails before training
-        benchmarks = preflight(config, data_root)
+        benchmarks = preflight(config, data_root, landmark_lists=False)
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
