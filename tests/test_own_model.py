@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +188,20 @@ def test_lightning_example_trains_with_the_multistage_engine(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "recall@1" in result.stdout
+
+
+def test_own_model_example_trains_and_reloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = runpy.run_path(str(ROOT / "examples" / "own_model.py"), run_name="own_model_example")
+    summary = example["main"](str(tmp_path / "run"))
+    assert summary["recall@1"] > summary["untrained"]["recall@1"]
+    assert "embedded (4, 32) with the trained model" in capsys.readouterr().out
+
+
+def test_the_guide_shows_the_tested_examples_verbatim() -> None:
+    guide = (ROOT / "docs" / "guide" / "own-model.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```$", guide, flags=re.S | re.M)
+    examples = {name: (ROOT / "examples" / name).read_text(encoding="utf-8")
+                for name in ("own_model.py", "lightning_multistage.py")}
+    assert len(blocks) >= 3
+    for block in blocks:
+        assert any(block in text for text in examples.values()), f"not in examples/: {block[:200]}"
