@@ -17,8 +17,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import recallk
+from recallk.config import config_from_dict
 from recallk.errors import RecallkUsageError
-from recallk.training.checkpoint import load_checkpoint, save_checkpoint
+from recallk.training.checkpoint import load_checkpoint
+from recallk.training.fit import _warn_unused_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,11 +146,13 @@ def test_stopped_and_resumed_fit_repeats_the_uninterrupted_run(tmp_path: Path) -
     b = load_checkpoint(cut / "checkpoints" / "last.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    # a checkpoint of a config's run (no "own" entry) is not resumed with a given model, and the other way round
-    state = load_checkpoint(cut / "checkpoints" / "last.pt")
-    del state["own"], state["format"]
-    save_checkpoint(cut / "checkpoints" / "last.pt", state)
-    with pytest.raises(RecallkUsageError, match="resume it with recallk train --resume"):
+    # the resume's change (train.max_steps) was recorded, and config.yaml still says whose run it is
+    assert (cut / "config_changes.jsonl").is_file()
+    assert (cut / "config.yaml").read_text().startswith("# trained by recallk.fit on your own model")
+    # a run started from a config (no such heading) is not resumed with a given model and data
+    text = (cut / "config.yaml").read_text()
+    (cut / "config.yaml").write_text(text.split("\n", 1)[1])
+    with pytest.raises(RecallkUsageError, match=f"resume it with recallk train --resume {cut}"):
         recallk.fit(TinyNet(), train, test_data=test, val_data=val, config=CONFIG, run_dir=cut, resume=True)
 
 
@@ -171,13 +175,25 @@ def test_what_fit_needs_is_one_clear_line(tmp_path: Path, make, message: str) ->
     assert not (tmp_path / "r").exists()
 
 
-def test_the_cli_does_not_rebuild_a_run_of_your_own_model(tmp_path: Path) -> None:
+def test_the_cli_does_not_rebuild_or_resume_a_run_of_your_own_model(tmp_path: Path) -> None:
     run = tmp_path / "run"
     fit(run, train={"max_steps": 1}, output={"plots": False})
-    result = subprocess.run(
-        [sys.executable, "-m", "recallk", "evaluate", str(run)], capture_output=True, text=True, timeout=300,
+    for command, message in (("evaluate", "model=YourModel(...)"), ("train --resume", "resume it in Python")):
+        result = subprocess.run(
+            [sys.executable, "-m", "recallk", *command.split(), str(run)], capture_output=True, text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2 and message in result.stderr, (command, result.stderr[-1000:])
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_config_keys_fit_does_not_use_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    config = config_from_dict(
+        {"data": {"dataset": "cub", "data_dir": "/data", "batch_size": 8}, "model": {"backbone": "vit_b16"}}
     )
-    assert result.returncode == 2 and "model=YourModel(...)" in result.stderr
+    with caplog.at_level("WARNING"):
+        _warn_unused_keys(config)
+    assert "not used: data.dataset, data.data_dir, model.backbone" in caplog.text
 
 
 def test_lightning_example_trains_with_the_multistage_engine(tmp_path: Path) -> None:

@@ -128,11 +128,12 @@ def _as_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config
 
 def _warn_unused_keys(config: Config) -> None:
     """Warn about keys of the data and model sections that are set but not used with a given model and data."""
-    defaults = {**_flat(Config()), "data.split_train": None, "data.split_val": None, "data.split_test": None}
+    defaults = _flat(Config())
+    named_by_fit = ("data.split_train", "data.split_val", "data.split_test", "model.embed_dim")
     unused = [
         key for key, value in _flat(config).items()
-        if key.split(".")[0] in ("data", "model") and key not in OWN_RUN_KEYS and key != "model.embed_dim"
-        and defaults.get(key) is not None and value != defaults[key]
+        if key.split(".")[0] in ("data", "model") and key not in (*OWN_RUN_KEYS, *named_by_fit)
+        and value != defaults[key]
     ]
     if unused:
         logger.warning("recallk.fit trains your own model and datasets, so these config keys are not used: %s",

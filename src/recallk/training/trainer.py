@@ -66,7 +66,7 @@ from recallk.training.console import RunLog, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
-from recallk.training.resume_config import check_resume_config, record_resume_changes
+from recallk.training.resume_config import OWN_RUN_MARK, check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
 from recallk.training.schedule import lr_multiplier, step_warmup
 from recallk.training.tracking import Trackers, flat_params
@@ -127,7 +127,7 @@ class Trainer:
         data_root = data_dir if data_dir is not None else config.data.data_dir
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
-        self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
+        self.resume_changes = check_resume_config(Path(run_dir), config, own=parts is not None) if resume else {}
         # after the resume check (a changed data set is named as such); it reads the landmark benchmarks of
         # eval.benchmarks too, so a missing or bad file fails before training
         benchmarks = preflight(config, data_root) if parts is None else {}
@@ -282,10 +282,6 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        if (state.get("own") is None) != (self.own is None):
-            how = ("recallk.fit(model, train_data, ..., resume=True) with the run's model and datasets"
-                   if self.own is None else f"recallk train --resume {self.run_path}")
-            raise CheckpointError(f"{path} was not trained the way this run resumes it; resume it with {how}")
         try:
             self.eval_model.load_state_dict(state["model"])
             if self.ema is not None:
@@ -665,7 +661,7 @@ def _own_note(own: dict[str, str] | None) -> str:
     """The comment heading ``config.yaml`` of a :func:`recallk.fit` run: which config keys it did not use."""
     if own is None:
         return ""
-    return (f"# trained by recallk.fit on your own model ({own['model']}) and datasets: of the data and model "
+    return (f"{OWN_RUN_MARK} on your own model ({own['model']}) and datasets: of the data and model "
             f"sections it used {', '.join(OWN_RUN_KEYS)} (the split names and model.embed_dim are the datasets' and "
             "the model's)\n")
 
