@@ -56,6 +56,14 @@ class TinyNet(nn.Module):
         return nn.functional.normalize(self.fc(x), dim=1)
 
 
+class BatchNormNet(TinyNet):
+    """TinyNet with a BatchNorm layer after its convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+
 class Unlabelled(Dataset):
     def __len__(self) -> int:
         return 4
@@ -166,6 +174,8 @@ def test_stopped_and_resumed_fit_repeats_the_uninterrupted_run(tmp_path: Path) -
         (lambda: (nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), Glyphs(range(2), 2, 0)),
          r"L2 norm .* torch.nn.functional.normalize"),
         (lambda: (nn.Linear(3, 4), Glyphs(range(2), 2, 0)), r"failed on a batch of train_data's first input"),
+        (lambda: (BatchNormNet(), Glyphs(range(8), 6, 0)),
+         r"needs frozen BatchNorm; freeze them with recallk.engine.freeze_batchnorm\(model\) or train.chunk_size>=16"),
     ],
 )
 def test_what_fit_needs_is_one_clear_line(tmp_path: Path, make, message: str) -> None:
@@ -221,3 +231,22 @@ def test_the_guide_shows_the_tested_examples_verbatim() -> None:
     assert len(blocks) >= 3
     for block in blocks:
         assert any(block in text for text in examples.values()), f"not in examples/: {block[:200]}"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"train": {"early_stopping_patience": 2}}, "train.early_stopping_patience needs a validation split; pass "
+                                                    "val_data="),
+        ({"eval": {"benchmarks": ["roxford5k"]}}, "remove eval.benchmarks"),
+    ],
+)
+def test_config_settings_fit_cannot_honour_are_one_line(tmp_path: Path, config: dict, message: str) -> None:
+    yaml_file = tmp_path / "config.yaml"
+    yaml_file.write_text(json.dumps(config))  # the same config as a file (JSON is YAML)
+    for given in (config, yaml_file, config_from_dict({**config, "data": {"split_val": "v"}})):
+        with pytest.raises(RecallkUsageError, match=re.escape(message)):
+            recallk.fit(TinyNet(), Glyphs(range(2), 2, 0), test_data=Glyphs(range(2), 2, 0), config=given,
+                        run_dir=tmp_path / "r")
+    with pytest.raises(RecallkUsageError, match="got 3 labels for a dataset of 4 items"):
+        recallk.LabelledDataset(Unlabelled(), [0, 1, 0])

@@ -35,7 +35,9 @@ class LabelledDataset(Dataset):
 
     def __init__(self, dataset: Dataset, labels: Sequence[Hashable] | np.ndarray | torch.Tensor) -> None:
         if len(labels) != len(dataset):  # type: ignore[arg-type]
-            raise ValueError(f"got {len(labels)} labels for a dataset of {len(dataset)} items; give one per item")  # type: ignore[arg-type]
+            raise RecallkUsageError(
+                f"got {len(labels)} labels for a dataset of {len(dataset)} items; give one label per item"  # type: ignore[arg-type]
+            )
         self.dataset = dataset
         self.labels = labels
 

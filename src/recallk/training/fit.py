@@ -100,14 +100,14 @@ def fit(
         for name, data in tests.items()
     }
     embed_dim = _output_size(model, train_source)
-    config = config_from_dict(config_to_dict(dataclasses.replace(
+    config = dataclasses.replace(
         config,
         data=dataclasses.replace(
             config.data, split_train=TRAIN_SPLIT, split_val=VAL_SPLIT if val_source is not None else None,
             split_test=tuple(test_sources),
         ),
         model=dataclasses.replace(config.model, embed_dim=embed_dim),
-    )))
+    )
     parts = RunParts(
         network=model, train=train_source, val=val_source, test=test_sources,
         untrained=_untrained_copy(model),
@@ -117,13 +117,17 @@ def fit(
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:
+    """The validated config, its ``data.split_val`` naming ``val_data`` (set before validation, so that the
+    cross-checks that need a validation split pass here: :func:`fit` checks ``val_data`` itself)."""
     if config is None:
-        return Config()
+        config = Config()
     if isinstance(config, Config):
-        return config
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, split_val=VAL_SPLIT))
     if isinstance(config, Mapping):
-        return config_from_dict(dict(config), source="recallk.fit config")
-    return load_config(config)
+        raw = copy.deepcopy(dict(config))
+        raw["data"] = {**raw.get("data", {}), "split_val": VAL_SPLIT}
+        return config_from_dict(raw, source="recallk.fit config")
+    return load_config(config, [f"data.split_val={VAL_SPLIT}"])
 
 
 def _warn_unused_keys(config: Config) -> None:

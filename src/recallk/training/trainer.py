@@ -169,7 +169,7 @@ class Trainer:
         self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
         if self.chunked and batchnorm_layers_in_training_mode(model):
             freeze = ("set model.freeze_batchnorm=true" if self.own is None else
-                      "freeze your model's with recallk.engine.freeze_batchnorm(model)")
+                      "freeze them with recallk.engine.freeze_batchnorm(model)")
             raise RecallkUsageError(
                 f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
                 f"{config.train.chunk_size}, which needs frozen BatchNorm; {freeze} or "
