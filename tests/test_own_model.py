@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 import recallk
 from recallk.config import config_from_dict
-from recallk.errors import RecallkUsageError
+from recallk.errors import RecallkUsageError, TrainingInterrupted
 from recallk.training.checkpoint import load_checkpoint
 from recallk.training.fit import _warn_unused_keys
 
@@ -162,6 +164,38 @@ def test_stopped_and_resumed_fit_repeats_the_uninterrupted_run(tmp_path: Path) -
     (cut / "config.yaml").write_text(text.split("\n", 1)[1])
     with pytest.raises(RecallkUsageError, match=f"resume it with recallk train --resume {cut}"):
         recallk.fit(TinyNet(), train, test_data=test, val_data=val, config=CONFIG, run_dir=cut, resume=True)
+
+
+class CtrlCGlyphs(Glyphs):
+    """Glyphs that send this process a real SIGINT (as Ctrl-C in its terminal does) on reading its ``at``-th item."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(range(8), 6, seed=1)
+        self.at, self.reads = at, 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.reads += 1
+        if self.reads == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(index)
+
+
+def test_ctrl_c_saves_the_step_and_the_resumed_fit_repeats_the_uninterrupted_run(tmp_path: Path) -> None:
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fit(full)
+    _, val, test = datasets()
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):  # during step 4 (16 items a batch): it finishes that step, then stops
+        recallk.fit(TinyNet(), CtrlCGlyphs(at=16 * 3 + 5), test_data=test, val_data=val, config=CONFIG,
+                    run_dir=cut, progress=False)
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 4
+    torch.manual_seed(0)
+    recallk.fit(TinyNet(), Glyphs(range(8), 6, seed=1), test_data=test, val_data=val, config=CONFIG, run_dir=cut,
+                resume=True, progress=False)
+    a = load_checkpoint(full / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(cut / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
