@@ -15,8 +15,8 @@ def test_dir_lists_the_public_names_without_importing_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == (
-        "['CrossBatchRecallAtK', 'FastAPLoss', 'Index', 'RecallAtKLoss', 'RecallkModel', 'SimilarityMixup', "
-        "'SmoothAPLoss', 'load_model', 'retrieval_metrics'] False"
+        "['CrossBatchRecallAtK', 'FastAPLoss', 'Index', 'LabelledDataset', 'RecallAtKLoss', 'RecallkModel', "
+        "'SimilarityMixup', 'SmoothAPLoss', 'fit', 'load_model', 'retrieval_metrics'] False"
     )
 
 

@@ -3,8 +3,9 @@
 Implements "Recall@k Surrogate Loss with Large Batches and Similarity Mixup" (Patel, Tolias, Matas, CVPR 2022):
 ``RecallAtKLoss`` (RS@k), ``SmoothAPLoss`` and ``FastAPLoss`` on the same chunked kernel, ``SimilarityMixup``
 (SiMix) and ``retrieval_metrics``; using a trained model: ``load_model`` (a :class:`RecallkModel` that embeds
-images or text) and ``Index`` (gallery search). The public names are imported lazily so that ``recallk --help``
-answers without loading torch.
+images or text) and ``Index`` (gallery search); training your own ``nn.Module`` on your own datasets: ``fit``
+(with ``LabelledDataset`` for datasets without a ``.labels`` attribute). The public names are imported lazily so
+that ``recallk --help`` answers without loading torch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _PUBLIC = {
     "load_model": "recallk.pretrained",
     "RecallkModel": "recallk.pretrained",
     "Index": "recallk.evaluation.index",
+    "fit": "recallk.training.fit",
+    "LabelledDataset": "recallk.data.own_dataset",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -54,15 +54,21 @@ class RecallkModel(nn.Module):
     :meth:`embed` takes raw items and describes images as :attr:`description` says (a landmark model: full images
     at ``eval.scales``, whitened after the scales, :mod:`recallk.training.description`); :attr:`preprocess` is
     its :class:`Preprocessing`. ``config`` is the training :class:`~recallk.config.Config`; ``metrics`` the
-    test metrics of the run (``{}`` when unknown).
+    test metrics of the run (``{}`` when unknown); ``own`` is set for your own model trained by
+    :func:`recallk.fit` (``{"model": "module.Class"}``): it embeds tensors shaped like its datasets' inputs, with
+    no preprocessing (and has no description).
     """
 
-    def __init__(self, network: nn.Module, config: Config, metrics: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, network: nn.Module, config: Config, metrics: dict[str, Any] | None = None,
+        own: dict[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.network = network
         self.config = config
         self.metrics = dict(metrics or {})
-        self.description = None if self.is_text else Description.from_config(config)
+        self.own = dict(own) if own else None
+        self.description = None if self.is_text or self.own else Description.from_config(config)
         self.preprocess = None if self.description is None else self.description.preprocessing
         self.eval()
 
@@ -72,7 +78,7 @@ class RecallkModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.network.embed_dim)
+        return int(getattr(self.network, "embed_dim", self.config.model.embed_dim))
 
     @property
     def device(self) -> torch.device:
@@ -87,13 +93,18 @@ class RecallkModel(nn.Module):
 
         ``items``: one or a list of image file paths, PIL images or numpy images ``(H, W)`` / ``(H, W, C)``
         (uint8 0-255, or floats 0-1: preprocessed here, as image files are), a preprocessed tensor ``(C, H, W)``
-        or batch ``(B, C, H, W)``; for text models a string or a list of strings. A preprocessed tensor of a
-        recall@k model must have exactly the preprocessing's shape (:attr:`Preprocessing.input_shape`; other sizes
-        or channel counts are refused, not resized: ``model.preprocess(image)`` makes the tensor); one of a landmark
-        model (:attr:`Description.full_images`) is a full image of any size with the model's channels.
+        or batch ``(B, C, H, W)``; for text models a string or a list of strings; for your own model (:attr:`own`)
+        a batch tensor ``(B, ...)`` or a list of inputs shaped like its datasets' (stacked as they are, no
+        preprocessing). A preprocessed tensor of a recall@k model must have exactly the preprocessing's shape
+        (:attr:`Preprocessing.input_shape`; other sizes or channel counts are refused, not resized:
+        ``model.preprocess(image)`` makes the tensor); one of a landmark model (:attr:`Description.full_images`) is a
+        full image of any size with the model's channels.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.own is not None:
+            batches, total = _own_batches(items, batch_size)
+            return embed_batches(self.network, batches, self.device, total=total, progress=progress)
         if self.is_text:
             texts = self._texts(items)
             tokenize = self.network.tokenize
@@ -152,6 +163,7 @@ class RecallkModel(nn.Module):
         document = {
             "format": FORMAT,
             "recallk_version": __version__,
+            **({"own": self.own} if self.own else {}),
             "embed_dim": self.embed_dim,
             "preprocessing": dataclasses.asdict(self.preprocess) if self.preprocess is not None else None,
             "scales": list(self.description.scales) if self.description is not None else None,
@@ -161,7 +173,7 @@ class RecallkModel(nn.Module):
         # safetensors writes its file in place with mode 0600: written atomically with the usual permissions instead
         atomic_write_from_file(directory / WEIGHTS_FILE, functools.partial(save_model, self.network))
         atomic_write_text(directory / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
-        atomic_write_text(directory / CARD_FILE, model_card(config, self.metrics, directory.name))
+        atomic_write_text(directory / CARD_FILE, model_card(config, self.metrics, directory.name, self.own))
         return directory
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -232,6 +244,20 @@ def shareable_config(config: Config) -> Config:
     )
 
 
+def _own_batches(items: Any, batch_size: int) -> tuple[Any, int]:
+    """Batches of ``batch_size`` rows of a batch tensor ``(B, ...)`` or of a stacked list of input tensors."""
+    if not isinstance(items, Tensor):
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(t, Tensor) for t in items):
+            raise ValueError(
+                "a model trained by recallk.fit embeds tensors: pass a batch (B, ...) or a list of inputs shaped like "
+                "its datasets' (no preprocessing is applied)"
+            )
+        items = torch.stack(list(items))
+    if items.dim() == 0 or len(items) == 0:
+        raise ValueError(f"nothing to embed: a batch (B, ...) needs B >= 1 rows, got shape {tuple(items.shape)}")
+    return (items[i : i + batch_size] for i in range(0, len(items), batch_size)), len(items)
+
+
 def _image_tensor(item: Any, preprocess: Preprocessing) -> Tensor:
     if isinstance(item, Tensor):
         if item.dim() != 3:
@@ -276,11 +302,13 @@ def _import_hub() -> Any:
 # Loading
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecallkModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", model: nn.Module | None = None) -> RecallkModel:
     """The trained model at ``path`` in eval mode on ``device``.
 
     ``path``: a run directory, a checkpoint file (``.pt``), a :meth:`RecallkModel.save_pretrained` folder, or
     ``hf://user/name`` (a Hub repository in that layout; needs ``huggingface_hub``).
+    ``model``: the network to load the weights into instead of the one the saved config builds; needed for your
+    own model trained by :func:`recallk.fit` (files hold weights, never code): ``load_model(run, model=MyNet())``.
     """
     text = str(path)
     if text.startswith(HUB_PREFIX):
@@ -300,17 +328,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> RecallkM
             "save_pretrained, or hf://user/name"
         )
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        model = _load_pretrained_folder(path)
+        loaded = _load_pretrained_folder(path, model)
     else:
-        model = _load_checkpoint_model(path)
-    return model.to(device).eval()
+        loaded = _load_checkpoint_model(path, model)
+    return loaded.to(device).eval()
 
 
-def _load_checkpoint_model(path: Path) -> RecallkModel:
-    from recallk.training.evaluate_run import load_trained_model
+def _load_checkpoint_model(path: Path, model: nn.Module | None) -> RecallkModel:
+    from recallk.training.checkpoint import load_checkpoint
+    from recallk.training.evaluate_run import resolve_checkpoint, trained_network
 
-    network, config, checkpoint = load_trained_model(path, torch.device("cpu"))
-    return RecallkModel(network, config, _run_metrics(checkpoint.parent.parent))
+    checkpoint = resolve_checkpoint(path)
+    state = load_checkpoint(checkpoint)
+    network = trained_network(state, checkpoint, model).cpu()
+    return RecallkModel(
+        network, config_from_dict(state["config"]), _run_metrics(checkpoint.parent.parent), own=state.get("own")
+    )
 
 
 def _run_metrics(run_dir: Path) -> dict[str, Any]:
@@ -322,7 +355,7 @@ def _run_metrics(run_dir: Path) -> dict[str, Any]:
     return {"splits": data.get("splits", {}), "best_epoch": data.get("best_epoch")}
 
 
-def _load_pretrained_folder(directory: Path) -> RecallkModel:
+def _load_pretrained_folder(directory: Path, model: nn.Module | None) -> RecallkModel:
     from safetensors.torch import load_model as load_weights
 
     config_file = directory / CONFIG_FILE
@@ -341,9 +374,22 @@ def _load_pretrained_folder(directory: Path) -> RecallkModel:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the folder must hold {WEIGHTS_FILE} next to {CONFIG_FILE}")
     config = config_from_dict(document["config"], source=str(config_file))
-    network = build_network(config, weights_follow=True)  # the weights come from the file
-    load_weights(network, str(weights), strict=True)
-    return RecallkModel(network, config, document.get("metrics"))
+    own = document.get("own")
+    if model is None and own is not None:
+        raise RecallkUsageError(
+            f"{directory} holds your own model ({own['model']}) trained by recallk.fit, which recallk does not "
+            "rebuild from files; load it with an instance: recallk.load_model(path, model=YourModel(...))"
+        )
+    network = model if model is not None else build_network(config, weights_follow=True)  # weights: the file's
+    try:
+        load_weights(network, str(weights), strict=True)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise RecallkUsageError(
+            f"the weights in {weights} do not fit {type(network).__name__} ({first.rstrip('.')}); pass the model "
+            "that was saved, built with the same arguments"
+        ) from None
+    return RecallkModel(network.cpu(), config, document.get("metrics"), own=own)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -361,19 +407,31 @@ def _whitening_phrase(config: Config) -> str:
     return "" if config.model.whitening == "none" else f"; {config.model.whitening} whitening after the head"
 
 
-def model_card(config: Config, metrics: dict[str, Any], name: str) -> str:
-    """The Hub model card (Markdown with YAML front matter): recipe, data set, test metrics, recallk version."""
+def model_card(config: Config, metrics: dict[str, Any], name: str, own: dict[str, str] | None = None) -> str:
+    """The Hub model card (Markdown with YAML front matter): recipe, data set, test metrics, recallk version;
+    ``own``: your own model trained by :func:`recallk.fit` (named instead of the config's backbone)."""
     task = "sentence-similarity" if config.model.backbone.startswith("st:") else "image-feature-extraction"
     front = {"library_name": "recallk", "pipeline_tag": task, "tags": ["recallk", "metric-learning", "retrieval"]}
+    network = f"backbone `{config.model.backbone}`" if own is None else f"your own model `{own['model']}`"
+    usage = [
+        f'model = recallk.load_model("{name}")      # this folder, or "hf://<user>/{name}"',
+        'embeddings = model.embed(["query.png"])' if task.startswith("image") else
+        'embeddings = model.embed(["a sentence", "another one"])',
+    ] if own is None else [
+        f'model = recallk.load_model("{name}", model={own["model"].rsplit(".", 1)[-1]}(...))  # an instance of it',
+        "embeddings = model.embed(inputs)  # a batch shaped like the training data's inputs",
+    ]
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}", "",
         f"An embedding model trained with [recallk](https://pypi.org/project/recallk/) {__version__}: "
-        f"backbone `{config.model.backbone}`, {_output_dim(config)}-d unit-norm embeddings (dot product = cosine "
+        f"{network}, {_output_dim(config)}-d unit-norm embeddings (dot product = cosine "
         f"similarity{_whitening_phrase(config)}), loss `{config.loss.name}`{' + SiMix' if config.loss.simix else ''}.",
         "",
         "## Data set", "",
-        _data_sentence(config, task),
+        _data_sentence(config, task) if own is None else
+        f"Your own datasets (recallk.fit): trained on `{config.data.split_train}`, tested on "
+        f"{', '.join(f'`{s}`' for s in config.data.split_test)}.",
         "",
         "## Test metrics", "",
         *_metrics_table(metrics),
@@ -381,13 +439,13 @@ def model_card(config: Config, metrics: dict[str, Any], name: str) -> str:
         "## Usage", "",
         "```python",
         "import recallk",
-        f'model = recallk.load_model("{name}")      # this folder, or "hf://<user>/{name}"',
-        'embeddings = model.embed(["query.png"])' if task.startswith("image") else
-        'embeddings = model.embed(["a sentence", "another one"])',
+        *usage,
         "```",
         "",
         "## Recipe", "",
-        "The resolved training config (`recallk train recipe.yaml` reproduces the run):", "",
+        "The resolved training config (`recallk train recipe.yaml` reproduces the run):" if own is None else
+        "The resolved training config (given to `recallk.fit` with the model and datasets, it reproduces the run):",
+        "",
         "```yaml", config_to_yaml(config).strip(), "```", "",
         f"recallk version: {__version__}", "",
     ]

@@ -2,7 +2,8 @@
 
 The trainer, ``recallk evaluate``, ``recallk embed``, :func:`~recallk.training.evaluate_run.load_trained_model` and
 :func:`recallk.load_model` all build their parts here, so a run is evaluated with exactly the model, data decoding
-and preprocessing it was trained with.
+and preprocessing it was trained with. A run's network and splits travel together as :class:`RunParts`: built from
+the config (:func:`config_parts`), or given by :func:`recallk.fit` (your own model and datasets).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
@@ -25,12 +27,16 @@ from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 
 __all__ = [
+    "OWN_RUN_KEYS",
+    "RunParts",
     "build_loss_from_config",
     "build_network",
     "build_sampler",
     "build_split",
+    "config_parts",
     "decode_like_the_reader",
     "eval_transform",
+    "network_parameter_groups",
     "reader_decoding_of",
     "resolve_precision",
 ]
@@ -70,6 +76,63 @@ def build_split(
     return build_source(
         data_cfg, split, train, root, config.seed, getattr(network, "tokenize", None), config.model.backbone
     )
+
+
+# What a run of your own model and datasets (recallk.fit) reads of the config's data and model sections; the split
+# names are those of the datasets given, model.embed_dim the size the model outputs.
+OWN_RUN_KEYS = (
+    "data.batch_size", "data.samples_per_class", "data.small_classes", "data.num_workers", "model.compile",
+)
+
+
+@dataclasses.dataclass
+class RunParts:
+    """The network a run trains and the splits it reads.
+
+    ``train``/``val``/``test`` are the sources of the training split, the validation split (None: no validation)
+    and the test splits by name; ``untrained()`` is the network as it was before training (the baseline of the
+    recall@k plot); ``own`` says what :func:`recallk.fit` was given (``{"model": "module.Class"}``, written into
+    the checkpoints: such a run is reloaded with that model, not rebuilt from its config), None for a config's run.
+    """
+
+    network: nn.Module
+    train: BatchSource
+    val: BatchSource | None
+    test: dict[str, BatchSource]
+    untrained: Callable[[], nn.Module]
+    own: dict[str, str] | None = None
+
+
+def config_parts(config: Config, data_dir: str | Path | None, with_test: bool = True) -> RunParts:
+    """The network of ``config.model`` (initialised from ``config.seed``'s current random state) and the splits of
+    ``config.data`` (the test splits only ``with_test``: built now so that a typo fails before training)."""
+    network = build_network(config)
+    val = config.data.split_val
+    return RunParts(
+        network=network,
+        train=build_split(config, config.data.split_train, network, train=True, data_dir=data_dir),
+        val=build_split(config, val, network, data_dir=data_dir) if val else None,
+        test={split: build_split(config, split, network, data_dir=data_dir) for split in config.data.split_test}
+        if with_test else {},
+        untrained=lambda: _seeded_network(config),
+    )
+
+
+def _seeded_network(config: Config) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return build_network(config)
+
+
+def network_parameter_groups(
+    network: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """The network's optimiser groups: its own ``parameter_groups(lr, backbone_lr_mult, weight_decay)`` when it
+    has one (recallk's models: backbone and head), else one group ``"model"`` of every trained parameter."""
+    if hasattr(network, "parameter_groups"):
+        return network.parameter_groups(lr, backbone_lr_mult, weight_decay)
+    params = [p for p in network.parameters() if p.requires_grad]
+    return [{"name": "model", "params": params, "lr": lr, "weight_decay": weight_decay}]
 
 
 def build_sampler(config: Config, labels: Tensor, rank: int = 0, world_size: int = 1) -> ClassBalancedBatchSampler:

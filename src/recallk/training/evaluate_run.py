@@ -98,10 +98,35 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     """The model stored in a checkpoint (or a run's best one), its config and the checkpoint path."""
     checkpoint = resolve_checkpoint(path)
     state = load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"])
-    model = build_network(config, weights_follow=True)  # the weights come from the checkpoint
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, checkpoint
+    return trained_network(state, checkpoint).to(device).eval(), config_from_dict(state["config"]), checkpoint
+
+
+def trained_network(state: dict[str, Any], checkpoint: Path, model: nn.Module | None = None) -> nn.Module:
+    """The network of a checkpoint's ``state`` with its weights: ``model`` when given, else built from the saved
+    config. A run of your own model (:func:`recallk.fit`, ``state["own"]``) is never rebuilt from the file: without
+    ``model`` that is a one-line error saying to pass an instance."""
+    own = state.get("own")
+    if model is None and own is not None:
+        raise RecallkUsageError(
+            f"{checkpoint} was trained by recallk.fit on your own model ({own['model']}), which recallk does not "
+            f"rebuild from files; load it in Python with an instance: recallk.load_model(path, model=YourModel(...))"
+        )
+    if model is None:
+        model = build_network(config_from_dict(state["config"]), weights_follow=True)  # weights: the checkpoint's
+    load_network_weights(model, state["model"], checkpoint)
+    return model
+
+
+def load_network_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """``model.load_state_dict(weights)`` (strict); a model that does not fit is a one-line error."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise RecallkUsageError(
+            f"the weights in {source} do not fit {type(model).__name__} ({first.rstrip('.')}); pass the model the "
+            "run trained, built with the same arguments"
+        ) from None
 
 
 def evaluate_run(

@@ -9,6 +9,7 @@ written into ``config.yaml`` and appended to ``config_changes.jsonl`` (epoch, st
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ SAFE_ON_RESUME = (
     "output.runs_root", "output.run_dir", "output.export_embeddings", "output.plots",
 )
 CHANGES_FILE = "config_changes.jsonl"
+OWN_RUN_MARK = "# trained by recallk.fit"  # how config.yaml of a run of your own model and datasets begins
 
 
 def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,13 +56,22 @@ def config_changes(saved: Mapping[str, Any], config: Config) -> dict[str, tuple[
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def check_resume_config(run_dir: Path, config: Config) -> dict[str, tuple[Any, Any]]:
+def check_resume_config(run_dir: Path, config: Config, own: bool = False) -> dict[str, tuple[Any, Any]]:
     """The accepted changes of ``config`` against ``run_dir/config.yaml``; a :class:`RecallkUsageError` naming the
-    changed keys when one of them is not in ``SAFE_ON_RESUME``. A run without ``config.yaml`` is not checked."""
+    changed keys when one of them is not in ``SAFE_ON_RESUME``, or when a run of :func:`recallk.fit` (your own
+    model and datasets, ``own``) would be resumed from a config, or the other way round. A run without
+    ``config.yaml`` is not checked."""
     saved_file = Path(run_dir) / "config.yaml"
     if not saved_file.is_file():
         return {}
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    text = saved_file.read_text(encoding="utf-8")
+    if text.startswith(OWN_RUN_MARK) != own:
+        raise RecallkUsageError(
+            f"{run_dir} was trained by recallk.fit on your own model and datasets; resume it in Python with them: "
+            f"recallk.fit(model, train_data, ..., run_dir={str(run_dir)!r}, resume=True)" if not own else
+            f"{run_dir} was trained from a config, not by recallk.fit; resume it with recallk train --resume {run_dir}"
+        )
+    saved = yaml.safe_load(text) or {}
     changes = config_changes(saved, config)
     refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME}
     if refused:
@@ -76,9 +87,12 @@ def check_resume_config(run_dir: Path, config: Config) -> dict[str, tuple[Any, A
 def record_resume_changes(
     run_dir: Path, config: Config, changes: Mapping[str, tuple[Any, Any]], epoch: int, step: int
 ) -> None:
-    """Rewrite ``config.yaml`` as ``config`` and append the accepted ``changes`` to ``config_changes.jsonl``."""
+    """Rewrite ``config.yaml`` as ``config`` (keeping the comment lines heading it) and append the accepted
+    ``changes`` to ``config_changes.jsonl``."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    lines = (run_dir / "config.yaml").read_text(encoding="utf-8").splitlines(keepends=True)
+    heading = "".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    atomic_write_text(run_dir / "config.yaml", heading + config_to_yaml(config))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": epoch, "step": step,
              "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
     with open(run_dir / CHANGES_FILE, "a", encoding="utf-8") as handle:

@@ -53,10 +53,12 @@ from recallk.losses.census import positive_pair_census
 from recallk.losses.temperature_schedule import TauKAnnealing
 from recallk.models.heads import with_gem_group
 from recallk.training.assemble import (
+    OWN_RUN_KEYS,
+    RunParts,
     build_loss_from_config,
-    build_network,
     build_sampler,
-    build_split,
+    config_parts,
+    network_parameter_groups,
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -64,7 +66,7 @@ from recallk.training.console import RunLog, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm, plateau_warning
 from recallk.training.preflight import preflight
-from recallk.training.resume_config import check_resume_config, record_resume_changes
+from recallk.training.resume_config import OWN_RUN_MARK, check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
 from recallk.training.schedule import lr_multiplier, step_warmup
 from recallk.training.tracking import Trackers, flat_params
@@ -100,7 +102,12 @@ class _StopRequests:
 
 
 class Trainer:
-    """One training run; build it with :func:`train` or directly, then call :meth:`fit`."""
+    """One training run; build it with :func:`train` or directly, then call :meth:`fit`.
+
+    ``parts``: the network and splits to train (:class:`~recallk.training.assemble.RunParts`, as
+    :func:`recallk.fit` gives them); None: built from the config (checked by
+    :func:`~recallk.training.preflight.preflight` first).
+    """
 
     def __init__(
         self,
@@ -110,6 +117,7 @@ class Trainer:
         data_dir: str | Path | None = None,
         progress: bool | None = None,
         dist_context: DistributedContext | None = None,
+        parts: RunParts | None = None,
     ) -> None:
         self.cfg = config
         self.progress = show_progress(progress)
@@ -119,23 +127,19 @@ class Trainer:
         data_root = data_dir if data_dir is not None else config.data.data_dir
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
-        self.resume_changes = check_resume_config(Path(run_dir), config) if resume else {}
+        self.resume_changes = check_resume_config(Path(run_dir), config, own=parts is not None) if resume else {}
         # after the resume check (a changed data set is named as such); it reads the landmark benchmarks of
         # eval.benchmarks too, so a missing or bad file fails before training
-        benchmarks = preflight(config, data_root, landmark_lists=False)
+        benchmarks = preflight(config, data_root, landmark_lists=False) if parts is None else {}
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
-        model = build_network(config).to(self.device)
+        parts = parts or config_parts(config, data_root, with_test=self.is_main)
+        self.own, self._untrained = parts.own, parts.untrained
+        model = parts.network.to(self.device)
         self.model: nn.Module = model
-        self.train_source = build_split(config, config.data.split_train, model, train=True, data_dir=data_root)
-        self.val_source = (
-            build_split(config, config.data.split_val, model, data_dir=data_root) if config.data.split_val else None
-        )
-        # Built now so that a typo in data.split_test fails before training, not after it.
-        self.test_sources = {
-            split: build_split(config, split, model, data_dir=data_root) for split in config.data.split_test
-        } if self.is_main else {}
+        self.train_source, self.val_source = parts.train, parts.val
+        self.test_sources = parts.test if self.is_main else {}
         self.benchmarks = benchmarks if self.is_main else {}
         for split, source in [(config.data.split_val, self.val_source), *self.test_sources.items()]:
             if source is not None:
@@ -164,9 +168,11 @@ class Trainer:
         per_rank_batch = config.data.batch_size // self.dist.world_size
         self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
         if self.chunked and batchnorm_layers_in_training_mode(model):
+            freeze = ("set model.freeze_batchnorm=true" if self.own is None else
+                      "freeze them with recallk.engine.freeze_batchnorm(model)")
             raise RecallkUsageError(
                 f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
-                f"{config.train.chunk_size}, which needs frozen BatchNorm; set model.freeze_batchnorm=true or "
+                f"{config.train.chunk_size}, which needs frozen BatchNorm; {freeze} or "
                 f"train.chunk_size>={per_rank_batch}"
             )
         self.train_model = wrap_ddp(model, self.dist) if self.dist.world_size > 1 else model
@@ -200,7 +206,7 @@ class Trainer:
                 logger.info("resumed with changed %s", ", ".join(
                     f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
         elif self.run is not None:
-            self.run.write_text("config.yaml", config_to_yaml(config))
+            self.run.write_text("config.yaml", _own_note(self.own) + config_to_yaml(config))
         if self.run is not None:
             try:
                 self.trackers = Trackers(config, self.run.path, self._tracker_ids)
@@ -240,6 +246,7 @@ class Trainer:
             "rng": _rng_state(),
             "trackers": self.trackers.ids() if self.trackers is not None else self._tracker_ids,
             "config": config_to_dict(self.cfg),
+            **({} if self.own is None else {"own": self.own}),
         }
 
     def _save(self, name: str) -> None:
@@ -251,7 +258,7 @@ class Trainer:
         ``optim.lr * optim.gem_lr_mult``) and the loss's own parameters (proxies: no weight decay,
         ``optim.lr * optim.loss_lr_mult``)."""
         optim = self.cfg.optim
-        groups = self.model.parameter_groups(optim.lr, optim.backbone_lr_mult, optim.weight_decay)
+        groups = network_parameter_groups(self.model, optim.lr, optim.backbone_lr_mult, optim.weight_decay)
         groups = with_gem_group(self.model, groups, optim.lr * optim.gem_lr_mult)
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if loss_params:
@@ -573,6 +580,8 @@ class Trainer:
         }
         if benchmarks:
             summary["benchmarks"] = benchmarks
+        if self.own is not None:
+            summary["own"] = self.own
         if self.ema is not None:
             summary["weights"] = f"exponential moving average (train.ema_decay={cfg.train.ema_decay})"
         if cfg.output.plots:
@@ -596,9 +605,7 @@ class Trainer:
     def _untrained_metrics(self, source: BatchSource) -> dict[str, float | int]:
         """Metrics on ``source`` of the network as it was before training (same seed, same initial or pretrained
         weights): the baseline of the recall@k plot."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            model = build_network(self.cfg).to(self.device)
+        model = self._untrained().to(self.device)
         embeddings = embed_source(
             model, source, self.cfg.eval.batch_size, self.device, progress=False,
         )
@@ -621,14 +628,16 @@ def train(
     resume: bool = False,
     data_dir: str | Path | None = None,
     progress: bool | None = None,
+    parts: RunParts | None = None,
 ) -> dict[str, Any]:
     """Run an experiment end to end; returns the summary (also written to ``<run_dir>/summary.json``).
 
     ``progress``: draw progress bars (``None``: only on a terminal, see :func:`recallk.training.console.show_progress`).
+    ``parts``: a given network and splits (:func:`recallk.fit`) instead of the config's.
     """
     path = Path(run_dir) if run_dir is not None else default_run_dir(config)
     owns_process_group = not torch.distributed.is_initialized()  # a caller's own group is left to the caller
-    trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress)
+    trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress, parts=parts)
     try:
         summary = trainer.fit()
     finally:
@@ -652,6 +661,15 @@ def _is_collective_failure(err: RuntimeError) -> bool:
         return True
     text = str(err)
     return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
+
+
+def _own_note(own: dict[str, str] | None) -> str:
+    """The comment heading ``config.yaml`` of a :func:`recallk.fit` run: which config keys it did not use."""
+    if own is None:
+        return ""
+    return (f"{OWN_RUN_MARK} on your own model ({own['model']}) and datasets: of the data and model "
+            f"sections it used {', '.join(OWN_RUN_KEYS)} (the split names and model.embed_dim are the datasets' and "
+            "the model's)\n")
 
 
 def _check_has_positives(labels: torch.Tensor, split: str | None) -> None:
