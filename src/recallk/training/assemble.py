@@ -57,18 +57,20 @@ def build_split(
     train: bool = False,
     data_dir: str | Path | None = None,
     dataset: str | None = None,
+    device: torch.device | None = None,
 ) -> BatchSource:
     """The batches of ``split`` as ``network`` consumes them (its ``tokenize`` for text, its timm preprocessing).
 
     ``data_dir`` (default ``data.data_dir``) is the data root; ``dataset`` reads another data set with the same
-    preprocessing (files, not ``data.in_memory`` arrays).
+    preprocessing (files, not ``data.in_memory`` arrays); ``device``: the training device, where ``data.decode`` may
+    decode a training split.
     """
     data_cfg = config.data
     if dataset is not None:
         data_cfg = dataclasses.replace(data_cfg, dataset=dataset, in_memory=False)
     root = data_dir if data_dir is not None else config.data.data_dir
     return build_source(
-        data_cfg, split, train, root, config.seed, getattr(network, "tokenize", None), config.model.backbone
+        data_cfg, split, train, root, config.seed, getattr(network, "tokenize", None), config.model.backbone, device
     )
 
 

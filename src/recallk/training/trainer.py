@@ -128,7 +128,9 @@ class Trainer:
 
         model = build_network(config).to(self.device)
         self.model: nn.Module = model
-        self.train_source = build_split(config, config.data.split_train, model, train=True, data_dir=data_root)
+        self.train_source = build_split(
+            config, config.data.split_train, model, train=True, data_dir=data_root, device=self.device
+        )
         self.val_source = (
             build_split(config, config.data.split_val, model, data_dir=data_root) if config.data.split_val else None
         )
