@@ -38,6 +38,7 @@ import torch
 
 from recallk.config import Config, load_config
 from recallk.engine.multistage import backward_through_chunks, embed_without_graph, loss_and_embedding_grad
+from recallk.recipes import is_recipe_name, recipe_path
 from recallk.training.assemble import build_loss_from_config, build_network, resolve_precision
 
 HERE = Path(__file__).resolve().parent
@@ -157,6 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     data_dir = args.data_dir
+    config_file = str(recipe_path(args.config)) if is_recipe_name(args.config) else args.config
     if args.jpegs is not None:
         sys.path.insert(0, str(HERE))
         from make_jpeg_folder import make_folder
@@ -174,8 +176,8 @@ def main() -> None:
     for name, *own in args.arm:
         overrides = [*args.set, f"train.device={args.device}", *own]
         try:
-            config = load_config(args.config, overrides)
-            summary = run_training(args.config, overrides, data_dir, args.out / name, args.timeout)
+            config = load_config(config_file, overrides)
+            summary = run_training(config_file, overrides, data_dir, args.out / name, args.timeout)
             key = json.dumps([str(config.model), str(config.loss), config.data.batch_size, config.data.image_size,
                               config.train.chunk_size, config.train.amp], sort_keys=True)  # fmt: skip
             if key not in bare_cache:

@@ -20,8 +20,9 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    # most wanted first, for a GPU lease that ends early
     assert list(report["sections"]) == ["train_omniglot", "train_jpeg", "multistage", "loss_trained", "ap_losses",
-                                        "loss_chunk_16", "loss_chunk_64", "loss", "knn"]  # most wanted first, for a GPU lease that ends early
+                                        "loss_chunk_16", "loss_chunk_64", "loss", "knn"]
     for name, section in report["sections"].items():
         assert section["returncode"] == 0, (name, section["error"])
         assert section["rows"], f"section {name} produced no table rows"
