@@ -19,7 +19,13 @@ from PIL import Image
 from torchvision import transforms as T
 
 from recallk.config import load_config
-from recallk.data.device_augment import CropRecipe, augment_batch, crop_parameters, decode_jpegs
+from recallk.data.device_augment import (
+    CropRecipe,
+    augment_batch,
+    crop_parameters,
+    decode_jpegs,
+    decoder_problem,
+)
 from recallk.data.folder_csv import build_folder
 from recallk.data.image_dataset import BadImageError
 from recallk.data.sampler import PlannedBatch
@@ -169,9 +175,7 @@ def test_closing_the_batches_stops_the_background_thread(tmp_path: Path) -> None
 
 def test_auto_picks_the_device_path_only_where_it_applies(tmp_path: Path) -> None:
     jpegs = training_split(write_jpeg_folder(tmp_path / "jpeg"))
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them here
-    assert device_decode_recipe("auto", jpegs, cuda) == CropRecipe.of(jpegs.transform)
-    assert device_decode_recipe("gpu", jpegs, cuda) is not None
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects: the checks come before any decoding
     assert device_decode_recipe("cpu", jpegs, cuda) is None
     assert device_decode_recipe("auto", jpegs, cpu) is None
     with pytest.raises(RecallkUsageError, match="^data.decode=gpu needs a CUDA training device, and training runs on "
@@ -188,6 +192,20 @@ def test_auto_picks_the_device_path_only_where_it_applies(tmp_path: Path) -> Non
         device_decode_recipe("gpu", gray, cuda)
     omniglot = build_folder(tmp_path / "jpeg", transform=build_transforms("omniglot", SIZE, train=True))
     assert device_decode_recipe("auto", omniglot, cuda) is None
+    assert decoder_problem(cpu) is None
+    if not torch.cuda.is_available():  # the decoder itself is tried last: here it fails, in one line
+        assert device_decode_recipe("auto", jpegs, cuda) is None
+        with pytest.raises(RecallkUsageError, match="^data.decode=gpu cannot decode JPEG files on cuda: torchvision's "
+                                                    r"decoder fails \(.+\); set data.decode=cpu"):
+            device_decode_recipe("gpu", jpegs, cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_and_gpu_take_the_device_path_on_cuda(tmp_path: Path) -> None:
+    jpegs = training_split(write_jpeg_folder(tmp_path))
+    assert decoder_problem(torch.device("cuda")) is None
+    for decode in ("auto", "gpu"):
+        assert device_decode_recipe(decode, jpegs, torch.device("cuda")) == CropRecipe.of(jpegs.transform)
 
 
 def test_config_takes_cpu_gpu_auto_and_names_the_closest(tmp_path: Path) -> None:

@@ -15,11 +15,13 @@ resampling (torch's antialiased resize against Pillow's), a few units of 255 at 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -105,6 +107,18 @@ def decode_jpegs(data: Sequence[Tensor], device: torch.device) -> list[Tensor]:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+
+
+def decoder_problem(device: torch.device) -> str | None:
+    """Why :func:`decode_jpegs` cannot run on ``device`` (e.g. no GPU, a torchvision built without nvJPEG): the
+    first line of the error of decoding a tiny JPEG there, or ``None`` when it works."""
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 120, 240)).save(probe, format="JPEG")
+    try:
+        decode_jpegs([torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8)], device)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: a torch build without CUDA
+        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return None
 
 
 def augment_batch(images: Sequence[Tensor], seeds: Sequence[int], recipe: CropRecipe) -> Tensor:

@@ -9,6 +9,7 @@ sees exactly the images an uninterrupted run would have seen, whatever the numbe
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import signal
 import threading
@@ -22,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recallk.data.batch_transforms import RandomAffineBatch
-from recallk.data.device_augment import JPEG_EXTENSIONS, CropRecipe, augment_batch, decode_jpegs
+from recallk.data.device_augment import JPEG_EXTENSIONS, CropRecipe, augment_batch, decode_jpegs, decoder_problem
 from recallk.data.factory import READERS, build_dataset
 from recallk.data.image_dataset import BadImageError, ImageDataset, encode_labels
 from recallk.data.inputs import Inputs
@@ -36,6 +37,8 @@ from recallk.registry import DATASETS, TEXT_DATASETS, TRANSFORMS
 
 if TYPE_CHECKING:
     from recallk.config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 Batch = tuple[Inputs, torch.Tensor]  # (inputs, labels (B,))
 
@@ -460,7 +463,8 @@ def device_decode_recipe(decode: str, dataset: ImageDataset, device: torch.devic
 
     ``decode`` is ``data.decode``: ``cpu`` -> ``None``; ``gpu`` -> the recipe, or a one-line
     :class:`~recallk.errors.RecallkUsageError` saying why it does not apply; ``auto`` -> the recipe where it applies
-    (training on CUDA, every image a JPEG file read as RGB, the ``imagenet`` or ``timm`` transform), else ``None``.
+    (training on CUDA, every image a JPEG file read as RGB, the ``imagenet`` or ``timm`` transform, torchvision's
+    decoder working on ``device``), else ``None``.
     """
     if decode == "cpu":
         return None
@@ -474,7 +478,10 @@ def device_decode_recipe(decode: str, dataset: ImageDataset, device: torch.devic
         obstacle = "decodes RGB images, not grayscale or inverted ones (data.options grayscale/invert)"
     elif not_jpeg is not None:
         obstacle = f"decodes JPEG files only (.jpg, .jpeg), and {dataset.store.describe(not_jpeg)} is not one"
+    elif (problem := decoder_problem(device)) is not None:
+        obstacle = f"cannot decode JPEG files on {device}: torchvision's decoder fails ({problem})"
     else:
+        logger.info("data.decode=%s: training images are decoded and augmented on %s", decode, device)
         return recipe
     if decode == "gpu":
         raise RecallkUsageError(f"data.decode=gpu {obstacle}; set data.decode=cpu (or auto: gpu where it applies)")
