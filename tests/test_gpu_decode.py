@@ -221,7 +221,8 @@ def test_train_with_decode_gpu_without_a_gpu_is_one_line(tmp_path: Path) -> None
     root = write_jpeg_folder(tmp_path / "jpegs")
     config = tmp_path / "jpegs.yaml"
     config.write_text("data: {dataset: folder, split_train: all, split_test: [all], batch_size: 4, image_size: 16,"
-                      " samples_per_class: 2, decode: gpu, num_workers: 0}\nmodel: {backbone: omniglot_cnn}\n")
+                      " samples_per_class: 2, decode: gpu, num_workers: 0}\n"
+                      "model: {backbone: omniglot_cnn, in_chans: 3}\n")
     done = subprocess.run(
         [sys.executable, "-m", "recallk", "train", str(config), "--data-dir", str(root), "--run-dir",
          str(tmp_path / "run"), "train.device=cpu"],
