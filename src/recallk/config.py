@@ -41,6 +41,7 @@ from recallk.registry import (
     BENCHMARKS,
     CHUNKED_LOSSES,
     DATASETS,
+    DECODE_MODES,
     LOSSES,
     NORMS,
     PACKAGED_WEIGHTS,
@@ -67,6 +68,7 @@ Norm = Annotated[str, Names(NORMS)]
 WhiteningName = Annotated[str, Names(WHITENINGS)]
 BenchmarkName = Annotated[str, Names(BENCHMARKS)]
 SmallClasses = Annotated[str, Names(SMALL_CLASSES)]
+DecodeMode = Annotated[str, Names(DECODE_MODES)]
 
 
 @dataclass
@@ -95,6 +97,8 @@ class DataConfig:
     batch_size: int = _key(4000, "images or sentences per training batch (the global batch with several processes)")
     samples_per_class: int = _key(4, "items of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
+    decode: DecodeMode = _key("cpu", "where training images are decoded and augmented: cpu (Pillow in the workers), "
+                                     "gpu (JPEG batches on the CUDA device) or auto (gpu where it applies)")
     skip_bad_images: bool = _key(False, "skip undecodable images with a warning instead of stopping")
     small_classes: SmallClasses = _key("pad", "training classes with fewer than samples_per_class images: pad "
                                               "(fill with repeated images, logged) or drop (leave out, logged)")

@@ -113,6 +113,11 @@ SMALL_CLASSES = Registry("small-class policy", "data.small_classes", {
     "pad": "fill a class with fewer than data.samples_per_class images with repeats of its images (logged once)",
     "drop": "leave such classes out of the training batches (logged once)",
 })
+DECODE_MODES = Registry("decode mode", "data.decode", {
+    "cpu": "decode and augment each training image with Pillow in the loader workers",
+    "gpu": "decode JPEG training batches and augment them on the CUDA training device (workers only read files)",
+    "auto": "gpu when training on CUDA from JPEG files with the imagenet or timm transform, else cpu",
+})
 AMP_MODES = Registry("precision", "train.amp", {
     "auto": "bf16 on CUDA, none on CPU",
     "none": "float32",

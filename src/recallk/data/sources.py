@@ -9,7 +9,10 @@ sees exactly the images an uninterrupted run would have seen, whatever the numbe
 from __future__ import annotations
 
 import inspect
+import logging
+import queue
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -20,18 +23,22 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recallk.data.batch_transforms import RandomAffineBatch
+from recallk.data.device_augment import JPEG_EXTENSIONS, CropRecipe, augment_batch, decode_jpegs, decoder_problem
 from recallk.data.factory import READERS, build_dataset
-from recallk.data.image_dataset import ImageDataset, encode_labels
+from recallk.data.image_dataset import BadImageError, ImageDataset, encode_labels
 from recallk.data.inputs import Inputs
 from recallk.data.omniglot import build_omniglot, load_omniglot_arrays
 from recallk.data.paths import resolve_data_dir
 from recallk.data.sampler import PlannedBatch
 from recallk.data.text import TEXT_READERS, load_text_split
 from recallk.data.transforms import OMNIGLOT_AUGMENTATION, build_transforms
+from recallk.errors import RecallkUsageError
 from recallk.registry import DATASETS, TEXT_DATASETS, TRANSFORMS
 
 if TYPE_CHECKING:
     from recallk.config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 Batch = tuple[Inputs, torch.Tensor]  # (inputs, labels (B,))
 
@@ -137,6 +144,123 @@ class DatasetSource:
         image: Image.Image = self.dataset.load_image(index)
         image.thumbnail((128, 128))
         return np.asarray(image)
+
+
+class _FileBytes(Dataset):
+    """``dataset[(index, seed)]`` is ``(index, the file's bytes as a uint8 tensor, label, seed)``: no decoding, no
+    random draw."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor, int, int]:
+        index, seed = item
+        with self.dataset.store.open(self.dataset.item_ids[index]) as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return index, data, int(self.dataset.labels[index]), seed
+
+
+_FileBatch = tuple[list[int], list[torch.Tensor], torch.Tensor, list[int]]  # indices, bytes, labels (B,), seeds
+
+
+def _as_lists(items: list[tuple[int, torch.Tensor, int, int]]) -> _FileBatch:
+    """Collate ``_FileBytes`` items into lists (the files' bytes differ in length) and a label tensor."""
+    indices, data, labels, seeds = zip(*items)
+    return list(indices), list(data), torch.tensor(labels), list(seeds)
+
+
+class DeviceDecodeSource(DatasetSource):
+    """A JPEG training split decoded and augmented on ``device`` (``data.decode: gpu``); evaluation batches take
+    the CPU path of :class:`DatasetSource`.
+
+    Loader workers read the planned batches' file bytes; a background thread decodes each batch with
+    :func:`~recallk.data.device_augment.decode_jpegs` and augments it with
+    :func:`~recallk.data.device_augment.augment_batch` while the caller trains on the previous one (on CUDA on a
+    stream of its own, drained before the batch is handed over). The items' seeds are the CPU path's, so both
+    paths cut the same crops; sampler, resume and the global random generators are untouched by the thread.
+    """
+
+    def __init__(self, dataset: ImageDataset, recipe: CropRecipe, device: torch.device, num_workers: int = 0) -> None:
+        super().__init__(dataset, num_workers)
+        self.recipe, self.device = recipe, device
+
+    def train_batches(self, batches: Iterable[PlannedBatch], seed: int) -> Iterator[Batch]:
+        """The planned batches' images ``(B, 3, size, size)`` on ``device``, augmented from their items' seeds."""
+        loader = DataLoader(
+            _FileBytes(self.dataset), batch_sampler=_SeededBatches(batches, seed), num_workers=self.num_workers,
+            collate_fn=_as_lists, persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+        )
+        return _in_background((self._augmented(files) for files in loader), self.device)
+
+    def _augmented(self, files: _FileBatch) -> Batch:
+        indices, data, labels, seeds = files
+        try:
+            images = decode_jpegs(data, self.device)
+        except RuntimeError:  # the batched call does not say which file failed: find it
+            for index, one in zip(indices, data):
+                try:
+                    decode_jpegs([one], self.device)
+                except RuntimeError as err:
+                    raise BadImageError(
+                        f"cannot decode JPEG {self.dataset.store.describe(self.dataset.item_ids[index])} on "
+                        f"{self.device} ({str(err).strip().splitlines()[0]}); replace or delete the file and run "
+                        "again, or set data.decode=cpu"
+                    ) from err
+            raise
+        return augment_batch(images, seeds, self.recipe), labels
+
+
+_DONE = object()
+
+
+def _in_background(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches``, each produced in a background thread while the caller works on the previous one.
+
+    On CUDA the thread runs on a stream of its own on ``device`` and drains it before handing a batch over, so a
+    batch is complete when the caller gets it; its images are marked as used on the caller's stream for the
+    allocator. An error in the thread is raised in the caller; closing the iterator stops the thread.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        try:
+            with torch.cuda.stream(stream):  # a no-op for None
+                for images, labels in batches:
+                    if stream is not None:
+                        stream.synchronize()
+                    if not put((images, labels)):
+                        return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller, who raises it
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="recallk-device-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := handoff.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            images, labels = item
+            if device.type == "cuda":
+                images.record_stream(torch.cuda.current_stream(device))
+            yield images, labels
+    finally:
+        stop.set()
+        thread.join()
 
 
 class ArraySource:
@@ -283,6 +407,7 @@ def build_source(
     seed: int = 0,
     tokenize: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
     backbone: str | None = None,
+    device: torch.device | None = None,
 ) -> BatchSource:
     """The batches of ``split`` described by a :class:`~recallk.config.DataConfig`.
 
@@ -290,9 +415,13 @@ def build_source(
     images are read from files by ``data.num_workers`` loader processes with ``data.transform``
     (``data.transform: timm`` takes its preprocessing from the timm model ``backbone``; ``data.options``
     ``mean``/``std`` set its normalisation; the other options go to the reader). Text data sets
-    (clinc150, banking77) need the model's ``tokenize``.
+    (clinc150, banking77) need the model's ``tokenize``. A training split is decoded and augmented on the
+    training ``device`` as ``data.decode`` says (:func:`device_decode_recipe`).
     """
     check_data_config(cfg, data_dir)
+    if train and cfg.decode == "gpu" and (cfg.dataset in TEXT_READERS or cfg.in_memory):
+        what = "text" if cfg.dataset in TEXT_READERS else "data.in_memory arrays"
+        raise RecallkUsageError(f"data.decode=gpu decodes JPEG files, not {what}; set data.decode=cpu or auto")
     if cfg.dataset in TEXT_READERS:
         if tokenize is None:
             raise ValueError(
@@ -314,6 +443,10 @@ def build_source(
         transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
         skip_bad_images=cfg.skip_bad_images, max_image_pixels=cfg.max_image_pixels, **reader_kwargs(cfg, seed),
     )
+    recipe = device_decode_recipe(cfg.decode, dataset, device) if train else None
+    if recipe is not None:
+        assert device is not None
+        return DeviceDecodeSource(dataset, recipe, device, cfg.num_workers)
     return DatasetSource(dataset, cfg.num_workers)
 
 
@@ -329,6 +462,37 @@ def reader_kwargs(cfg: DataConfig, seed: int = 0) -> dict[str, Any]:
     if "min_images" in reader_options(cfg.dataset):
         kwargs.setdefault("min_images", cfg.samples_per_class)
     return kwargs
+
+
+def device_decode_recipe(decode: str, dataset: ImageDataset, device: torch.device | None) -> CropRecipe | None:
+    """The crop recipe with which training split ``dataset`` is decoded and augmented on ``device``, or ``None``
+    for the CPU path.
+
+    ``decode`` is ``data.decode``: ``cpu`` -> ``None``; ``gpu`` -> the recipe, or a one-line
+    :class:`~recallk.errors.RecallkUsageError` saying why it does not apply; ``auto`` -> the recipe where it applies
+    (training on CUDA, every image a JPEG file read as RGB, the ``imagenet`` or ``timm`` transform, torchvision's
+    decoder working on ``device``), else ``None``.
+    """
+    if decode == "cpu":
+        return None
+    recipe = CropRecipe.of(dataset.transform)
+    not_jpeg = next((n for n in dataset.item_ids if not n.lower().endswith(JPEG_EXTENSIONS)), None)
+    if device is None or device.type != "cuda":
+        obstacle = f"needs a CUDA training device, and training runs on {device or 'the CPU'}"
+    elif recipe is None:
+        obstacle = "applies the imagenet and timm training transforms (bilinear or bicubic), not this data.transform"
+    elif dataset.image_mode != "RGB" or dataset.invert:
+        obstacle = "decodes RGB images, not grayscale or inverted ones (data.options grayscale/invert)"
+    elif not_jpeg is not None:
+        obstacle = f"decodes JPEG files only (.jpg, .jpeg), and {dataset.store.describe(not_jpeg)} is not one"
+    elif (problem := decoder_problem(device)) is not None:
+        obstacle = f"cannot decode JPEG files on {device}: torchvision's decoder fails ({problem})"
+    else:
+        logger.info("data.decode=%s: training images are decoded and augmented on %s", decode, device)
+        return recipe
+    if decode == "gpu":
+        raise RecallkUsageError(f"data.decode=gpu {obstacle}; set data.decode=cpu (or auto: gpu where it applies)")
+    return None
 
 
 def _val_classes(cfg: DataConfig) -> int:

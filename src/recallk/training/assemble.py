@@ -63,18 +63,20 @@ def build_split(
     train: bool = False,
     data_dir: str | Path | None = None,
     dataset: str | None = None,
+    device: torch.device | None = None,
 ) -> BatchSource:
     """The batches of ``split`` as ``network`` consumes them (its ``tokenize`` for text, its timm preprocessing).
 
     ``data_dir`` (default ``data.data_dir``) is the data root; ``dataset`` reads another data set with the same
-    preprocessing (files, not ``data.in_memory`` arrays).
+    preprocessing (files, not ``data.in_memory`` arrays); ``device``: the training device, where ``data.decode`` may
+    decode a training split.
     """
     data_cfg = config.data
     if dataset is not None:
         data_cfg = dataclasses.replace(data_cfg, dataset=dataset, in_memory=False)
     root = data_dir if data_dir is not None else config.data.data_dir
     return build_source(
-        data_cfg, split, train, root, config.seed, getattr(network, "tokenize", None), config.model.backbone
+        data_cfg, split, train, root, config.seed, getattr(network, "tokenize", None), config.model.backbone, device
     )
 
 
@@ -103,14 +105,17 @@ class RunParts:
     own: dict[str, str] | None = None
 
 
-def config_parts(config: Config, data_dir: str | Path | None, with_test: bool = True) -> RunParts:
+def config_parts(
+    config: Config, data_dir: str | Path | None, with_test: bool = True, device: torch.device | None = None
+) -> RunParts:
     """The network of ``config.model`` (initialised from ``config.seed``'s current random state) and the splits of
-    ``config.data`` (the test splits only ``with_test``: built now so that a typo fails before training)."""
+    ``config.data`` (the test splits only ``with_test``: built now so that a typo fails before training); the
+    training split is decoded for ``device`` (``data.decode``)."""
     network = build_network(config)
     val = config.data.split_val
     return RunParts(
         network=network,
-        train=build_split(config, config.data.split_train, network, train=True, data_dir=data_dir),
+        train=build_split(config, config.data.split_train, network, train=True, data_dir=data_dir, device=device),
         val=build_split(config, val, network, data_dir=data_dir) if val else None,
         test={split: build_split(config, split, network, data_dir=data_dir) for split in config.data.split_test}
         if with_test else {},

@@ -28,7 +28,8 @@ SAFE_ON_RESUME = (
     "train.wandb_project", "train.early_stopping_patience", "optim.clip_grad_norm",
     "optim.lr", "optim.weight_decay", "optim.backbone_lr_mult", "optim.loss_lr_mult",
     "optim.gem_lr_mult",
-    "data.data_dir", "data.num_workers", "data.skip_bad_images", "data.max_image_pixels", "eval.batch_size",
+    "data.data_dir", "data.num_workers", "data.decode", "data.skip_bad_images", "data.max_image_pixels",
+    "eval.batch_size",
     "output.runs_root", "output.run_dir", "output.export_embeddings", "output.plots",
 )
 CHANGES_FILE = "config_changes.jsonl"

@@ -65,6 +65,7 @@ from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_c
 from recallk.training.console import RunLog, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm, plateau_warning
+from recallk.training.phases import PhaseClock
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import OWN_RUN_MARK, check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
@@ -134,7 +135,7 @@ class Trainer:
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
-        parts = parts or config_parts(config, data_root, with_test=self.is_main)
+        parts = parts or config_parts(config, data_root, with_test=self.is_main, device=self.device)
         self.own, self._untrained = parts.own, parts.untrained
         model = parts.network.to(self.device)
         self.model: nn.Module = model
@@ -191,6 +192,7 @@ class Trainer:
         self.skipped_steps = 0
         self.health = StuckTrainingCheck()
         self.seconds = 0.0
+        self.phases = PhaseClock(self.device)  # seconds per phase of this process, in summary.json
         self._tracker_ids: dict[str, str] = {}  # the tracker runs to continue on resume
         self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
@@ -371,6 +373,7 @@ class Trainer:
             loss = self._guarded_loss(embeddings.float(), labels)
             self.scaler.scale(loss).backward()
         value = float(loss.detach())
+        self.phases.lap("forward_backward")
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.train.nan_policy == "stop":
@@ -456,8 +459,9 @@ class Trainer:
                     batches, total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
                     desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not (self.progress and self.is_main),
                 )
-                for images, labels in bar:
+                for images, labels in self.phases.timed(bar, "data"):
                     value = self._train_step_of_job(images, labels)
+                    self.phases.step_done()
                     self.epoch_losses.append(value)
                     self.step += 1
                     self.batch_in_epoch += 1
@@ -472,6 +476,7 @@ class Trainer:
                     if stop.requested or (max_steps and self.step >= max_steps):
                         break
                 bar.close()
+                getattr(batches, "close", lambda: None)()  # stops loader workers and threads after max_steps
                 self.seconds += time.perf_counter() - started
                 if stop.requested:
                     self._save("last.pt")
@@ -508,8 +513,10 @@ class Trainer:
         due = cfg.train.eval_every > 0 and self.epoch % cfg.train.eval_every == 0
         patience = cfg.train.early_stopping_patience
         if self.val_source is not None and (due or last) and self.is_main:
+            self.phases.mark()
             with _rng_preserved():  # validating leaves the training's random streams as they were
                 metrics, _ = self.evaluate(self.val_source, "validation")
+            self.phases.lap("evaluation")
             row.update({f"val_{k}": v for k, v in metrics.items() if not k.startswith("num_")})
             value = metrics[cfg.train.select_metric]
             if (value, metrics["map@r"]) > (self.best["value"], self.best["map@r"]):
@@ -547,6 +554,7 @@ class Trainer:
             return {}
         assert self.run is not None
         cfg = self.cfg
+        self.phases.mark()
         best_path = self.run.checkpoints / "best.pt"
         if self.val_source is not None and best_path.is_file():
             self.eval_model.load_state_dict(load_checkpoint(best_path)["model"])
@@ -565,6 +573,7 @@ class Trainer:
             name: benchmark_metrics(self.eval_model, cfg, benchmark, self.device, progress=False)
             for name, benchmark in self.benchmarks.items()
         }
+        self.phases.lap("evaluation")
         primary = splits[cfg.data.split_test[0]] if splits else {}
         summary = {
             **primary,
@@ -576,12 +585,15 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "skipped_steps": self.skipped_steps,
             "train_seconds": round(self.seconds, 2),
+            "phase_seconds": self.phases.summary(),
             "run_dir": str(self.run.path),
         }
         if benchmarks:
             summary["benchmarks"] = benchmarks
         if self.own is not None:
             summary["own"] = self.own
+        if self.device.type == "cuda":
+            summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.ema is not None:
             summary["weights"] = f"exponential moving average (train.ema_decay={cfg.train.ema_decay})"
         if cfg.output.plots:
