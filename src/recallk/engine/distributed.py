@@ -84,14 +84,29 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
 
 
 def leave_process_group() -> None:
-    """Wait for every rank at a barrier, then destroy the default process group (a no-op without one).
+    """Wait until every rank is here, then destroy the default process group (a no-op without one).
 
-    The end of a run: rank 0 evaluates the test split alone, and a rank that exits earlier with the group alive
-    can be aborted by gloo ("terminate called without an active exception"), which makes torchrun fail the job.
+    The end of a run: rank 0 evaluates the test split alone, and a rank that tears its group down while a peer
+    still exchanges messages with it makes gloo abort that peer ("terminate called without an active exception"),
+    which fails the torchrun job. A gloo ``barrier()`` is not enough: a rank returns from it as soon as its own part
+    is done, while the last message may still be on its way to a slower peer (seen under heavy load). So the ranks
+    meet in the process group's store instead (each adds itself to a count, the last one sets a key that every rank
+    waits for): a rank arrives only after all its collectives have completed, so when every rank has arrived no
+    message is in flight, and each can close its connections.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    global _leaves
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    store = dist.distributed_c10d._get_default_store()
+    _leaves += 1
+    count, everyone = f"recallk/leave/{_leaves}", f"recallk/leave/{_leaves}/everyone"
+    if store.add(count, 1) == dist.get_world_size():
+        store.set(everyone, "1")
+    store.wait([everyone])
+    dist.destroy_process_group()
+
+
+_leaves = 0  # leave_process_group calls of this process: every rank makes the same ones, so the keys match
 
 
 def is_distributed() -> bool:
