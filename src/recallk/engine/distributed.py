@@ -86,13 +86,16 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
 def leave_process_group() -> None:
     """Wait until every rank is here, then destroy the default process group (a no-op without one).
 
-    The end of a run: rank 0 evaluates the test split alone, and a rank that tears its group down while a peer
-    still exchanges messages with it makes gloo abort that peer ("terminate called without an active exception"),
-    which fails the torchrun job. A gloo ``barrier()`` is not enough: a rank returns from it as soon as its own part
-    is done, while the last message may still be on its way to a slower peer (seen under heavy load). So the ranks
-    meet in the process group's store instead (each adds itself to a count, the last one sets a key that every rank
-    waits for): a rank arrives only after all its collectives have completed, so when every rank has arrived no
-    message is in flight, and each can close its connections.
+    The end of a run: rank 0 evaluates the test split alone, and a rank that exits while its group is busy can be
+    aborted by gloo ("terminate called without an active exception"), which fails the torchrun job. A gloo
+    ``barrier()`` as the last collective (as before) leaves two windows, wider under heavy load: a rank returns from
+    it when its own part is done, while the last message may still be on its way to a slower peer; and the group's
+    worker thread releases the finished barrier (which holds the earlier collectives' tensors, freeing them needs
+    the interpreter) only after the rank has gone on, towards the interpreter's shutdown (the group outlives
+    ``destroy_process_group`` once DDP used it: its threads stay until exit). So the ranks meet in the process
+    group's store instead, with no collective: each adds itself to a count, the last one sets a key every rank
+    waits for. A rank arrives only after its collectives have completed, so when all have arrived no message is in
+    flight, and the last collective finished a store round trip earlier.
     """
     global _leaves
     if not (dist.is_available() and dist.is_initialized()):
