@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recallk.engine.batchnorm import freeze_batchnorm
-from recallk.engine.distributed import all_gather_rows, init_distributed, wrap_ddp
+from recallk.engine.distributed import all_gather_rows, init_distributed, leave_process_group, wrap_ddp
 from recallk.engine.multistage import multistage_backward
 from recallk.losses.average_precision import FastAPLoss, SmoothAPLoss
 from recallk.losses.recall_at_k import RecallAtKLoss
@@ -143,8 +143,7 @@ def main(out_dir: Path) -> None:
         result = distributed_step(context.rank, rows_per_rank, loss_name, context)
         torch.save(result, out_dir / f"{name}_rank{context.rank}.pt")
     torch.save(check_all_gather_rows(context.rank), out_dir / f"gather_rank{context.rank}.pt")
-    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer hung up first
-    torch.distributed.destroy_process_group()
+    leave_process_group()  # leave together: gloo aborts a rank whose peer hung up first
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-from recallk.engine.distributed import init_distributed, wrap_ddp
+from recallk.engine.distributed import init_distributed, leave_process_group, wrap_ddp
 from recallk.engine.multistage import multistage_backward
 from recallk.losses.recall_at_k import RecallAtKLoss
 
@@ -64,8 +64,7 @@ def main(out_dir: Path) -> None:
     result = {"pml_loss": pml_loss.detach() / context.world_size, "pml_grads": pml_grads, "own_loss": own_loss,
               "own_grads": own_grads, "efficient_error": efficient_error}
     torch.save(result, out_dir / f"pml_rank{context.rank}.pt")
-    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer hung up first
-    torch.distributed.destroy_process_group()
+    leave_process_group()  # leave together: gloo aborts a rank whose peer hung up first
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ class Child:
         """Send SIGTERM to the child's process group, as Slurm, ``timeout`` or ``kill -TERM -PGID`` do."""
         os.killpg(self.pid, signal.SIGTERM)
 
+    def kill(self) -> None:
+        """Send SIGKILL to the child's process group, as the out-of-memory killer or a lost machine do."""
+        os.killpg(self.pid, signal.SIGKILL)
+
     def wait(self, timeout: float = 180.0) -> Finished:
         status = self.launcher._ask({"wait": self.pid, "timeout": timeout})["status"]
         return Finished(status, self._stdout.read_text(errors="replace"), self._stderr.read_text(errors="replace"))
@@ -94,19 +98,22 @@ class Launcher:
             raise RuntimeError("the fault-injection launcher exited")
         return json.loads(answer)
 
-    def start(self, *args: object, faults: dict[str, Any] | None = None) -> Child:
-        """Start ``recallk ARGS`` with ``faults`` (see the module docstring) and return at once."""
+    def start(self, *args: object, faults: dict[str, Any] | None = None, cwd: Path | None = None) -> Child:
+        """Start ``recallk ARGS`` with ``faults`` (see the module docstring) in ``cwd`` (default: the launcher's) and
+        return at once."""
         self._count += 1
         stdout, stderr = self.workdir / f"child{self._count}.out", self.workdir / f"child{self._count}.err"
         request = {
-            "argv": [str(a) for a in args], "cwd": str(self.cwd), "stdout": str(stdout), "stderr": str(stderr),
-            "faults": faults or {},
+            "argv": [str(a) for a in args], "cwd": str(cwd or self.cwd), "stdout": str(stdout),
+            "stderr": str(stderr), "faults": faults or {},
         }
         return Child(self, self._ask({"start": request})["pid"], stdout, stderr)
 
-    def run(self, *args: object, faults: dict[str, Any] | None = None, timeout: float = 180.0) -> Finished:
-        """Run ``recallk ARGS`` with ``faults`` to the end."""
-        return self.start(*args, faults=faults).wait(timeout)
+    def run(
+        self, *args: object, faults: dict[str, Any] | None = None, cwd: Path | None = None, timeout: float = 180.0
+    ) -> Finished:
+        """Run ``recallk ARGS`` with ``faults`` in ``cwd`` to the end."""
+        return self.start(*args, faults=faults, cwd=cwd).wait(timeout)
 
     def close(self) -> None:
         if self._process.poll() is None:

@@ -21,7 +21,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from recallk.engine.distributed import init_distributed  # noqa: E402
+from recallk.engine.distributed import init_distributed, leave_process_group  # noqa: E402
 from recallk.integrations.sentence_transformers import CachedRecallAtKLoss  # noqa: E402
 from recallk.models.text import resolve_sentence_model  # noqa: E402
 
@@ -91,8 +91,7 @@ def main(out_dir: Path) -> None:
     context = init_distributed("gloo")
     for name, simix in SCENARIOS.items():
         torch.save(distributed_step(context.rank, simix), out_dir / f"{name}_rank{context.rank}.pt")
-    torch.distributed.barrier()  # leave together: gloo aborts a rank whose peer hung up first
-    torch.distributed.destroy_process_group()
+    leave_process_group()  # leave together: gloo aborts a rank whose peer hung up first
 
 
 if __name__ == "__main__":

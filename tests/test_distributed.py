@@ -16,6 +16,7 @@ from recallk.engine.distributed import (
     get_world_size,
     init_distributed,
     is_distributed,
+    leave_process_group,
 )
 
 import ddp_worker
@@ -100,3 +101,21 @@ def test_init_distributed_explains_missing_torchrun_variables(monkeypatch: pytes
         init_distributed()
     with pytest.raises(ValueError, match="backend"):
         init_distributed("mpi")
+
+
+def test_ranks_leave_by_meeting_in_the_store_without_a_collective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collective as the last operation can abort a slower rank at exit (gloo); leaving meets in the store."""
+    from datetime import timedelta
+
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), 1, is_master=True, timeout=timedelta(seconds=60))
+
+    def no_collective(*args: object, **kwargs: object) -> None:
+        raise AssertionError("leave_process_group ran a collective")
+
+    monkeypatch.setattr(torch.distributed, "barrier", no_collective)
+    for leave in (1, 2):  # every leave of a process has keys of its own
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        group_store = torch.distributed.distributed_c10d._get_default_store()
+        leave_process_group()
+        assert not torch.distributed.is_initialized()
+        assert group_store.add(f"recallk/leave/{leave}", 0) == 1

@@ -9,6 +9,7 @@ the run directory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,71 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(
     final = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     for key, value in load_checkpoint(reference / "checkpoints" / "last.pt")["model"].items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=0)
+
+
+def logged_steps(run: Path) -> list[tuple[int, str]]:
+    """``(step, loss)`` of each per-step line of ``train.log`` (``epoch E step S: loss L (...)``)."""
+    steps = []
+    for line in (run / "train.log").read_text().splitlines():
+        if ": loss " in line and " step " in line:
+            step, loss = line.split(" step ", 1)[1].split(": loss ")
+            steps.append((int(step), loss.split()[0]))
+    return steps
+
+
+def test_a_run_killed_after_its_checkpoint_resumes_from_another_folder_with_one_record_per_step(
+    tmp_path: Path, launcher: Launcher, config: Path, data_dir: Path, reference: Path
+) -> None:
+    """Started with relative paths in one folder, killed (SIGKILL) one step after its last checkpoint, resumed by
+    absolute path from another folder: the steps redone since the checkpoint appear once in train.log, metrics.csv,
+    TensorBoard and MLflow, and a resume that fails first writes nothing."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    started_in, resumed_in, pause = tmp_path / "a", tmp_path / "b", tmp_path / "pause"
+    for folder in (started_in, resumed_in, pause):
+        folder.mkdir()
+    child = launcher.start(
+        "train", config, "--run-dir", "run", "--data-dir", os.path.relpath(data_dir, started_in), "train.mlflow=true",
+        "train.tensorboard=true", "train.log_every=1", faults={"pause_at_step": [6, str(pause)]}, cwd=started_in,
+    )  # relative run folder, data folder and MLflow store (output.runs_root: runs)
+    wait_for(pause / "paused")  # steps 1-5 done and logged; last.pt is that of step 4 (end of epoch 1)
+    child.kill()
+    assert child.wait().returncode == -9
+    run = started_in / "run"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == STEPS_PER_EPOCH
+    assert [step for step, _ in logged_steps(run)] == [1, 2, 3, 4, 5]
+
+    before = files_and_times(run)
+    failed = launcher.run("train", "--resume", run, "train.mlflow_uri=sqlite:///other.db", cwd=resumed_in)
+    error_line(failed, 2, "is not in train.mlflow_uri=sqlite:///" + str(resumed_in / "other.db"), only_line=False)
+    assert files_and_times(run) == before and list(resumed_in.iterdir()) == []
+
+    resumed = launcher.run("train", "--resume", run, cwd=resumed_in)
+    assert resumed.returncode == 0, resumed.stderr
+    assert list(resumed_in.iterdir()) == [] and not (run / "config_changes.jsonl").exists()
+    assert train_losses(run) == train_losses(reference)
+    steps = logged_steps(run)
+    assert [step for step, _ in steps] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    losses = [float(loss) for _, loss in steps]
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == [step for step, _ in steps]
+    assert [e.value for e in scalars] == pytest.approx(losses, abs=6e-5)
+    assert [e.step for e in events.Scalars("epoch/train_loss")] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+
+    store = yaml.safe_load((run / "config.yaml").read_text())["train"]["mlflow_uri"]
+    assert store == f"sqlite:///{started_in / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    run_id = load_checkpoint(run / "checkpoints" / "last.pt")["trackers"]["mlflow"]
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
+    assert [m.step for m in history] == [step for step, _ in steps]
+    assert [m.value for m in history] == pytest.approx(losses, abs=6e-5)
+    per_epoch = [float(np.nanmean([m.value for m in history][i: i + STEPS_PER_EPOCH])) for i in (0, STEPS_PER_EPOCH)]
+    assert per_epoch == [float(loss) for loss in train_losses(reference)]  # the same steps, bit for bit
+    assert [m.step for m in client.get_metric_history(run_id, "epoch/train_loss")] == [4, 8]
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(

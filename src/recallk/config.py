@@ -201,8 +201,9 @@ class TrainConfig:
                                     "tensorboard)")
     mlflow: bool = _key(False, "also log params, metrics and the test table to MLflow (pip install "
                                "'recallk[mlflow]')")
-    mlflow_uri: str | None = _key(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else a local store in "
-                                        "<output.runs_root>/mlruns")
+    mlflow_uri: str | None = _key(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else the SQLite store "
+                                        "sqlite:///<output.runs_root>/mlflow.db; written absolute into the run's "
+                                        "config.yaml when the run starts")
     wandb: bool = _key(False, "also log to Weights & Biases, files in <run_dir>/wandb (pip install "
                               "'recallk[wandb]'; WANDB_MODE=offline: no upload)")
     wandb_project: str = _key("recallk", "Weights & Biases project name")

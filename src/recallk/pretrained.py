@@ -223,8 +223,8 @@ def _is_saved_model(directory: Path) -> bool:
 
 
 def shareable_config(config: Config) -> Config:
-    """``config`` without the paths of this machine: no data root, run directory or local weights file, and only
-    the file name of any absolute path in ``data.options`` (they would be uploaded with the model)."""
+    """``config`` without the paths of this machine: no data root, run directory, local weights file or MLflow store,
+    and only the file name of any absolute path in ``data.options`` (they would be uploaded with the model)."""
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
@@ -240,6 +240,7 @@ def shareable_config(config: Config) -> Config:
         config,
         data=dataclasses.replace(config.data, data_dir=None, options=strip(dict(config.data.options))),
         model=dataclasses.replace(config.model, pretrained_path=None),
+        train=dataclasses.replace(config.train, mlflow_uri=None),
         output=dataclasses.replace(config.output, run_dir=None, runs_root=output_defaults.runs_root),
     )
 

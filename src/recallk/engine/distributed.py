@@ -84,14 +84,32 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
 
 
 def leave_process_group() -> None:
-    """Wait for every rank at a barrier, then destroy the default process group (a no-op without one).
+    """Wait until every rank is here, then destroy the default process group (a no-op without one).
 
-    The end of a run: rank 0 evaluates the test split alone, and a rank that exits earlier with the group alive
-    can be aborted by gloo ("terminate called without an active exception"), which makes torchrun fail the job.
+    The end of a run: rank 0 evaluates the test split alone, and a rank that exits while its group is busy can be
+    aborted by gloo ("terminate called without an active exception"), which fails the torchrun job. A gloo
+    ``barrier()`` as the last collective (as before) leaves two windows, wider under heavy load: a rank returns from
+    it when its own part is done, while the last message may still be on its way to a slower peer; and the group's
+    worker thread releases the finished barrier (which holds the earlier collectives' tensors, freeing them needs
+    the interpreter) only after the rank has gone on, towards the interpreter's shutdown (the group outlives
+    ``destroy_process_group`` once DDP used it: its threads stay until exit). So the ranks meet in the process
+    group's store instead, with no collective: each adds itself to a count, the last one sets a key every rank
+    waits for. A rank arrives only after its collectives have completed, so when all have arrived no message is in
+    flight, and the last collective finished a store round trip earlier.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    global _leaves
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    store = dist.distributed_c10d._get_default_store()
+    _leaves += 1
+    count, everyone = f"recallk/leave/{_leaves}", f"recallk/leave/{_leaves}/everyone"
+    if store.add(count, 1) == dist.get_world_size():
+        store.set(everyone, "1")
+    store.wait([everyone])
+    dist.destroy_process_group()
+
+
+_leaves = 0  # leave_process_group calls of this process: every rank makes the same ones, so the keys match
 
 
 def is_distributed() -> bool:

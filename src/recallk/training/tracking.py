@@ -10,6 +10,11 @@ The trainer reports four things, whatever the trackers (:class:`Trackers` forwar
 - ``close()``.
 
 Each tracker resumes its own run: :meth:`Trackers.ids` goes into the checkpoint and comes back on ``--resume``.
+A run killed after its last checkpoint redoes the steps since then, so a resumed run keeps one value per step:
+TensorBoard hides the killed process's events from the checkpoint's step on (``purge_step``); MLflow cannot delete a
+logged point, so a resumed MLflow run does not log again a step its metric already holds (a resume repeats those
+steps exactly, :mod:`recallk.training.trainer`); W&B ignores steps below its run's current step itself.
+
 The libraries are imported only when their tracker is on; a missing one is a :class:`RecallkUsageError` naming the
 ``pip install 'recallk[...]'`` that fixes it.
 """
@@ -23,6 +28,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from recallk.config import Config
 from recallk.errors import RecallkUsageError
@@ -49,16 +55,18 @@ def _missing(package: str, extra: str, key: str) -> RecallkUsageError:
 
 
 class TensorBoardTracker:
-    """Event files in ``<run_dir>/tensorboard`` (``tensorboard --logdir <run_dir>``)."""
+    """Event files in ``<run_dir>/tensorboard`` (``tensorboard --logdir <run_dir>``); its id is that folder's name.
 
-    run_id = None
+    ``purge_step``: a resumed run's first step; TensorBoard hides the events that earlier files hold from that step
+    on (those a killed process logged after its last checkpoint)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, purge_step: int | None = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise _missing("tensorboard", "tensorboard", "train.tensorboard") from None
-        self.writer = SummaryWriter(str(path))
+        self.writer = SummaryWriter(str(path), purge_step=purge_step)
+        self.run_id: str | None = path.name
 
     def start(self, params: Mapping[str, Any]) -> None:
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
@@ -79,29 +87,51 @@ class TensorBoardTracker:
 
 
 class MLflowTracker:
-    """One MLflow run in experiment ``config.name`` of ``train.mlflow_uri`` (default: a local file store in
-    ``<output.runs_root>/mlruns``; view it with ``mlflow ui --backend-store-uri <runs_root>/mlruns``).
+    """One MLflow run in experiment ``config.name`` of the store :func:`mlflow_store_uri` names.
 
-    MLflow metric names cannot hold ``@``: ``val_recall@1`` is logged as ``val_recall_at_1``.
+    MLflow metric names cannot hold ``@``: ``val_recall@1`` is logged as ``val_recall_at_1``. A resumed run
+    (``run_id``) logs no point at a step its metric already has (see the module docstring).
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None) -> None:
         try:
+            from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise _missing("mlflow", "mlflow", "train.mlflow") from None
-        if "://" not in uri or uri.startswith("file:"):
-            # MLflow 3 refuses its file store unless asked; it is the store that needs no database server
+        local = _local_store_path(uri)
+        if run_id is not None and local is not None and not local.exists():  # opening it would create an empty one
+            raise _not_in_store(uri, run_id)
+        if uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless asked (a reader needs MLFLOW_ALLOW_FILE_STORE=true as well)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = MlflowClient(tracking_uri=uri)
-        if run_id is None:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
-            run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-        else:
-            self.client.update_run(run_id, status="RUNNING")
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            if run_id is None:
+                found = self.client.get_experiment_by_name(experiment)
+                experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+                run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+                self.logged: dict[str, int] = {}
+            else:
+                self.logged = self._last_steps(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            if run_id is not None and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise _not_in_store(uri, run_id) from None
+            raise _unusable_store(uri, err) from None
+        except ImportError as err:  # e.g. the SQL stores' sqlalchemy with mlflow-skinny alone
+            raise RecallkUsageError(
+                f"the MLflow store train.mlflow_uri={uri} needs the {err.name} package; pip install 'recallk[mlflow]'"
+            ) from None
+        except (OSError, RuntimeError) as err:  # a folder that cannot be created, a database driver's error
+            raise _unusable_store(uri, err) from None
         self.run_id: str | None = run_id
         self.finished = False
+
+    def _last_steps(self, run_id: str) -> dict[str, int]:
+        """``{metric: last step logged}`` of a run being resumed."""
+        metrics = self.client.get_run(run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in metrics}
 
     def start(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -109,20 +139,72 @@ class MLflowTracker:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log(self, values: Mapping[str, float], step: int) -> None:
+        self._log({k: v for k, v in values.items() if step > self.logged.get(_mlflow_name(k), -1)}, step)
+
+    def _log(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(_mlflow_name(k), float(v), now, step) for k, v in values.items() if math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
-        self.log({f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}, 0)
+        # each finish logs its table (a finished run resumed for more epochs is tested again)
+        self._log({f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}, 0)
         self.client.set_terminated(self.run_id)
         self.finished = True
 
     def close(self) -> None:
         if not self.finished:  # interrupted or failed: KILLED until a resume sets it RUNNING again
             self.client.set_terminated(self.run_id, status="KILLED")
+
+
+MLFLOW_STORE = "mlflow.db"  # the default store: one SQLite file under output.runs_root, shared by its runs
+
+
+def mlflow_store_uri(config: Config) -> str:
+    """The MLflow store of a run, absolute: ``train.mlflow_uri``, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<output.runs_root>/mlflow.db``. A relative SQLite file or file-store folder is taken from the current
+    directory (MLflow would take it from the directory of each process that opens it)."""
+    uri = config.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{Path(config.output.runs_root) / MLFLOW_STORE}"
+    )
+    path = _local_store_path(uri)
+    if path is None:
+        return uri  # a server, a database server, or an in-memory SQLite database
+    absolute = os.path.abspath(path)
+    if uri.startswith("sqlite:"):
+        _, question, query = uri.partition("?")  # driver options, e.g. ?timeout=30
+        return f"sqlite:///{absolute}{question}{query}"
+    return Path(absolute).as_uri()
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The file (SQLite) or folder (file store) of a local MLflow store; None for any other store."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?")[0]
+        return Path(path).expanduser() if path and path != ":memory:" else None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(parsed.path).expanduser()
+    return Path(uri).expanduser() if not parsed.scheme else None
+
+
+def _not_in_store(uri: str, run_id: str) -> RecallkUsageError:
+    return RecallkUsageError(
+        f"the MLflow run {run_id} this run logs to is not in train.mlflow_uri={uri}; resume with the store it was "
+        "logged to (train.mlflow_uri=..., in the run's config.yaml; runs started before the SQLite default logged to "
+        "file:<output.runs_root>/mlruns), or with train.mlflow=false"
+    )
+
+
+def _unusable_store(uri: str, err: BaseException) -> RecallkUsageError:
+    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return RecallkUsageError(
+        f"cannot open the MLflow store train.mlflow_uri={uri} ({reason}); set train.mlflow_uri to a store this "
+        f"process can open (e.g. sqlite:///runs/{MLFLOW_STORE}), or train.mlflow=false"
+    )
 
 
 def _mlflow_name(key: str) -> str:
@@ -162,22 +244,28 @@ class WandbTracker:
 
 
 class Trackers:
-    """The trackers a config turns on (``train.tensorboard``, ``train.mlflow``, ``train.wandb``), called as one."""
+    """The trackers a config turns on (``train.tensorboard``, ``train.mlflow``, ``train.wandb``), called as one.
 
-    def __init__(self, config: Config, run_dir: Path, ids: Mapping[str, str | None] | None = None) -> None:
+    ``resume_step``: the step of the checkpoint a resumed run starts from (None: a new run). TensorBoard is opened
+    last: its event file is the one thing a tracker writes before the others could refuse to start.
+    """
+
+    def __init__(
+        self, config: Config, run_dir: Path, ids: Mapping[str, str | None] | None = None,
+        resume_step: int | None = None,
+    ) -> None:
         ids = ids or {}
         t = config.train
         self.trackers: dict[str, Tracker] = {}
         try:
-            if t.tensorboard:
-                self.trackers["tensorboard"] = TensorBoardTracker(run_dir / "tensorboard")
             if t.mlflow:
-                uri = t.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or str(
-                    Path(config.output.runs_root).resolve() / "mlruns"
-                )
+                uri = mlflow_store_uri(config)
                 self.trackers["mlflow"] = MLflowTracker(uri, config.name, run_dir.name, ids.get("mlflow"))
             if t.wandb:
                 self.trackers["wandb"] = WandbTracker(t.wandb_project, run_dir.name, run_dir, ids.get("wandb"))
+            if t.tensorboard:
+                purge = None if resume_step is None else resume_step + 1
+                self.trackers["tensorboard"] = TensorBoardTracker(run_dir / "tensorboard", purge)
         except BaseException:
             self.close()
             raise

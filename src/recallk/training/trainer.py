@@ -13,8 +13,12 @@
   is what is validated, saved as ``"model"`` and tested; progress goes to the console, ``train.log`` and the
   trackers of :mod:`recallk.training.tracking`;
 - ``checkpoints/last.pt`` holds everything needed to continue (model, optimiser, schedule, scaler, sampler
-  position, RNG states); Ctrl-C stops after the current step, saves it and raises :class:`TrainingInterrupted`;
-  a resumed run repeats the losses of an uninterrupted one exactly (batch augmentation is seeded by position).
+  position, RNG states, the length of ``train.log``); Ctrl-C stops after the current step, saves it and raises
+  :class:`TrainingInterrupted`; a resumed run repeats the losses of an uninterrupted one exactly (batch augmentation
+  is seeded by position), and cuts ``train.log``, ``metrics.csv`` and the trackers back to the checkpoint, so that
+  the steps a killed run redoes are recorded once;
+- the run's paths are made absolute when it starts (:mod:`recallk.training.run_paths`), so it resumes from any
+  directory; a resume that fails (a changed config, another model, a missing MLflow run) writes nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from recallk.training.phases import PhaseClock
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import OWN_RUN_MARK, check_resume_config, record_resume_changes
 from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
+from recallk.training.run_paths import with_absolute_paths
 from recallk.training.schedule import lr_multiplier, step_warmup
 from recallk.training.tracking import Trackers, flat_params
 
@@ -120,19 +125,21 @@ class Trainer:
         dist_context: DistributedContext | None = None,
         parts: RunParts | None = None,
     ) -> None:
+        config = with_absolute_paths(config, run_dir, data_dir)  # as written into config.yaml
+        run_dir = Path(config.output.run_dir)
         self.cfg = config
         self.progress = show_progress(progress)
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
-        data_root = data_dir if data_dir is not None else config.data.data_dir
+        data_root = config.data.data_dir
         if self.is_main:
             check_run_dir(run_dir, resume)  # fail fast; the directory is created once data and model are ready
-        self.resume_changes = check_resume_config(Path(run_dir), config, own=parts is not None) if resume else {}
+        self.resume_changes = check_resume_config(run_dir, config, own=parts is not None) if resume else {}
         # after the resume check (a changed data set is named as such); it reads the landmark benchmarks of
         # eval.benchmarks too, so a missing or bad file fails before training
         benchmarks = preflight(config, data_root, landmark_lists=False) if parts is None else {}
-        self.run_path = Path(run_dir)
+        self.run_path = run_dir
         _seed_everything(config.seed)
 
         parts = parts or config_parts(config, data_root, with_test=self.is_main, device=self.device)
@@ -194,28 +201,24 @@ class Trainer:
         self.seconds = 0.0
         self.phases = PhaseClock(self.device)  # seconds per phase of this process, in summary.json
         self._tracker_ids: dict[str, str] = {}  # the tracker runs to continue on resume
+        self._log_bytes: int | None = None  # on resume: the length of train.log when last.pt was saved
         self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
-        self.run_log = RunLog(self.run.path) if self.run is not None else None  # console lines, also in train.log
-        if resume:
-            try:
+        # console lines, also in train.log; a resume holds them back until it can no longer fail
+        self.run_log = RunLog(self.run.path, held=resume) if self.run is not None else None
+        try:  # on failure, release the run directory's lock (e.g. last.pt is not a recallk checkpoint)
+            if resume:
                 self._load(self.run_path / "checkpoints" / "last.pt")
-            except BaseException:
-                self.close()  # release the run directory's lock (e.g. last.pt is not a recallk checkpoint)
-                raise
-            if self.resume_changes and self.run is not None:
-                record_resume_changes(self.run.path, config, self.resume_changes, self.epoch, self.step)
-                logger.info("resumed with changed %s", ", ".join(
-                    f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
-        elif self.run is not None:
-            self.run.write_text("config.yaml", _own_note(self.own) + config_to_yaml(config))
-        if self.run is not None:
-            try:
-                self.trackers = Trackers(config, self.run.path, self._tracker_ids)
+            elif self.run is not None:
+                self.run.write_text("config.yaml", _own_note(self.own) + config_to_yaml(config))
+            if self.run is not None:
+                self.trackers = Trackers(config, self.run.path, self._tracker_ids, self.step if resume else None)
+                if resume:
+                    self._commit_resume()
                 self.trackers.start(flat_params(config_to_dict(config)))
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ state
 
@@ -247,6 +250,7 @@ class Trainer:
             "seconds": self.seconds,
             "rng": _rng_state(),
             "trackers": self.trackers.ids() if self.trackers is not None else self._tracker_ids,
+            "log_bytes": self.run_log.position() if self.run_log is not None else None,
             "config": config_to_dict(self.cfg),
             **({} if self.own is None else {"own": self.own}),
         }
@@ -321,14 +325,25 @@ class Trainer:
         self.best, self.skipped_steps, self.seconds = state["best"], state["skipped_steps"], state["seconds"]
         self.evals_since_best = state.get("evals_since_best", 0)
         self._tracker_ids = dict(state.get("trackers", {}))
+        self._log_bytes = state.get("log_bytes")
         _set_rng_state(state["rng"])
-        if self.run is not None:
-            self.run.truncate_metrics(self.step)
-            self.run.truncate_census(self.step - 1)  # the census of step s is taken before step s's update
         logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
             "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
             self.cfg.train.epochs, self.batch_in_epoch, self.steps_per_epoch, self.step,
         )
+
+    def _commit_resume(self) -> None:
+        """A resume's writes, once it can no longer fail: ``train.log``, ``metrics.csv`` and ``census.jsonl`` cut back
+        to the checkpoint (a killed run logged steps after it, which are redone), the held log lines, and the
+        accepted config changes."""
+        assert self.run is not None and self.run_log is not None
+        self.run_log.commit(self._log_bytes)
+        self.run.truncate_metrics(self.step)
+        self.run.truncate_census(self.step - 1)  # the census of step s is taken before step s's update
+        if self.resume_changes:
+            record_resume_changes(self.run.path, self.cfg, self.resume_changes, self.epoch, self.step)
+            logger.info("resumed with changed %s", ", ".join(
+                f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
 
     # ------------------------------------------------------------------ steps
 
@@ -542,11 +557,11 @@ class Trainer:
             self.run.append_metrics(row)
             if self.trackers is not None:
                 self.trackers.log({f"epoch/{k}": v for k, v in row.items() if k != "step"}, self.step)
-            stopping = last or self.stop_reason == "early_stopping"
-            if stopping or (cfg.train.checkpoint_every > 0 and self.epoch % cfg.train.checkpoint_every == 0):
-                self._save("last.pt")
             shown = " ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", "val_recall@1") if k in row)
             logger.info("epoch %s/%d step %d %s (%.0fs)", position, cfg.train.epochs, self.step, shown, self.seconds)
+            stopping = last or self.stop_reason == "early_stopping"
+            if stopping or (cfg.train.checkpoint_every > 0 and self.epoch % cfg.train.checkpoint_every == 0):
+                self._save("last.pt")  # last: train.log's length it records includes this epoch's lines
 
     def _finish(self) -> dict[str, Any]:
         """Evaluate the test split(s) with the best checkpoint (the last one without validation)."""
