@@ -33,8 +33,33 @@ def driver() -> ModuleType:
 def test_every_planned_run_validates_with_distinct_configs(driver: ModuleType) -> None:
     args = driver.parse_args(["--experiment", "all", "--seeds", "0", "1"])
     runs = [run for experiment in args.experiments for _, run in driver.plan_runs(experiment, args)]
-    assert len(runs) == 2 * (2 + 9 + 8 + 8)
+    assert len(runs) == 2 * (2 + 9 + 8 + 6 + 6 + 8)  # demo, losses, batch, simix_pairs, tau_k, batch_bn
     assert len({(run.experiment, run.config_digest) for run in runs}) == len(runs)
+
+
+def test_study_arms_reuse_the_batch_runs_and_differ_where_they_should(driver: ModuleType) -> None:
+    """Issue 30's tables repeat the batch experiment's arms (same name and config, so their runs are reused, not
+    trained again); the new arms change exactly what they study."""
+    from recallk.config import load_config
+
+    def plan(experiment: str) -> dict:
+        args = driver.parse_args(["--experiment", experiment, "--seeds", "0"])
+        return {arm.name: (arm, run) for arm, run in driver.plan_runs(experiment, args)}
+
+    batch, simix, tau = plan("batch"), plan("simix_pairs"), plan("tau_k")
+    for name in ("bs256", "bs1024", "bs256_simix", "bs1024_simix"):
+        assert simix.get(name, tau.get(name))[1].key == batch[name][1].key
+    def config(arm_and_run: tuple):
+        arm, run = arm_and_run
+        return load_config(arm.config, run.overrides)
+
+    six = config(simix["bs1024_simix_pairs6"])
+    assert (six.loss.simix, six.loss.simix_pairs_per_class, six.data.batch_size) == (True, 6, 1024)
+    all_pairs = config(simix["bs1024_simix"])
+    assert all_pairs.loss.simix_pairs_per_class is None  # as the stored runs were made, whatever the default
+    tauk, anneal = config(tau["bs256_tauk"]), config(tau["bs1024_anneal"])
+    assert tauk.loss.tau_k == (1.0, 2.0, 4.0, 8.0, 16.0) and tauk.loss.tau_k_start is None
+    assert (anneal.loss.tau_k, anneal.loss.tau_k_start, anneal.loss.tau_k_anneal_epochs) == (1.0, 1024.0, 0.5)
 
 
 def test_batch_rule_and_demo_arms(driver: ModuleType) -> None:
