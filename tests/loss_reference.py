@@ -19,11 +19,12 @@ def rsk_loop(
     self_index: list[int] | None = None,
     k: tuple[int, ...] = (1, 2, 4, 8, 16),
     tau_rank: float = 0.01,
-    tau_k: float | tuple[float, ...] = 1.0,
+    tau_k: float | tuple[float, ...] | None = None,
     rank_includes_query: bool = False,
     sigmoid=None,
 ) -> torch.Tensor:
-    """RS@k with one Python loop per query, positive, database item and k (``tau_k``: one value or one per k).
+    """RS@k with one Python loop per query, positive, database item and k (``tau_k``: one value, one per k, or
+    None for tau_k = k, RecallAtKLoss's default).
 
     ``sim`` is queries x database; ``self_index[q]`` is the database column of query q (None: the square case,
     column q). Differentiable through autograd.
@@ -33,7 +34,7 @@ def rsk_loop(
     ref_labels = labels if ref_labels is None else ref_labels
     if self_index is None:
         self_index = list(range(num_q)) if num_q == num_db and ref_labels is labels else [-1] * num_q
-    taus = tau_k if isinstance(tau_k, (tuple, list)) else (tau_k,) * len(k)
+    taus = tuple(map(float, k)) if tau_k is None else tau_k if isinstance(tau_k, (tuple, list)) else (tau_k,) * len(k)
     total, used = 0.0, 0
     for q in range(num_q):
         own = self_index[q]

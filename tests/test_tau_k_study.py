@@ -110,7 +110,8 @@ def test_training_writes_the_census_with_the_annealed_temperature(tmp_path) -> N
     from recallk.training.trainer import train
 
     data = make_glyph_folder(tmp_path / "glyphs")
-    settings = {"loss__tau_k_start": 16.0, "loss__tau_k_anneal_epochs": 1.0, "output__census_every": 2,
+    settings = {"loss__tau_k": 1.0, "loss__tau_k_start": 16.0, "loss__tau_k_anneal_epochs": 1.0,
+                "output__census_every": 2,
                 "output__plots": False, "output__export_embeddings": False}
     train(tiny_config(tmp_path, **settings), tmp_path / "full", data_dir=data, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "full" / "census.jsonl").read_text().splitlines()]
@@ -143,12 +144,13 @@ def test_tau_k_equal_to_k_is_spelled_k_in_the_library_and_the_config() -> None:
 def test_plateau_warning_names_the_share_the_ranks_and_the_fix() -> None:
     from recallk.training.health import plateau_warning
 
-    flat = {"pairs_with_gradient": 0.001, "mean_rank": 1115.3}
-    message = plateau_warning(flat, batch_size=4096, k_max=16)
+    flat, k = {"pairs_with_gradient": 0.001, "mean_rank": 1115.3}, (1, 2, 4, 8, 16)
+    message = plateau_warning(flat, 4096, k, (1.0,) * 5)
     assert message is not None and "\n" not in message
     assert "0.1 % of the (query, positive) pairs" in message and "rank 1,115 of 4,095" in message
     assert "loss.tau_k_start=4096" in message and "loss.tau_k=k" in message
-    assert plateau_warning({"pairs_with_gradient": 0.2, "mean_rank": 30.0}, 256, 16) is None
+    assert plateau_warning({"pairs_with_gradient": 0.2, "mean_rank": 30.0}, 256, k, (1.0,) * 5) is None
+    assert plateau_warning(flat, 4096, k, (1.0, 2.0, 4.0, 8.0, 16.0)) is None  # tau_k = k escapes the plateau
 
 
 def test_training_warns_once_when_rs_at_k_starts_on_its_plateau(tmp_path, caplog) -> None:

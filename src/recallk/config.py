@@ -143,8 +143,9 @@ class LossConfig:
     k: tuple[int, ...] = _key((1, 2, 4, 8, 16), "recall@k values averaged by RS@k")
     tau_rank: float = _key(0.01, "sigmoid temperature of the rank estimate (tau_2 in the paper)")
     tau_k: float | tuple[float, ...] | Literal["k"] = _key(
-        1.0, "sigmoid temperature of the rank <= k count (tau_1 in the paper): one number, one per k, or k "
-             "(tau_k = k for each k: the authors' code until 2024-11)")
+        "k", "sigmoid temperature of the rank <= k count (tau_1 in the paper): one number, one per k, or k (tau_k = "
+             "k for each k, the default: the authors' code until 2024-11; the paper's 1 collapsed from scratch at "
+             "batch 4,096, BENCHMARKS.md 'The recall temperature')")
     tau_k_start: float | None = _key(None, "rsk: anneal tau_k geometrically from this value (e.g. the batch size, "
                                            "the rank range) down to loss.tau_k over loss.tau_k_anneal_epochs, "
                                            "so that positives ranked far beyond k get a gradient; null: off")

@@ -63,7 +63,8 @@ class CachedRecallAtKLoss(nn.Module):
         model: the SentenceTransformer being trained.
         mini_batch_size: sentences per forward pass (the memory knob; the gradient does not depend on it).
         k: recall levels averaged by RS@k.
-        tau_rank, tau_k: sigmoid temperatures of the rank and of "rank <= k" (the paper's 0.01 and 1).
+        tau_rank, tau_k: sigmoid temperatures of the rank and of "rank <= k" (0.01, and ``"k"``: tau_k = k for each
+            k, :class:`~recallk.RecallAtKLoss`'s default; the paper's tau_k is 1).
         mixup: SiMix: ``True`` or a :class:`~recallk.losses.simix.SimilarityMixup` to add mixed same-label items.
         rank_includes_query: count the query in its own ranks, as the authors' code does.
         show_progress_bar: show a progress bar over the mini-batches of both embedding passes (named as in
@@ -87,7 +88,7 @@ class CachedRecallAtKLoss(nn.Module):
         mini_batch_size: int = 32,
         k: Sequence[int] = (1, 2, 4, 8, 16),
         tau_rank: float = 0.01,
-        tau_k: float = 1.0,
+        tau_k: float | str | Sequence[float] = "k",
         mixup: SimilarityMixup | bool | None = None,
         rank_includes_query: bool = False,
         show_progress_bar: bool = False,
@@ -111,7 +112,7 @@ class CachedRecallAtKLoss(nn.Module):
                 f"loss must be one of recallk's chunked losses (RecallAtKLoss, SmoothAPLoss, FastAPLoss), got "
                 f"{type(loss).__name__}"
             )
-        elif mixup or rank_includes_query or tuple(k) != (1, 2, 4, 8, 16) or (tau_rank, tau_k) != (0.01, 1.0):
+        elif mixup or rank_includes_query or tuple(k) != (1, 2, 4, 8, 16) or (tau_rank, tau_k) != (0.01, "k"):
             raise ValueError("give either loss= or the RS@k settings (k, tau_rank, tau_k, mixup, "
                              "rank_includes_query), not both; set them on the loss you pass")
         self.loss = loss

@@ -46,7 +46,7 @@ def build_loss(
     embed_dim: int | None = None,
     k: tuple[int, ...] = (1, 2, 4, 8, 16),
     tau_rank: float = 0.01,
-    tau_k: float | str | tuple[float, ...] = 1.0,
+    tau_k: float | str | tuple[float, ...] = "k",
     rank_includes_query: bool = False,
     simix: bool = False,
     simix_pairs_per_class: int | None = 6,

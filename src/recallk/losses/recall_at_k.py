@@ -250,7 +250,9 @@ class RecallAtKLoss(ChunkedRankingLoss):
         k: the recall levels averaged by the loss (ints, or numpy/tensor integers).
         tau_rank: temperature of the sigmoid that smooths the rank.
         tau_k: temperature of the sigmoid that smooths "rank <= k": one value, one per k, or ``"k"`` (tau_k = k,
-            the authors' default until 2024-11).
+            the default, as the authors' code until 2024-11). The paper's 1 gives a positive ranked a few dozen
+            places past k no gradient: from scratch at batch 4,096 it collapsed where tau_k = k trained
+            (BENCHMARKS.md, "The recall temperature"); ``tau_k=1.0`` is the paper's value.
         rank_includes_query: count the query in its own rank sums, as the authors' code does.
         mixup: a :class:`SimilarityMixup` to add virtual same-class items (mixed from the query rows) to the
             queries and the database.
@@ -280,7 +282,7 @@ class RecallAtKLoss(ChunkedRankingLoss):
         self,
         k: Sequence[int] = (1, 2, 4, 8, 16),
         tau_rank: float = 0.01,
-        tau_k: float | str | Sequence[float] = 1.0,
+        tau_k: float | str | Sequence[float] = "k",
         rank_includes_query: bool = False,
         mixup: SimilarityMixup | None = None,
         query_chunk: int | None = None,

@@ -359,7 +359,8 @@ class Trainer:
             if census_due:
                 self.run.append_census({"step": self.step, "epoch": self.epoch, "tau_k": list(getattr(
                     getattr(self.loss_fn, "loss", self.loss_fn), "tau_k", ())), **census})
-            warning = plateau_warning(census, len(labels), max(self.cfg.loss.k)) if plateau_due else None
+            rsk = getattr(self.loss_fn, "loss", self.loss_fn)
+            warning = plateau_warning(census, len(labels), rsk.k, rsk.tau_k) if plateau_due else None
             if warning:
                 logger.warning(warning)
         return self.loss_fn(embeddings, labels, **kwargs)
