@@ -5,6 +5,7 @@ every way of loading the run applies it, and `recallk evaluate --benchmark roxfo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,16 @@ from PIL import Image
 
 import recallk
 from recallk.cli import main
+from recallk.config import load_config
 from recallk.data.landmarks import sfm120k_pairs
 from recallk.evaluation.multiscale import multiscale_descriptors
 from recallk.models.export import load_exported
+from recallk.recipes import recipe_path
 from recallk.training.checkpoint import load_checkpoint
 from recallk.training.evaluate_run import landmark_tensor_transform
 from revisited_fixtures import write_revisited
 
-from data_fixtures import landmark_image, make_sfm120k
+from data_fixtures import landmark_image, make_gldv2, make_sfm120k
 
 TINY = [  # the recipe, shrunk to a CPU-sized model and batch
     "model.backbone=omniglot_cnn", "model.pretrained=false", "model.in_chans=3", "model.widths=[8,16]",
@@ -46,11 +49,22 @@ def sfm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("recipe", ["sfm120k_resnet101_gem", "gldv2_resnet50_gem"])
-def test_landmark_recipes_pass_the_dry_run(recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", recipe, "loss.name=smooth_ap", "--dry-run", "--data-dir", str(tmp_path)]) == 0
+@pytest.mark.parametrize(("recipe", "write", "fitting"), [
+    ("sfm120k_resnet101_gem", lambda root: make_sfm120k(root, {"train": {c: 3 for c in range(6)}, "val": {10: 2}}),
+     []),
+    ("gldv2_resnet50_gem", lambda root: make_gldv2(root, {c: 3 for c in range(8)}),
+     ["data.options={val_landmarks: 2}"]),
+])
+def test_landmark_recipes_pass_the_dry_run(
+    recipe: str, write: Callable[[Path], Path], fitting: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The dry run reads the training split and builds the sampler, so it gets data (and a batch that fits it)."""
+    write(tmp_path)
+    small = ["data.batch_size=8", "data.samples_per_class=2", *fitting]
+    assert main(["train", recipe, "loss.name=smooth_ap", *small, "--dry-run", "--data-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "gem_lr_mult: 10.0" in printed and "freeze_batchnorm: true" in printed and "batch_size: 4096" in printed
+    assert "gem_lr_mult: 10.0" in printed and "freeze_batchnorm: true" in printed
+    assert load_config(recipe_path(recipe)).data.batch_size == 4096
 
 
 def test_sfm_recipe_trains_and_whiten_learns_from_val_pairs(sfm_run: Path, capsys: pytest.CaptureFixture) -> None:

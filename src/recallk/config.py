@@ -92,7 +92,9 @@ class DataConfig:
     transform: TransformName = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
                                                 "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
                                                 "model.backbone)")
-    batch_size: int = _key(4000, "images or sentences per training batch (the global batch with several processes)")
+    batch_size: int = _key(512, "images or sentences per training batch (the global batch with several processes); "
+                                "it needs batch_size / samples_per_class training classes (the paper: 4000 on SOP "
+                                "and iNaturalist)")
     samples_per_class: int = _key(4, "items of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
     skip_bad_images: bool = _key(False, "skip undecodable images with a warning instead of stopping")
@@ -117,8 +119,10 @@ class ModelConfig:
     gem_p: float = _key(3.0, "initial GeM exponent")
     gem_learnable: bool = _key(True, "learn the GeM exponent with the network")
     layernorm: bool = _key(True, "LayerNorm on the pooled features before the linear layer")
-    freeze_batchnorm: bool = _key(False, "keep BatchNorm running statistics fixed during training (needed when "
-                                         "batches are split into chunks)")
+    freeze_batchnorm: bool | None = _key(None, "keep BatchNorm running statistics fixed during training (what the "
+                                               "multistage engine needs when batches are split into chunks, as in "
+                                               "the paper); null: frozen exactly when train.chunk_size < "
+                                               "data.batch_size (or with several processes), else batch statistics")
     in_chans: int | None = _key(None, "input channels; null: the backbone's default (3, or 1 for omniglot_cnn)")
     widths: tuple[int, ...] = _key((64, 128, 256, 256), "omniglot_cnn only: channels of each conv block")
     norm: Norm = _key("batch", "omniglot_cnn only: batch (BatchNorm) or group (GroupNorm: chunkable without "

@@ -179,7 +179,7 @@ def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncod
         gem_p=cfg.gem_p,
         gem_learnable=cfg.gem_learnable,
         layernorm=cfg.layernorm,
-        freeze_batchnorm=cfg.freeze_batchnorm,
+        freeze_batchnorm=bool(cfg.freeze_batchnorm),  # null: the trainer decides (training.assemble)
         in_chans=cfg.in_chans,
         widths=cfg.widths,
         channels_last=cfg.channels_last,

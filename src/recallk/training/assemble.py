@@ -21,6 +21,8 @@ from recallk.data.image_dataset import convert_image
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import BatchSource, build_source
 from recallk.data.transforms import build_transforms
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode, freeze_batchnorm
+from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 
@@ -31,6 +33,7 @@ __all__ = [
     "build_split",
     "decode_like_the_reader",
     "eval_transform",
+    "prepare_engine",
     "reader_decoding_of",
     "resolve_precision",
 ]
@@ -75,10 +78,35 @@ def build_split(
 def build_sampler(config: Config, labels: Tensor, rank: int = 0, world_size: int = 1) -> ClassBalancedBatchSampler:
     """Class-balanced training batches of ``data.batch_size`` (``data.samples_per_class`` per class; classes with
     fewer images are padded or dropped as ``data.small_classes`` says)."""
-    return ClassBalancedBatchSampler(
-        labels.numpy(), config.data.batch_size, config.data.samples_per_class, seed=config.seed, rank=rank,
-        world_size=world_size, small_classes=config.data.small_classes,
-    )
+    data = config.data
+    try:
+        return ClassBalancedBatchSampler(
+            labels.numpy(), data.batch_size, data.samples_per_class, seed=config.seed, rank=rank,
+            world_size=world_size, small_classes=data.small_classes,
+        )
+    except ValueError as err:
+        raise RecallkUsageError(
+            f"data.batch_size={data.batch_size} with data.samples_per_class={data.samples_per_class} does not fit "
+            f"the training split {data.split_train!r}: {err}"
+        ) from None
+
+
+def prepare_engine(config: Config, network: nn.Module, world_size: int = 1) -> bool:
+    """Whether training splits each batch into chunks of ``train.chunk_size`` (the multistage engine: a batch larger
+    than the chunk, or several processes). Such a run needs ``network`` without BatchNorm layers that use batch
+    statistics: with ``model.freeze_batchnorm`` null they are frozen here (in place); with ``false`` a one-line
+    :class:`~recallk.errors.RecallkUsageError` names the two ways out."""
+    per_rank_batch = config.data.batch_size // world_size
+    chunked = config.train.chunk_size < per_rank_batch or world_size > 1
+    if chunked and config.model.freeze_batchnorm is None:
+        freeze_batchnorm(network)
+    if chunked and batchnorm_layers_in_training_mode(network):
+        raise RecallkUsageError(
+            f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
+            f"{config.train.chunk_size}, which needs frozen BatchNorm; set model.freeze_batchnorm=true or "
+            f"train.chunk_size>={per_rank_batch}"
+        )
+    return chunked
 
 
 def build_loss_from_config(config: Config, num_classes: int | None) -> nn.Module:

@@ -38,7 +38,6 @@ from recallk import __version__
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sources import BatchSource
-from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.engine.distributed import (
     DistributedContext,
     init_distributed,
@@ -57,6 +56,7 @@ from recallk.training.assemble import (
     build_network,
     build_sampler,
     build_split,
+    prepare_engine,
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -161,14 +161,7 @@ class Trainer:
         )
         self.amp_dtype = resolve_precision(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        per_rank_batch = config.data.batch_size // self.dist.world_size
-        self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
-        if self.chunked and batchnorm_layers_in_training_mode(model):
-            raise RecallkUsageError(
-                f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
-                f"{config.train.chunk_size}, which needs frozen BatchNorm; set model.freeze_batchnorm=true or "
-                f"train.chunk_size>={per_rank_batch}"
-            )
+        self.chunked = prepare_engine(config, model, self.dist.world_size)
         self.train_model = wrap_ddp(model, self.dist) if self.dist.world_size > 1 else model
         if config.model.compile:
             self.train_model = torch.compile(self.train_model)
