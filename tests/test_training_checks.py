@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from recallk.cli import main
-from recallk.config import load_config
+from recallk.config import config_to_yaml, load_config
 from recallk.engine.batchnorm import is_frozen_batchnorm
 from recallk.errors import RecallkUsageError
 from recallk.training.trainer import Trainer
@@ -93,3 +93,21 @@ def test_batchnorm_is_frozen_exactly_when_the_batch_is_chunked(
     norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(is_frozen_batchnorm(m) == frozen for m in norms)
     assert trainer.chunked == frozen
+
+
+def test_max_steps_beyond_the_epochs_is_refused_in_one_line(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """72 images in batches of 16: 4 steps per epoch, so 2 epochs end at step 8; ``max_steps=9`` would never stop
+    the run (it used to be ignored, ``stop_reason: epochs``). Refused by the dry run and by training alike."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_to_yaml(tiny_config(tmp_path, train__epochs=2, train__max_steps=9)))
+    capsys.readouterr()
+    assert main(["train", str(config), "--data-dir", str(data_dir), "--dry-run"]) == 2
+    line = _error_line(capsys)
+    assert "train.max_steps=9 is more than the 8 steps of train.epochs=2" in line
+    assert "set train.epochs=3, or train.max_steps<=8" in line
+    with pytest.raises(RecallkUsageError, match="train.max_steps=9 is more than the 8 steps"):
+        Trainer(load_config(config), tmp_path / "run", data_dir=data_dir, progress=False)
+    assert main(["train", str(config), "--data-dir", str(data_dir), "train.max_steps=8", "--dry-run"]) == 0
+

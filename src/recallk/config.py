@@ -192,7 +192,8 @@ class TrainConfig:
     log_every: int = _key(10, "log the mean training loss every N steps (INFO)")
     device: Device = _key("auto", "auto: cuda when available, else cpu")
     max_steps: int | None = _key(None, "stop after this many optimiser steps, validated and saved even mid-epoch; "
-                                       "null: no limit")
+                                       "at most train.epochs x the steps of an epoch (refused above); null: no "
+                                       "limit")
     nan_policy: NanPolicy = _key("stop", "non-finite loss: stop with an error, or skip the step")
     select_metric: SelectMetric = _key("recall@1", "validation metric that picks checkpoints/best.pt")
     tensorboard: bool = _key(False, "also write TensorBoard events to <run_dir>/tensorboard (pip install "

@@ -31,6 +31,7 @@ __all__ = [
     "build_network",
     "build_sampler",
     "build_split",
+    "check_step_limit",
     "decode_like_the_reader",
     "eval_transform",
     "prepare_engine",
@@ -89,6 +90,20 @@ def build_sampler(config: Config, labels: Tensor, rank: int = 0, world_size: int
             f"data.batch_size={data.batch_size} with data.samples_per_class={data.samples_per_class} does not fit "
             f"the training split {data.split_train!r}: {err}"
         ) from None
+
+
+def check_step_limit(config: Config, steps_per_epoch: int) -> None:
+    """``train.max_steps`` stops a run early; one the epochs cannot reach (more than ``train.epochs x
+    steps_per_epoch``) would be ignored, so it is refused in one line naming the epochs it needs. (The schedule,
+    warm-up, validation and checkpoints count epochs: extending the run silently would change all of them.)"""
+    limit, epochs = config.train.max_steps, config.train.epochs
+    if limit is not None and limit > epochs * steps_per_epoch:
+        needed = -(-limit // steps_per_epoch)
+        raise RecallkUsageError(
+            f"train.max_steps={limit} is more than the {epochs * steps_per_epoch} steps of train.epochs={epochs} "
+            f"({steps_per_epoch} steps per epoch of the training split), so it would never stop the run; set "
+            f"train.epochs={needed}, or train.max_steps<={epochs * steps_per_epoch} (or null)"
+        )
 
 
 def prepare_engine(config: Config, network: nn.Module, world_size: int = 1) -> bool:

@@ -16,7 +16,13 @@ from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import SMALL_CNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
-from recallk.training.assemble import build_network, build_sampler, build_split, prepare_engine
+from recallk.training.assemble import (
+    build_network,
+    build_sampler,
+    build_split,
+    check_step_limit,
+    prepare_engine,
+)
 
 TRANSFORM_CHANNELS = {"imagenet": 3, "omniglot": 1}  # channels of the tensors each data.transform produces
 
@@ -41,13 +47,14 @@ def check_training_batches(config: Config, data_dir: str | Path | None = None, w
     """What the trainer builds before its first step, built the same way (``recallk train --dry-run``; training
     builds these parts itself): the network without pretrained weights, the training split (its listing; no image
     is decoded), the class-balanced sampler on its labels (enough classes for ``data.batch_size /
-    data.samples_per_class``) and the multistage engine's condition (chunked batches need frozen BatchNorm)."""
+    data.samples_per_class``), ``train.max_steps`` against the steps of ``train.epochs``, and the multistage
+    engine's condition (chunked batches need frozen BatchNorm)."""
     network = build_network(config, weights_follow=True)
     root = data_dir if data_dir is not None else config.data.data_dir
     # dataset= reads the file listing even with data.in_memory: the same labels, without decoding the arrays
     source = build_split(config, config.data.split_train, network, train=True, data_dir=root,
                          dataset=config.data.dataset)
-    build_sampler(config, source.labels, 0, world_size)
+    check_step_limit(config, len(build_sampler(config, source.labels, 0, world_size)))
     prepare_engine(config, network, world_size)
 
 

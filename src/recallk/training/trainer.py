@@ -56,6 +56,7 @@ from recallk.training.assemble import (
     build_network,
     build_sampler,
     build_split,
+    check_step_limit,
     prepare_engine,
     resolve_precision,
 )
@@ -151,6 +152,7 @@ class Trainer:
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
         self.steps_per_epoch = len(self.sampler)
+        check_step_limit(config, self.steps_per_epoch)
         mult = lr_multiplier(
             config.optim.schedule, config.train.epochs, config.optim.warmup_epochs, config.optim.step_epochs,
             config.optim.gamma,
