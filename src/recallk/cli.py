@@ -380,17 +380,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_training_batches(cfg)
         sys.stdout.write(config_to_yaml(_with_data_root(cfg)))
         return EXIT_OK
-    from recallk.evaluation.metrics import format_metrics_table
+    from recallk.training.console import final_report
     from recallk.training.trainer import train
 
     summary = train(cfg, resume=args.resume is not None, progress=_progress(args))
     if summary:  # empty on the non-main ranks of a torchrun job
-        print(format_metrics_table(summary["splits"]))
-        if "benchmarks" in summary:
-            from recallk.evaluation.revisited import format_revisited_table
-
-            print(format_revisited_table(summary["benchmarks"]))
-        print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
+        print(final_report(summary))
     return EXIT_OK
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+from recallk.errors import TrainingInterrupted
 
 RUN_LOG = "train.log"
 
@@ -32,26 +36,109 @@ def show_progress(progress: bool | None = None, stream: TextIO | None = None) ->
     return terminal or "ipykernel" in sys.modules
 
 
-class RunLog:
-    """Copies recallk's log records (INFO and above) into ``<run_dir>/train.log`` until :meth:`close`.
+class _PendingFileHandler(logging.Handler):
+    """Formats records into lines kept in memory until :meth:`open` names the file, then appends them to it."""
 
-    The file is appended to, never overwritten: a resumed run continues the log of the run it resumes. The
-    ``recallk`` logger is lowered to INFO while the copy is open when it is set higher, so the file holds the
-    progress lines even in a program that never configured logging (its console then still shows warnings only).
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self.pending: list[str] = []
+        self.stream: TextIO | None = None
+
+    def open(self, path: Path) -> None:
+        self.acquire()
+        try:
+            self.stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open until close()
+            self.stream.writelines(line + "\n" for line in self.pending)
+            self.stream.flush()
+            self.pending = []
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if self.stream is None:
+                self.pending.append(line)
+            else:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+        except Exception:  # noqa: BLE001 - logging's rule: a failing handler reports and never raises
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+                self.stream = None
+            self.pending = []
+        finally:
+            self.release()
+        super().close()
+
+
+class RunLog:
+    """Copies every line a run shows on the console into ``<run_dir>/train.log``, from its start until :meth:`close`:
+    log records of INFO and above (recallk's, and those of other libraries that reach the root logger, such as
+    timm's weight loading), Python warnings (shown as usual too), and the lines :meth:`note` adds (the final test
+    table, the line that ends an interrupted run).
+
+    Lines from before the run folder exists (checking the config, building the model and data) are kept in memory
+    and written by :meth:`open`; :meth:`close` without :meth:`open` drops them. The file is appended to, never
+    overwritten: a resumed run continues the log of the run it resumes. The ``recallk`` logger is lowered to INFO
+    while the copy is open when it is set higher, so the file holds the progress lines even in a program that never
+    configured logging (its console then still shows warnings only).
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / RUN_LOG
-        self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
-        self.handler.setLevel(logging.INFO)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    def __init__(self) -> None:
+        self.handler = _PendingFileHandler()
         self.logger = logging.getLogger("recallk")
         self.level = self.logger.level
         if self.logger.getEffectiveLevel() > logging.INFO:
             self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self.handler)
+        logging.getLogger().addHandler(self.handler)
+        self.previous_showwarning = warnings.showwarning
+        warnings.showwarning = self._showwarning
+
+    def open(self, run_dir: Path) -> None:
+        """Write the lines so far, and every later one, to ``run_dir/train.log``."""
+        self.handler.open(Path(run_dir) / RUN_LOG)
+
+    def note(self, text: str, level: int = logging.INFO) -> None:
+        """Add ``text`` to the file only (what the command line prints itself, e.g. the final metrics table)."""
+        self.handler.handle(logging.LogRecord("recallk", level, __file__, 0, text, None, None))
+
+    def _showwarning(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: TextIO | None = None, line: str | None = None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        self.note(text, logging.WARNING)
+        self.previous_showwarning(message, category, filename, lineno, file, line)
 
     def close(self) -> None:
-        self.logger.removeHandler(self.handler)
+        if warnings.showwarning == self._showwarning:
+            warnings.showwarning = self.previous_showwarning
+        logging.getLogger().removeHandler(self.handler)
         self.logger.setLevel(self.level)
         self.handler.close()
+
+
+def final_report(summary: Mapping[str, Any]) -> str:
+    """What ``recallk train`` prints when a run ends (and ``train.log`` keeps): the test metrics table, the landmark
+    benchmarks' table when there are any, and where the run's files are."""
+    from recallk.evaluation.metrics import format_metrics_table
+    from recallk.evaluation.revisited import format_revisited_table
+
+    tables = [format_metrics_table(summary["splits"])]
+    if "benchmarks" in summary:
+        tables.append(format_revisited_table(summary["benchmarks"]))
+    return "\n".join([*tables, f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)"])
+
+
+def ending_line(err: BaseException) -> tuple[int, str]:
+    """The level and line ``train.log`` ends with when a run stops on ``err`` (the command line prints its own)."""
+    if isinstance(err, TrainingInterrupted):
+        return logging.WARNING, str(err)  # "interrupted at step N; resume with: ..."
+    if isinstance(err, KeyboardInterrupt):
+        return logging.WARNING, "interrupted"
+    return logging.ERROR, f"stopped: {type(err).__name__}: {' '.join(str(err).split())}"

@@ -61,7 +61,7 @@ from recallk.training.assemble import (
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recallk.training.console import RunLog, show_progress
+from recallk.training.console import RunLog, ending_line, final_report, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
@@ -112,10 +112,31 @@ class Trainer:
         progress: bool | None = None,
         dist_context: DistributedContext | None = None,
     ) -> None:
+        self.run: RunDirectory | None = None
+        self.trackers: Trackers | None = None
+        self.run_log: RunLog | None = RunLog()  # console lines, also in train.log (kept until the folder exists)
+        try:
+            self._build(config, run_dir, resume, data_dir, progress, dist_context)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(
+        self,
+        config: Config,
+        run_dir: Path,
+        resume: bool,
+        data_dir: str | Path | None,
+        progress: bool | None,
+        dist_context: DistributedContext | None,
+    ) -> None:
         self.cfg = config
         self.progress = show_progress(progress)
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
+        if not self.is_main and self.run_log is not None:  # rank 0 writes the log
+            self.run_log.close()
+            self.run_log = None
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
         data_root = data_dir if data_dir is not None else config.data.data_dir
         if self.is_main:
@@ -181,9 +202,9 @@ class Trainer:
         self.health = StuckTrainingCheck()
         self.seconds = 0.0
         self._tracker_ids: dict[str, str] = {}  # the tracker runs to continue on resume
-        self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
-        self.run_log = RunLog(self.run.path) if self.run is not None else None  # console lines, also in train.log
+        if self.run is not None and self.run_log is not None:
+            self.run_log.open(self.run.path)
         if resume:
             try:
                 self._load(self.run_path / "checkpoints" / "last.pt")
@@ -580,6 +601,8 @@ class Trainer:
         if self.trackers is not None:
             self.trackers.finish(splits)
         self.run.write_json("summary.json", summary)
+        if self.run_log is not None:
+            self.run_log.note(final_report(summary))  # the command line prints it; the log keeps it too
         return summary
 
     def _untrained_metrics(self, source: BatchSource) -> dict[str, float | int]:
@@ -620,6 +643,11 @@ def train(
     trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress)
     try:
         summary = trainer.fit()
+    except BaseException as err:
+        if trainer.run_log is not None:
+            level, line = ending_line(err)
+            trainer.run_log.note(line, level)
+        raise
     finally:
         trainer.close()
     if owns_process_group:
