@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
 from recallk._typed_yaml import field_paths
 from recallk.config import Config, explain_config, load_config
+from recallk.errors import ConfigError
 from recallk.evaluation.plots import plot_training_curves
 from recallk.recipes import list_recipes, recipe_path
 
@@ -72,7 +74,16 @@ def test_config_explain_covers_every_key_from_the_schema() -> None:
     result = recallk_cli("config", "--explain", "data")
     assert result.returncode == 0 and "data.samples_per_class" in result.stdout and "optim.lr" not in result.stdout
     wrong = recallk_cli("config", "--explain", "dta")
-    assert wrong.returncode == 2 and "unknown config section 'dta'" in wrong.stderr
+    assert wrong.returncode == 2 and "unknown config section or key 'dta'" in wrong.stderr
+    one = recallk_cli("config", "--explain", "train.ema_decay")  # one key: its section's title and its two lines
+    assert one.returncode == 0, one.stderr
+    lines = one.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("[train] ") and lines[1].startswith("  train.ema_decay: ")
+    assert f"{lines[1]}\n{lines[2]}\n" in text
+    assert explain_config("seed").splitlines()[1] == "  seed: an integer (default: 0)"
+    for bad in ("train.nope", "nope.lr", "data.options.x"):
+        with pytest.raises(ConfigError, match="choose a section"):
+            explain_config(bad)
 
 
 def test_run_plots_and_untrained_baseline(trained_run: Path, tmp_path: Path) -> None:

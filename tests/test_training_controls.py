@@ -101,6 +101,8 @@ def test_early_stopping_stops_when_validation_stalls(
     assert (summary["stop_reason"], summary["epochs"], summary["best_epoch"]) == ("early_stopping", 3, 1)
     assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 3
     assert "early stopping after epoch 3" in caplog.text and "not improved for 2 evaluations" in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("epoch 3/5", "early stopping"))]
+    assert [line.split()[0] for line in lines] == ["epoch", "early"]  # that epoch's line first, then why it stops
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 3
 
 

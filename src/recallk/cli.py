@@ -155,6 +155,7 @@ CONFIG_EPILOG = """\
 examples:
   recallk config --explain                         # every section
   recallk config --explain optim                   # one section
+  recallk config --explain train.ema_decay         # one key
 """
 
 DEMO_EPILOG = """\
@@ -322,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = _add_subcommand(
         subparsers, "config", "describe the configuration keys", CONFIG_EPILOG, _cmd_config
     )
-    config.add_argument("--explain", metavar="SECTION", nargs="?", const="", required=True,
-                        help="print every key (of SECTION: data, model, loss, ...) with type, default and meaning")
+    config.add_argument("--explain", metavar="SECTION_OR_KEY", nargs="?", const="", required=True,
+                        help="print every key (of SECTION: data, model, loss, ...; or one KEY, e.g. "
+                             "train.ema_decay) with type, default and meaning")
 
     demo = _add_subcommand(
         subparsers, "demo", "train and evaluate a small model on Omniglot in minutes", DEMO_EPILOG, _cmd_demo

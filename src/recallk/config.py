@@ -501,8 +501,12 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
+_TOP_TITLE = "Top level: the experiment's name and seed."
+
+
 def explain_config(section: str | None = None) -> str:
-    """Every config key (of ``section``, or all) with its type, default and meaning, read from the dataclasses.
+    """Every config key (of ``section``, or all; or the one dotted key ``section``, e.g. ``train.ema_decay``) with its
+    type, default and meaning, read from the dataclasses.
 
     One block per section (its docstring first), one line per key:
     ``  key  type (default: value)`` followed by the meaning on the next line.
@@ -510,10 +514,18 @@ def explain_config(section: str | None = None) -> str:
     hints = get_type_hints(Config)
     sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
     if section is not None and section not in sections and section != "top":
-        raise ConfigError(f"unknown config section {section!r}; choose one of top, {', '.join(sections)}")
+        owner, _, key = section.rpartition(".")
+        cls = Config if owner == "" else hints[owner] if owner in sections else None
+        keys = [] if cls is None else [f.name for f in dataclasses.fields(cls)
+                                       if not dataclasses.is_dataclass(get_type_hints(cls)[f.name])]
+        if key not in keys:
+            raise ConfigError(f"unknown config section or key {section!r}; choose a section (top, "
+                              f"{', '.join(sections)}) or a dotted key such as train.ema_decay")
+        title = " ".join((cls.__doc__ or "").split()) if owner else _TOP_TITLE
+        return explain_fields(cls, f"{owner}." if owner else "", title, only=key)
     blocks = []
     if section in (None, "top"):
-        blocks.append(explain_fields(Config, "", "Top level: the experiment's name and seed."))
+        blocks.append(explain_fields(Config, "", _TOP_TITLE))
     for name in sections if section is None else [s for s in sections if s == section]:
         cls = hints[name]
         blocks.append(explain_fields(cls, f"{name}.", " ".join((cls.__doc__ or "").split())))

@@ -522,12 +522,7 @@ class Trainer:
             else:
                 self.evals_since_best += 1
             if patience is not None and self.evals_since_best >= patience and not last:
-                self.stop_reason = "early_stopping"
-                logger.info(
-                    "early stopping after epoch %s: validation %s has not improved for %d evaluations (best %.4f at "
-                    "epoch %s; train.early_stopping_patience=%d)", position, cfg.train.select_metric,
-                    self.evals_since_best, self.best["value"], self.best["epoch"], patience,
-                )
+                self.stop_reason = "early_stopping"  # said after this epoch's line, below
         if patience is not None and self.dist.world_size > 1:  # every rank stops with rank 0
             flag = torch.tensor([self.stop_reason == "early_stopping"], dtype=torch.int32, device=self.device)
             torch.distributed.broadcast(flag, 0)
@@ -543,6 +538,12 @@ class Trainer:
                 self._save("last.pt")
             shown = " ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", "val_recall@1") if k in row)
             logger.info("epoch %s/%d step %d %s (%.0fs)", position, cfg.train.epochs, self.step, shown, self.seconds)
+            if self.stop_reason == "early_stopping":
+                logger.info(
+                    "early stopping after epoch %s: validation %s has not improved for %d evaluations (best %.4f at "
+                    "epoch %s; train.early_stopping_patience=%d)", position, cfg.train.select_metric,
+                    self.evals_since_best, self.best["value"], self.best["epoch"], patience,
+                )
 
     def _finish(self) -> dict[str, Any]:
         """Evaluate the test split(s) with the best checkpoint (the last one without validation)."""
