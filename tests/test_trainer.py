@@ -197,3 +197,19 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, monkey
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail, as when not installed
     with pytest.raises(RecallkUsageError, match=r"pip install 'recallk\[tensorboard\]'"):
         TensorBoardTracker(tmp_path / "tb")
+
+
+def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path: Path, data_dir: Path) -> None:
+    """It used to log "resumed ... in epoch 2/1" and evaluate again; now one line names the key to raise."""
+    run = tmp_path / "done"
+    train(tiny_config(tmp_path, train__epochs=1, output__plots=False), run, data_dir=data_dir, progress=False)
+    with pytest.raises(RecallkUsageError, match=r"has finished: it trained all train.epochs=1 epochs; .*"
+                                                r"train.epochs=2\).*'recallk evaluate "):
+        Trainer(tiny_config(tmp_path, train__epochs=1), run, resume=True, data_dir=data_dir, progress=False)
+    cut = tmp_path / "cut"
+    train(tiny_config(tmp_path, train__epochs=2, train__max_steps=2, output__plots=False), cut, data_dir=data_dir,
+          progress=False)
+    with pytest.raises(RecallkUsageError, match="stopped at train.max_steps=2; .* train.max_steps=null"):
+        Trainer(tiny_config(tmp_path, train__epochs=2, train__max_steps=2), cut, resume=True, data_dir=data_dir,
+                progress=False)
+    Trainer(tiny_config(tmp_path, train__epochs=2), cut, resume=True, data_dir=data_dir, progress=False).close()

@@ -332,6 +332,7 @@ class Trainer:
         if self.run is not None:
             self.run.truncate_metrics(self.step)
             self.run.truncate_census(self.step - 1)  # the census of step s is taken before step s's update
+        _check_unfinished(self.cfg, self.run_path, self.epoch, self.step)
         logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
             "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
             self.cfg.train.epochs, self.batch_in_epoch, self.steps_per_epoch, self.step,
@@ -670,6 +671,22 @@ def _is_collective_failure(err: RuntimeError) -> bool:
         return True
     text = str(err)
     return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
+
+
+def _check_unfinished(config: Config, run: Path, epochs_done: int, step: int) -> None:
+    """A resumed run must have steps left under ``train.epochs`` and ``train.max_steps``; else one line says how to
+    extend it (there is nothing to continue: the run would only evaluate again)."""
+    epochs, limit = config.train.epochs, config.train.max_steps
+    if epochs_done >= epochs:
+        raise RecallkUsageError(
+            f"run {run} has finished: it trained all train.epochs={epochs} epochs; to continue it, resume with more "
+            f"epochs (e.g. train.epochs={epochs + 1}); to measure it, use 'recallk evaluate {run}'"
+        )
+    if limit is not None and step >= limit:
+        raise RecallkUsageError(
+            f"run {run} has finished: it stopped at train.max_steps={limit}; to continue it, resume with "
+            f"train.max_steps=null or a larger value; to measure it, use 'recallk evaluate {run}'"
+        )
 
 
 def _check_has_positives(labels: torch.Tensor, split: str | None) -> None:
