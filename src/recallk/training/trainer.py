@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from recallk import __version__
@@ -191,7 +191,7 @@ class Trainer:
         # train.ema_decay: the moving average of the weights (parameters and buffers) is what is evaluated and saved
         self.ema: AveragedModel | None = None
         if config.train.ema_decay is not None:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=_ema_update(config.train.ema_decay), use_buffers=True)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_losses: list[float] = []  # losses of the current epoch's steps so far
         # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
@@ -671,6 +671,22 @@ def _is_collective_failure(err: RuntimeError) -> bool:
         return True
     text = str(err)
     return any(mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
+
+
+def _ema_update(decay: float) -> Any:
+    """``AveragedModel``'s ``multi_avg_fn`` for ``train.ema_decay``: floating-point parameters and buffers move to
+    ``decay * average + (1 - decay) * current``; integer buffers (BatchNorm's ``num_batches_tracked``) are counts,
+    not averaged: they take the trained network's value (torch's EMA function averaged and truncated them)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _: torch.Tensor) -> None:
+        if averaged[0].is_floating_point() or averaged[0].is_complex():  # one dtype per call (grouped by torch)
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:
+            for count, trained in zip(averaged, current):
+                count.copy_(trained)
+
+    return update
 
 
 def _check_unfinished(config: Config, run: Path, epochs_done: int, step: int) -> None:
