@@ -92,6 +92,10 @@ class DataConfig:
     transform: TransformName = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
                                                 "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
                                                 "model.backbone)")
+    crop_scale: tuple[float, float] = _key((0.08, 1.0), "imagenet/timm transforms, training: each image is a random "
+                                                     "crop of this (min, max) share of its area (aspect 3/4 to 4/3), "
+                                                     "resized to image_size (torchvision's RandomResizedCrop)")
+    hflip: bool = _key(True, "imagenet/timm transforms, training: flip each image horizontally with probability 0.5")
     batch_size: int = _key(512, "images or sentences per training batch (the global batch with several processes); "
                                 "it needs batch_size / samples_per_class training classes (the paper: 4000 on SOP "
                                 "and iNaturalist)")
@@ -300,6 +304,9 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("data.val_classes", d.val_classes)
     positive("data.max_image_pixels", d.max_image_pixels)
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        fail(("data.crop_scale",), f"'data.crop_scale' must be [min, max] with 0 < min <= max <= 1, got "
+             f"{list(d.crop_scale)}", "write e.g. data.crop_scale=[0.08,1.0] (1.0: the whole image)")
     if "val_classes" in d.options or "seed" in d.options:
         fail(("data.options",), "'data.options' repeats 'val_classes' or 'seed', which have their own keys",
              "set data.val_classes and the top-level seed instead")

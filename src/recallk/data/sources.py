@@ -318,7 +318,8 @@ def build_source(
         kwargs.setdefault("min_images", cfg.samples_per_class)
     dataset = build_dataset(
         cfg.dataset, data_dir, split,
-        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
+        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std,
+                                   crop_scale=cfg.crop_scale, hflip=cfg.hflip),
         skip_bad_images=cfg.skip_bad_images, max_image_pixels=cfg.max_image_pixels, **kwargs,
     )
     return DatasetSource(dataset, cfg.num_workers)
