@@ -41,9 +41,9 @@ def build_transforms(
     ``imagenet``: train = RandomResizedCrop (a crop of ``crop_scale`` = (min, max) of the image's area, aspect ratio
     3/4 to 4/3, resized to ``image_size``) + a random horizontal flip (``hflip``), test = Resize(image_size * 256 /
     224) + CenterCrop; both RGB, normalised with the ImageNet mean/std.
-    ``timm``: the same steps (``crop_scale``, ``hflip`` too) with the preprocessing of the timm model ``backbone`` (its pretrained weights' tag):
-    mean/std, interpolation and the test crop fraction from ``timm.data.resolve_model_data_config`` (augreg ViTs
-    expect mean = std = 0.5 and bicubic resizing with crop 0.9).
+    ``timm``: the same steps (``crop_scale``, ``hflip`` too) with the preprocessing of the timm model ``backbone``
+    (its pretrained weights' tag): mean/std, interpolation and the test crop fraction from
+    ``timm.data.resolve_model_data_config`` (augreg ViTs expect mean = std = 0.5 and bicubic resizing with crop 0.9).
     ``omniglot``: one channel in [0, 1], resized to ``image_size``; train adds the random affine of
     ``OMNIGLOT_AUGMENTATION`` (rotation +-10 degrees, shift up to 10 %, scale 0.9-1.1, shear +-6 degrees) whose
     fill 0 matches recallk's inverted (dark) background.
