@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -15,7 +17,7 @@ from PIL import Image
 from recallk._typed_yaml import field_paths
 from recallk.config import Config, explain_config, load_config
 from recallk.errors import ConfigError
-from recallk.evaluation.plots import plot_training_curves
+from recallk.evaluation.plots import plot_training_curves, training_curves_figure
 from recallk.recipes import list_recipes, recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +111,25 @@ def test_new_commands_have_help_with_examples() -> None:
         assert command in listing
         result = recallk_cli(command, "--help")
         assert result.returncode == 0 and "examples:" in result.stdout and f"recallk {command}" in result.stdout
+
+
+def test_training_curves_show_each_step_and_keep_the_legend_off_the_curves(trained_run: Path) -> None:
+    """A short run is more than one dot: steps.csv holds every step's loss; the validation legend sits beside its
+    panel, so it covers no curve (it sat on the selected metric's curve)."""
+    steps = list(csv.DictReader((trained_run / "steps.csv").open()))
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert [int(r["step"]) for r in steps] == list(range(1, summary["steps"] + 1))
+    fig = training_curves_figure(trained_run / "metrics.csv", "map@r", summary["best_epoch"],
+                                 trained_run / "steps.csv")
+    loss, validation = fig.axes
+    assert [len(line.get_xdata()) for line in loss.get_lines()][:2] == [len(steps), summary["epochs"]]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert not validation.get_legend().get_window_extent(renderer).overlaps(validation.get_window_extent(renderer))
+
+
+def test_the_retrieval_grid_has_no_empty_band_under_its_title(trained_run: Path) -> None:
+    pixels = np.asarray(Image.open(trained_run / "plots" / "retrievals_test.png").convert("L")) < 200
+    inked = np.flatnonzero(pixels.any(axis=1))  # rows holding text or lines
+    gaps = np.diff(inked)
+    assert gaps.max() < 25, gaps.max()  # the title, the column titles and the rows follow closely

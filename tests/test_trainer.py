@@ -69,6 +69,8 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path: Path, data_dir
     train(tiny_config(tmp_path, train__max_steps=6), cut_dir, data_dir=data_dir, progress=False)
     state = load_checkpoint(cut_dir / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 6)
+    with open(cut_dir / "steps.csv", "a") as steps:  # step 7 of a process killed before its next checkpoint
+        steps.write("7,1.75,0.5,0.001\n")
     trainer = Trainer(tiny_config(tmp_path), cut_dir, resume=True, data_dir=data_dir, progress=False)
     try:
         trainer.fit()
@@ -78,6 +80,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path: Path, data_dir
     # the stop at step 6 validated the half-trained epoch 2 (its own row); the resumed run then continued exactly
     assert [r["epoch"] for r in cut] == ["1", "1.5", "2", "3"] and cut[1]["val_recall@1"]
     assert [r["train_loss"] for r in cut if r["epoch"] != "1.5"] == [r["train_loss"] for r in full]
+    assert read_metrics(cut_dir / "steps.csv") == read_metrics(full_dir / "steps.csv")  # each step once, the same
     a = load_checkpoint(full_dir / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(cut_dir / "checkpoints" / "last.pt")["model"]
     for key in a:

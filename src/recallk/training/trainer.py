@@ -66,7 +66,7 @@ from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import check_resume_config, record_resume_changes
-from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
+from recallk.training.run_dir import STEPS_CSV, RunDirectory, check_run_dir, new_run_name
 from recallk.training.schedule import lr_multiplier, step_warmup
 from recallk.training.tracking import Trackers, flat_params
 
@@ -332,6 +332,7 @@ class Trainer:
         if self.run is not None:
             self.run.truncate_metrics(self.step)
             self.run.truncate_census(self.step - 1)  # the census of step s is taken before step s's update
+            self.run.truncate_steps(self.step)
         _check_unfinished(self.cfg, self.run_path, self.epoch, self.step)
         logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
             "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
@@ -470,6 +471,9 @@ class Trainer:
                         recent = self.epoch_losses[-cfg.train.log_every:]
                         logger.info("epoch %d step %d: loss %.4f (mean of the last %d steps of this epoch)",
                                     self.epoch + 1, self.step, float(np.nanmean(recent)), len(recent))
+                    if self.run is not None:
+                        self.run.append_step({"step": self.step, "epoch": self._epochs_done(), "loss": value,
+                                              "lr": self.optimizer.param_groups[-1]["lr"]})
                     if self.trackers is not None:
                         self.trackers.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]},
                                           self.step)
@@ -594,6 +598,7 @@ class Trainer:
             plot_training_curves(
                 self.run.plots / "training_curves.png", self.run.path / "metrics.csv",
                 cfg.train.select_metric if validated else None, self.best["epoch"] if validated else None,
+                steps_csv=self.run.path / STEPS_CSV,
             )
             if splits:
                 summary["untrained"] = self._untrained_metrics(self.test_sources[cfg.data.split_test[0]])
