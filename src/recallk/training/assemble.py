@@ -42,16 +42,16 @@ __all__ = [
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_network(config: Config, weights_follow: bool = False) -> nn.Module:
+def build_network(config: Config, weights_follow: bool = False, progress: bool | None = None) -> nn.Module:
     """The embedding network of ``config.model`` on the CPU.
 
     ``weights_follow``: the caller loads the weights (a checkpoint, a saved model), so pretrained backbone weights
-    are neither downloaded nor read.
+    are neither downloaded nor read. ``progress``: draw loading bars (text models; ``None``: on a terminal only).
     """
     model_cfg = config.model
     if weights_follow:
         model_cfg = dataclasses.replace(model_cfg, pretrained=False, pretrained_path=None)
-    return create_model_from_config(model_cfg)
+    return create_model_from_config(model_cfg, progress)
 
 
 def build_split(

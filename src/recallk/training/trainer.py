@@ -148,7 +148,7 @@ class Trainer:
         self.run_path = Path(run_dir)
         _seed_everything(config.seed)
 
-        model = build_network(config).to(self.device)
+        model = build_network(config, progress=self.progress and self.is_main).to(self.device)
         self.model: nn.Module = model
         self.train_source = build_split(config, config.data.split_train, model, train=True, data_dir=data_root)
         self.val_source = (
@@ -617,7 +617,7 @@ class Trainer:
         weights): the baseline of the recall@k plot."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            model = build_network(self.cfg).to(self.device)
+            model = build_network(self.cfg, progress=self.progress).to(self.device)
         embeddings = embed_source(
             model, source, self.cfg.eval.batch_size, self.device, progress=False,
         )
