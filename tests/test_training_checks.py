@@ -111,3 +111,26 @@ def test_max_steps_beyond_the_epochs_is_refused_in_one_line(
         Trainer(load_config(config), tmp_path / "run", data_dir=data_dir, progress=False)
     assert main(["train", str(config), "--data-dir", str(data_dir), "train.max_steps=8", "--dry-run"]) == 0
 
+
+
+def test_pretrained_weights_are_read_once(tmp_path: Path, data_dir: Path) -> None:
+    """The untrained baseline of the recall@k plot uses the weights read when the run started: the weights file
+    (a package's, a download's) is not read again for the final test. Here it is gone by then."""
+    import timm
+
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    cfg = tiny_config(tmp_path, train__epochs=1, train__max_steps=1, data__split_val=None, model__backbone="resnet10t",
+                      model__pretrained_path=str(weights), model__in_chans=1, output__export_embeddings=False)
+    trainer = Trainer(cfg, tmp_path / "run", data_dir=data_dir, progress=False)
+    try:
+        weights.rename(tmp_path / "moved.pth")
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    untrained = summary["untrained"]
+    reference = Trainer(tiny_config(tmp_path, train__epochs=1, data__split_val=None, model__backbone="resnet10t",
+                                    model__pretrained_path=str(tmp_path / "moved.pth"), model__in_chans=1),
+                        tmp_path / "reference", data_dir=data_dir, progress=False)
+    reference.close()
+    assert untrained == reference._untrained_metrics(reference.test_sources["test"])

@@ -150,6 +150,10 @@ class Trainer:
 
         model = build_network(config, progress=self.progress and self.is_main).to(self.device)
         self.model: nn.Module = model
+        # pretrained weights as read now, for the untrained baseline of the recall@k plot (not read a second time)
+        pretrained = config.model.pretrained or config.model.pretrained_path is not None
+        self.initial_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if (
+            pretrained and config.output.plots and not resume and self.is_main) else None
         self.train_source = build_split(config, config.data.split_train, model, train=True, data_dir=data_root)
         self.val_source = (
             build_split(config, config.data.split_val, model, data_dir=data_root) if config.data.split_val else None
@@ -614,10 +618,14 @@ class Trainer:
 
     def _untrained_metrics(self, source: BatchSource) -> dict[str, float | int]:
         """Metrics on ``source`` of the network as it was before training (same seed, same initial or pretrained
-        weights): the baseline of the recall@k plot."""
+        weights, those kept at the start rather than read again): the baseline of the recall@k plot."""
+        kept = self.initial_weights
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            model = build_network(self.cfg, progress=self.progress).to(self.device)
+            model = build_network(self.cfg, weights_follow=kept is not None, progress=self.progress)
+        if kept is not None:
+            model.load_state_dict(kept)
+        model = model.to(self.device)
         embeddings = embed_source(
             model, source, self.cfg.eval.batch_size, self.device, progress=False,
         )
