@@ -95,3 +95,7 @@ def test_mlflow_and_wandb_get_params_metrics_and_the_test_table(
     (again,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    # the test table sits at the last step (not at step 0); the changed key's current value is a tag (params are
+    # immutable in MLflow: the param keeps the starting value)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/test/recall_at_1")] == [2, 3]
+    assert again.data.params["train.max_steps"] == "2" and again.data.tags["train.max_steps"] == "3 (from step 2)"

@@ -225,6 +225,7 @@ class Trainer:
             try:
                 self.trackers = Trackers(config, self.run.path, self._tracker_ids)
                 self.trackers.start(flat_params(config_to_dict(config)))
+                self.trackers.update_params({k: new for k, (_, new) in self.resume_changes.items()}, self.step)
             except BaseException:
                 self.close()
                 raise
@@ -610,7 +611,7 @@ class Trainer:
                     self.run.plots / "recall_at_k.png", {"untrained": summary["untrained"], "trained": primary}
                 )
         if self.trackers is not None:
-            self.trackers.finish(splits)
+            self.trackers.finish(splits, self.step)
         self.run.write_json("summary.json", summary)
         if self.run_log is not None:
             self.run_log.note(final_report(summary))  # the command line prints it; the log keeps it too
