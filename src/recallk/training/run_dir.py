@@ -4,7 +4,7 @@ Layout::
 
     config.yaml          the resolved config
     metrics.csv          one row per epoch (appended and flushed as the run goes)
-    steps.csv            one row per optimiser step: its training loss and learning rate
+    steps.csv            one row per optimiser step (loss, learning rate), written with each last.pt
     checkpoints/last.pt  the latest resumable state;  checkpoints/best.pt  the best on validation
     plots/*.png          curves and retrieval examples
     summary.json         final metrics (written last, atomically: its presence means the run finished)
@@ -156,16 +156,18 @@ class RunDirectory:
         """Drop rows past optimiser step ``after_step`` (written after the checkpoint a resumed run starts from)."""
         _truncate_csv(self.path / "metrics.csv", after_step)
 
-    def append_step(self, row: dict[str, Any]) -> None:
-        """Append one optimiser step's row (``step``, ``epoch`` position after it, ``loss``, ``lr``) to ``steps.csv``
-        (the header first), flushed at once: the per-step loss curve of the plots."""
+    def append_steps(self, rows: list[dict[str, Any]]) -> None:
+        """Append optimiser steps' rows (``step``, ``epoch`` position after it, ``loss``, ``lr``) to ``steps.csv``
+        (the header first): the per-step loss curve of the plots."""
+        if not rows:
+            return
         path = self.path / STEPS_CSV
         new = not path.is_file() or path.stat().st_size == 0
         with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, list(row))
+            writer = csv.DictWriter(handle, list(rows[0]))
             if new:
                 writer.writeheader()
-            writer.writerow(row)
+            writer.writerows(rows)
 
     def truncate_steps(self, after_step: int) -> None:
         """Drop ``steps.csv`` rows past optimiser step ``after_step`` (a resumed run redoes those steps)."""

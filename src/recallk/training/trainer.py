@@ -198,6 +198,7 @@ class Trainer:
             self.ema = AveragedModel(model, multi_avg_fn=_ema_update(config.train.ema_decay), use_buffers=True)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_losses: list[float] = []  # losses of the current epoch's steps so far
+        self.pending_steps: list[dict[str, Any]] = []  # steps.csv rows, written with the next last.pt
         # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf, "map@r": -math.inf}
         self.evals_since_best = 0  # validations without improvement, for train.early_stopping_patience
@@ -265,6 +266,9 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.run is not None:
+            if name == "last.pt":  # steps.csv gets the steps this checkpoint holds (a crash before it: none)
+                self.run.append_steps(self.pending_steps)
+                self.pending_steps = []
             save_checkpoint(self.run.checkpoints / name, self._state())
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
@@ -476,9 +480,8 @@ class Trainer:
                         recent = self.epoch_losses[-cfg.train.log_every:]
                         logger.info("epoch %d step %d: loss %.4f (mean of the last %d steps of this epoch)",
                                     self.epoch + 1, self.step, float(np.nanmean(recent)), len(recent))
-                    if self.run is not None:
-                        self.run.append_step({"step": self.step, "epoch": self._epochs_done(), "loss": value,
-                                              "lr": self.optimizer.param_groups[-1]["lr"]})
+                    self.pending_steps.append({"step": self.step, "epoch": self._epochs_done(), "loss": value,
+                                               "lr": self.optimizer.param_groups[-1]["lr"]})
                     if self.trackers is not None:
                         self.trackers.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]},
                                           self.step)
