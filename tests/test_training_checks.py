@@ -1,5 +1,6 @@
 """What training refuses at once, the dry run refuses too (the same checks), and the defaults pass them; a
-``train.max_steps`` the epochs cannot reach is refused in one line."""
+``train.max_steps`` the epochs cannot reach is refused in one line; BatchNorm is frozen when batches are chunked;
+pretrained weights are read once."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _minimal_folder_config(tmp_path: Path) -> Path:
     ("overrides", "fragments"),
     [
         ([], ["data.batch_size=512", "128 classes per batch", "only 12 classes", "use batch_size <= 48"]),
-        (["data.batch_size=40", "model.freeze_batchnorm=false"],
+        (["data.batch_size=40", "train.chunk_size=20", "model.freeze_batchnorm=false"],
          ["chunks of train.chunk_size 20,", "needs frozen BatchNorm", "model.freeze_batchnorm=true"]),
     ],
     ids=["classes-per-batch", "chunked-batchnorm"],
@@ -52,8 +53,6 @@ def test_the_dry_run_refuses_what_training_refuses(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], fragments: list[str]
 ) -> None:
     config = _minimal_folder_config(tmp_path)
-    if overrides:
-        overrides = [*overrides, "train.chunk_size=20"]
     capsys.readouterr()
     assert main(["train", str(config), "--data-dir", str(data_dir), *overrides, "--dry-run"]) == 2
     dry = _error_line(capsys)
