@@ -36,55 +36,13 @@ def show_progress(progress: bool | None = None, stream: TextIO | None = None) ->
     return terminal or "ipykernel" in sys.modules
 
 
-class _PendingFileHandler(logging.Handler):
-    """Formats records into lines kept in memory until :meth:`open` names the file, then appends them to it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        self.pending: list[str] = []
-        self.stream: TextIO | None = None
-
-    def open(self, path: Path) -> None:
-        self.acquire()
-        try:
-            self.stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open until close()
-            self.stream.writelines(line + "\n" for line in self.pending)
-            self.stream.flush()
-            self.pending = []
-        finally:
-            self.release()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-            if self.stream is None:
-                self.pending.append(line)
-            else:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-        except Exception:  # noqa: BLE001 - logging's rule: a failing handler reports and never raises
-            self.handleError(record)
-
-    def close(self) -> None:
-        self.acquire()
-        try:
-            if self.stream is not None:
-                self.stream.close()
-                self.stream = None
-            self.pending = []
-        finally:
-            self.release()
-        super().close()
-
-
 class RunLog:
     """Copies every line a run shows on the console into ``<run_dir>/train.log``, from its start until :meth:`close`:
     log records of INFO and above (recallk's, and those of other libraries that reach the root logger, such as
     timm's weight loading), Python warnings (shown as usual too), and the lines :meth:`note` adds (the final test
     table, the line that ends an interrupted run).
 
-    Lines from before the run folder exists (checking the config, building the model and data) are kept in memory
+    Records from before the run folder exists (checking the config, building the model and data) are held in memory
     and written by :meth:`open`; :meth:`close` without :meth:`open` drops them. The file is appended to, never
     overwritten: a resumed run continues the log of the run it resumes. The ``recallk`` logger is lowered to INFO
     while the copy is open when it is set higher, so the file holds the progress lines even in a program that never
@@ -92,7 +50,9 @@ class RunLog:
     """
 
     def __init__(self) -> None:
-        self.handler = _PendingFileHandler()
+        self.held: _Held | None = _Held()
+        self.file: logging.FileHandler | None = None
+        self.handler: logging.Handler = self.held
         self.logger = logging.getLogger("recallk")
         self.level = self.logger.level
         if self.logger.getEffectiveLevel() > logging.INFO:
@@ -102,8 +62,18 @@ class RunLog:
         warnings.showwarning = self._showwarning
 
     def open(self, run_dir: Path) -> None:
-        """Write the lines so far, and every later one, to ``run_dir/train.log``."""
-        self.handler.open(Path(run_dir) / RUN_LOG)
+        """Write the held records, and every later one, to ``run_dir/train.log``."""
+        self.file = logging.FileHandler(Path(run_dir) / RUN_LOG, mode="a", encoding="utf-8", delay=True)
+        self.file.setLevel(logging.INFO)
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.addHandler(self.file)
+        self.handler = self.file
+        if self.held is not None:
+            for record in self.held.records:
+                self.file.handle(record)
+            self.held = None
 
     def note(self, text: str, level: int = logging.INFO) -> None:
         """Add ``text`` to the file only (what the command line prints itself, e.g. the final metrics table)."""
@@ -116,11 +86,24 @@ class RunLog:
         self.previous_showwarning(message, category, filename, lineno, file, line)
 
     def close(self) -> None:
+        """Stop copying; records still held (the run folder never opened) are dropped."""
         if warnings.showwarning == self._showwarning:
             warnings.showwarning = self.previous_showwarning
         logging.getLogger().removeHandler(self.handler)
         self.logger.setLevel(self.level)
-        self.handler.close()
+        if self.file is not None:
+            self.file.close()
+
+
+class _Held(logging.Handler):
+    """Keeps INFO and higher records in memory."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def final_report(summary: Mapping[str, Any]) -> str:
