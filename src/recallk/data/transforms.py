@@ -51,7 +51,7 @@ def build_transforms(
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     scale = (float(crop_scale[0]), float(crop_scale[1]))
-    flip = [T.RandomHorizontalFlip()] if hflip else []
+    flip = [T.RandomHorizontalFlip(p=0.5 if hflip else 0.0)]  # always a step: the same pipeline shape either way
     if kind == "imagenet":
         if train:
             steps = [T.RandomResizedCrop(image_size, scale=scale), *flip]
