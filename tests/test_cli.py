@@ -16,6 +16,8 @@ import yaml
 from recallk.config import config_from_dict, load_config, save_config
 from recallk.evaluation.metrics import format_metrics_table
 
+from data_fixtures import make_omniglot_folder
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,14 +102,15 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_dry_run_prints_the_resolved_config(tmp_path):
+    make_omniglot_folder(tmp_path / "omniglot", alphabets={"Alpha": 10}, drawings=4)  # the dry run reads its labels
     result = recallk(
         "train", "configs/omniglot.yaml", "optim.lr=1e-5", "--device", "cpu", "--data-dir", tmp_path,
-        "data.batch_size=256", "--dry-run",
+        "data.val_classes=2", "data.batch_size=16", "--dry-run",
     )
     assert result.returncode == 0, result.stderr
     cfg = config_from_dict(yaml.safe_load(result.stdout))
     assert cfg.optim.lr == pytest.approx(1e-5)
-    assert cfg.data.batch_size == 256  # an override after the options still counts
+    assert cfg.data.batch_size == 16  # an override after the options still counts
     assert (cfg.train.device, cfg.data.data_dir) == ("cpu", str(tmp_path))
     assert cfg.model == load_config(REPO / "configs" / "omniglot.yaml").model
 

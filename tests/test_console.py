@@ -77,3 +77,31 @@ def test_bars_are_drawn_on_a_terminal_only(tmp_path: Path, monkeypatch: pytest.M
         monkeypatch.setenv("TQDM_DISABLE", "1")
         assert not show_progress(None, terminal)
     os.close(master)
+
+
+def test_train_log_keeps_every_line_the_console_shows(tmp_path: Path) -> None:
+    """Warnings logged while the run is being built (small classes padded), Python warnings (k not smaller than the
+    items ranked), timm's weight-loading lines and the final test table: every console line is in train.log."""
+    import timm
+    import torch
+
+    data = make_glyph_folder(tmp_path / "glyphs")
+    for extra in sorted((data / "train" / "class00").iterdir())[1:]:
+        extra.unlink()  # one drawing left: padded to samples_per_class=2
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_to_yaml(tiny_config(
+        tmp_path, train__epochs=1, train__max_steps=1, data__split_val=None, loss__k=[1, 2, 16],
+        model__backbone="resnet10t", model__pretrained_path=str(weights), model__in_chans=1, model__pooling="gem",
+        output__plots=False, output__export_embeddings=False)))
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "recallk", "train", str(config), "--run-dir", str(run),
+                             "--data-dir", str(data)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shown = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+    kept = (run / "train.log").read_text()
+    assert [line for line in shown if line not in kept] == []
+    for fragment in ("fewer than samples_per_class=2 images", "UserWarning: the largest k (16)",
+                     "Loading pretrained weights", "recall@1", "run directory:"):
+        assert any(fragment in line for line in shown), fragment  # each kind of line was on the console

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from data_fixtures import (
     make_csv,
     make_cub,
     make_folder,
+    make_glyph_folder,
     make_inat,
     make_inshop,
     make_sop,
@@ -234,3 +236,37 @@ def test_worker_processes_read_images(tmp_path: Path) -> None:
     ds = build_dataset("inat2018", tmp_path, "train", transform=build_transforms("imagenet", 8, train=False))
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     assert torch.cat([y for _, y in loader]).tolist() == ds.labels.tolist()
+
+
+def _warn_each_step() -> None:
+    warnings.warn("a warning Python shows once per location", UserWarning, stacklevel=1)
+
+
+@pytest.mark.parametrize("skip_bad_images", [False, True])
+def test_reading_images_leaves_once_only_warnings_once(tmp_path: Path, skip_bad_images: bool) -> None:
+    """A warning shown once per location stays shown once while images are read in the same process
+    (``data.num_workers=0``): reading an image no longer enters ``warnings.catch_warnings()``, which reset Python's
+    once-registry and so repeated such a warning at every training step."""
+    root = make_glyph_folder(tmp_path / "glyphs")
+    dataset = build_dataset("folder", root, "train", transform=build_transforms("omniglot", 16, True),
+                            skip_bad_images=skip_bad_images)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own action for UserWarning: once per location
+        for step in range(5):
+            dataset[step]
+            _warn_each_step()
+    assert [str(w.message) for w in caught] == ["a warning Python shows once per location"]
+
+
+def test_checking_images_leaves_once_only_warnings_once(tmp_path: Path) -> None:
+    """``image_error`` (the check of every image before the work, e.g. of the landmark benchmarks) leaves Python's
+    once-registry alone too: no ``warnings.catch_warnings()`` per image."""
+    from recallk.data.image_dataset import image_error
+
+    image = sorted((make_glyph_folder(tmp_path / "glyphs") / "train").rglob("*.png"))[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(5):
+            assert image_error(image) is None
+            _warn_each_step()
+    assert [str(w.message) for w in caught] == ["a warning Python shows once per location"]

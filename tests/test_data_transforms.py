@@ -80,3 +80,23 @@ def test_a_timm_recipe_reads_images_with_the_backbones_preprocessing(tmp_path) -
     image, _ = source.dataset[0]
     assert image.shape == (3, 8, 8)
     torch.testing.assert_close(image, torch.full((3, 8, 8), (128 / 255 - 0.5) / 0.5))  # 0.5/0.5, not ImageNet's
+
+
+def test_the_training_crop_and_flip_follow_the_config(tmp_path) -> None:
+    """data.crop_scale and data.hflip reach the training transform of image files (folder, csv, ...):
+    crop_scale=[1, 1] without flip keeps the whole (square) image, the default crops and flips at random."""
+    from recallk.config import DataConfig, load_config
+    from recallk.data.sources import build_source
+    from recallk.data.transforms import TRAIN_CROP_SCALE
+
+    from data_fixtures import make_glyph_folder
+
+    assert DataConfig().crop_scale == TRAIN_CROP_SCALE and DataConfig().hflip
+    root = make_glyph_folder(tmp_path / "glyphs")
+    keys = ["data.dataset=folder", "data.image_size=16"]
+    whole = build_source(load_config(None, [*keys, "data.crop_scale=[1,1]", "data.hflip=false"]).data, "train", True,
+                         root).dataset
+    draws = [whole[0][0] for _ in range(4)]
+    assert draws[0].shape == (3, 16, 16) and all(torch.equal(d, draws[0]) for d in draws)
+    default = build_source(load_config(None, keys).data, "train", True, root).dataset
+    assert len({default[0][0].sum().item() for _ in range(6)}) > 1

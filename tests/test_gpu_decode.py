@@ -215,19 +215,32 @@ def test_config_takes_cpu_gpu_auto_and_names_the_closest(tmp_path: Path) -> None
         load_config(None, ["data.decode=gpus"])
 
 
-def test_train_with_decode_gpu_without_a_gpu_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_train_with_decode_gpu_without_a_gpu_is_one_line(tmp_path: Path, dry_run: list[str]) -> None:
+    """Training and its dry run refuse it alike: the dry run checks the training split on the training device."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    done = _train_jpegs(tmp_path, "train.device=cpu", *dry_run)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "data.decode=gpu needs a CUDA training device, and training runs on cpu; set data.decode=cpu" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_dry_run_of_decode_gpu_passes_on_a_gpu(tmp_path: Path) -> None:
+    done = _train_jpegs(tmp_path, "--dry-run")  # train.device=auto: the GPU, as training would use
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _train_jpegs(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``recallk train`` of a small JPEG folder with ``data.decode=gpu`` and ``args``."""
     root = write_jpeg_folder(tmp_path / "jpegs")
     config = tmp_path / "jpegs.yaml"
     config.write_text("data: {dataset: folder, split_train: all, split_test: [all], batch_size: 4, image_size: 16,"
                       " samples_per_class: 2, decode: gpu, num_workers: 0}\n"
                       "model: {backbone: omniglot_cnn, in_chans: 3}\n")
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "recallk", "train", str(config), "--data-dir", str(root), "--run-dir",
-         str(tmp_path / "run"), "train.device=cpu"],
+         str(tmp_path / "run"), *args],
         capture_output=True, text=True, timeout=300,
     )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "data.decode=gpu needs a CUDA training device, and training runs on cpu; set data.decode=cpu" in done.stderr
-    assert "Traceback" not in done.stderr

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
 from recallk._typed_yaml import field_paths
 from recallk.config import Config, explain_config, load_config
-from recallk.evaluation.plots import plot_training_curves
+from recallk.errors import ConfigError
+from recallk.evaluation.plots import plot_training_curves, training_curves_figure
 from recallk.recipes import list_recipes, recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +76,16 @@ def test_config_explain_covers_every_key_from_the_schema() -> None:
     result = recallk_cli("config", "--explain", "data")
     assert result.returncode == 0 and "data.samples_per_class" in result.stdout and "optim.lr" not in result.stdout
     wrong = recallk_cli("config", "--explain", "dta")
-    assert wrong.returncode == 2 and "unknown config section 'dta'" in wrong.stderr
+    assert wrong.returncode == 2 and "unknown config section or key 'dta'" in wrong.stderr
+    one = recallk_cli("config", "--explain", "train.ema_decay")  # one key: its section's title and its two lines
+    assert one.returncode == 0, one.stderr
+    lines = one.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("[train] ") and lines[1].startswith("  train.ema_decay: ")
+    assert f"{lines[1]}\n{lines[2]}\n" in text
+    assert explain_config("seed").splitlines()[1] == "  seed: an integer (default: 0)"
+    for bad in ("train.nope", "nope.lr", "data.options.x"):
+        with pytest.raises(ConfigError, match="choose a section"):
+            explain_config(bad)
 
 
 def test_run_plots_and_untrained_baseline(trained_run: Path, tmp_path: Path) -> None:
@@ -98,3 +111,25 @@ def test_new_commands_have_help_with_examples() -> None:
         assert command in listing
         result = recallk_cli(command, "--help")
         assert result.returncode == 0 and "examples:" in result.stdout and f"recallk {command}" in result.stdout
+
+
+def test_training_curves_show_each_step_and_keep_the_legend_off_the_curves(trained_run: Path) -> None:
+    """A short run is more than one dot: steps.csv holds every step's loss; the validation legend sits beside its
+    panel, so it covers no curve (it sat on the selected metric's curve)."""
+    steps = list(csv.DictReader((trained_run / "steps.csv").open()))
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert [int(r["step"]) for r in steps] == list(range(1, summary["steps"] + 1))
+    fig = training_curves_figure(trained_run / "metrics.csv", "map@r", summary["best_epoch"],
+                                 trained_run / "steps.csv")
+    loss, validation = fig.axes
+    assert [len(line.get_xdata()) for line in loss.get_lines()][:2] == [len(steps), summary["epochs"]]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert not validation.get_legend().get_window_extent(renderer).overlaps(validation.get_window_extent(renderer))
+
+
+def test_the_retrieval_grid_has_no_empty_band_under_its_title(trained_run: Path) -> None:
+    pixels = np.asarray(Image.open(trained_run / "plots" / "retrievals_test.png").convert("L")) < 200
+    inked = np.flatnonzero(pixels.any(axis=1))  # rows holding text or lines
+    gaps = np.diff(inked)
+    assert gaps.max() < 25, gaps.max()  # the title, the column titles and the rows follow closely

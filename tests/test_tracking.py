@@ -26,9 +26,10 @@ import json, sys
 from mlflow.tracking import MlflowClient
 client = MlflowClient(tracking_uri=sys.argv[1])
 (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+history = lambda key: [[m.step, m.value] for m in client.get_metric_history(run.info.run_id, key)]
 print(json.dumps({"name": run.info.run_name, "status": run.info.status, "params": run.data.params,
-                  "metrics": run.data.metrics,
-                  "loss": [[m.step, m.value] for m in client.get_metric_history(run.info.run_id, "train/loss")]}))
+                  "tags": run.data.tags, "metrics": run.data.metrics, "loss": history("train/loss"),
+                  "test": history("test/test/recall_at_1")}))
 """
 
 
@@ -125,6 +126,10 @@ def test_mlflow_and_wandb_get_params_metrics_and_the_test_table(
     again = read_mlflow_run(store, elsewhere)
     assert again["status"] == "FINISHED"
     assert [step for step, _ in again["loss"]] == [1, 2, 3] and again["loss"][:2] == run["loss"]
+    # the test table sits at the last step (not at step 0); the changed key's current value is a tag (params are
+    # immutable in MLflow: the param keeps the starting value)
+    assert [step for step, _ in again["test"]] == [2, 3]
+    assert again["params"]["train.max_steps"] == "2" and again["tags"]["train.max_steps"] == "3 (from step 2)"
 
 
 def test_an_mlflow_store_that_cannot_be_opened_is_one_line(

@@ -69,6 +69,8 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path: Path, data_dir
     train(tiny_config(tmp_path, train__max_steps=6), cut_dir, data_dir=data_dir, progress=False)
     state = load_checkpoint(cut_dir / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 6)
+    with open(cut_dir / "steps.csv", "a") as steps:  # step 7 of a process killed before its next checkpoint
+        steps.write("7,1.75,0.5,0.001\n")
     trainer = Trainer(tiny_config(tmp_path), cut_dir, resume=True, data_dir=data_dir, progress=False)
     try:
         trainer.fit()
@@ -78,6 +80,7 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path: Path, data_dir
     # the stop at step 6 validated the half-trained epoch 2 (its own row); the resumed run then continued exactly
     assert [r["epoch"] for r in cut] == ["1", "1.5", "2", "3"] and cut[1]["val_recall@1"]
     assert [r["train_loss"] for r in cut if r["epoch"] != "1.5"] == [r["train_loss"] for r in full]
+    assert read_metrics(cut_dir / "steps.csv") == read_metrics(full_dir / "steps.csv")  # each step once, the same
     a = load_checkpoint(full_dir / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(cut_dir / "checkpoints" / "last.pt")["model"]
     for key in a:
@@ -197,3 +200,19 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, monkey
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail, as when not installed
     with pytest.raises(RecallkUsageError, match=r"pip install 'recallk\[tensorboard\]'"):
         TensorBoardTracker(tmp_path / "tb")
+
+
+def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path: Path, data_dir: Path) -> None:
+    """It used to log "resumed ... in epoch 2/1" and evaluate again; now one line names the key to raise."""
+    run = tmp_path / "done"
+    train(tiny_config(tmp_path, train__epochs=1, output__plots=False), run, data_dir=data_dir, progress=False)
+    with pytest.raises(RecallkUsageError, match=r"has finished: it trained all train.epochs=1 epochs; .*"
+                                                r"train.epochs=2\).*'recallk evaluate "):
+        Trainer(tiny_config(tmp_path, train__epochs=1), run, resume=True, data_dir=data_dir, progress=False)
+    cut = tmp_path / "cut"
+    train(tiny_config(tmp_path, train__epochs=2, train__max_steps=2, output__plots=False), cut, data_dir=data_dir,
+          progress=False)
+    with pytest.raises(RecallkUsageError, match="stopped at train.max_steps=2; .* train.max_steps=null"):
+        Trainer(tiny_config(tmp_path, train__epochs=2, train__max_steps=2), cut, resume=True, data_dir=data_dir,
+                progress=False)
+    Trainer(tiny_config(tmp_path, train__epochs=2), cut, resume=True, data_dir=data_dir, progress=False).close()

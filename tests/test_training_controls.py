@@ -101,6 +101,8 @@ def test_early_stopping_stops_when_validation_stalls(
     assert (summary["stop_reason"], summary["epochs"], summary["best_epoch"]) == ("early_stopping", 3, 1)
     assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 3
     assert "early stopping after epoch 3" in caplog.text and "not improved for 2 evaluations" in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("epoch 3/5", "early stopping"))]
+    assert [line.split()[0] for line in lines] == ["epoch", "early"]  # that epoch's line first, then why it stops
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 3
 
 
@@ -132,3 +134,15 @@ def test_the_controls_are_validated_explained_and_checked_on_resume(tmp_path: Pa
     assert check_resume_config(run, tiny_config(tmp_path, optim__clip_grad_norm=1.0, train__early_stopping_patience=3))
     with pytest.raises(RecallkUsageError, match="train.ema_decay"):  # the average's state is not in the checkpoint
         check_resume_config(run, tiny_config(tmp_path, train__ema_decay=0.9))
+
+
+def test_ema_keeps_batchnorm_counts_instead_of_averaging_them(tmp_path: Path, data_dir: Path) -> None:
+    """BatchNorm in training mode (whole batches, model.freeze_batchnorm null) counts its batches in the integer
+    buffer num_batches_tracked: the average takes the count (torch's EMA function averaged and truncated it)."""
+    cfg = tiny_config(tmp_path, train__ema_decay=0.9, train__epochs=1, train__chunk_size=16, data__split_val=None,
+                      model__freeze_batchnorm=None, **QUICK)
+    train(cfg, tmp_path / "run", data_dir=data_dir, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    counts = {k: v for k, v in state["trained_model"].items() if k.endswith("num_batches_tracked")}
+    assert counts and all(int(v) == 4 for v in counts.values())  # 4 steps, one forward pass each
+    assert all(torch.equal(state["model"][k], v) for k, v in counts.items())

@@ -304,11 +304,13 @@ def deep_copy_mapping(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 
-def explain_fields(cls: type, prefix: str, title: str) -> str:
+def explain_fields(cls: type, prefix: str, title: str, only: str | None = None) -> str:
+    """``[section] title``, then two lines per key of the dataclass ``cls`` (``only``: that key alone): the dotted
+    key, its type and default, and its meaning."""
     hints = get_type_hints(cls, include_extras=True)
     lines = [f"[{prefix[:-1] or 'top'}] {title}"]
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if dataclasses.is_dataclass(hints[f.name]) or only not in (None, f.name):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,

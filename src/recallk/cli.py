@@ -19,12 +19,15 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from recallk import __version__
 from recallk.errors import RecallkUsageError, TrainingDiverged, TrainingInterrupted
 from recallk.files import OutputWriteError, atomic_write_text, write_json
 from recallk.registry import BENCHMARKS
+
+if TYPE_CHECKING:
+    from recallk.config import Config
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -156,6 +159,7 @@ CONFIG_EPILOG = """\
 examples:
   recallk config --explain                         # every section
   recallk config --explain optim                   # one section
+  recallk config --explain train.ema_decay         # one key
 """
 
 DEMO_EPILOG = """\
@@ -228,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=DEVICES, help="where to train (sets train.device)")
     train.add_argument("--dry-run", action="store_true",
                        help="check the config (data directory, dataset, transform, reader options, loss parameters, "
-                            "model/transform channels, resume changes), print it as YAML and exit")
+                            "model/transform channels, resume changes, the training split's classes against the "
+                            "batch, chunking against BatchNorm), print it as YAML and exit")
     _add_progress_switches(train)
 
     evaluate = _add_subcommand(
@@ -331,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = _add_subcommand(
         subparsers, "config", "describe the configuration keys", CONFIG_EPILOG, _cmd_config
     )
-    config.add_argument("--explain", metavar="SECTION", nargs="?", const="", required=True,
-                        help="print every key (of SECTION: data, model, loss, ...) with type, default and meaning")
+    config.add_argument("--explain", metavar="SECTION_OR_KEY", nargs="?", const="", required=True,
+                        help="print every key (of SECTION: data, model, loss, ...; or one KEY, e.g. "
+                             "train.ema_decay) with type, default and meaning")
 
     demo = _add_subcommand(
         subparsers, "demo", "train and evaluate a small model on Omniglot in minutes", DEMO_EPILOG, _cmd_demo
@@ -380,26 +386,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     options = {"data.data_dir": args.data_dir, "output.run_dir": run_dir, "train.device": args.device}
     cfg = load_config(config_path, overrides, {k: v for k, v in options.items() if v is not None})
     if args.dry_run:
-        from recallk.training.preflight import preflight
+        from recallk.training.preflight import check_training_batches, preflight
         from recallk.training.resume_config import check_resume_config
 
         if args.resume is not None:
             check_resume_config(Path(run_dir), cfg)
         preflight(cfg)  # after the resume check: a changed data set is named as such
-        sys.stdout.write(config_to_yaml(cfg))
+        check_training_batches(cfg)
+        sys.stdout.write(config_to_yaml(_with_data_root(cfg)))
         return EXIT_OK
-    from recallk.evaluation.metrics import format_metrics_table
+    from recallk.training.console import final_report
     from recallk.training.trainer import train
 
     summary = train(cfg, resume=args.resume is not None, progress=_progress(args))
     if summary:  # empty on the non-main ranks of a torchrun job
-        print(format_metrics_table(summary["splits"]))
-        if "benchmarks" in summary:
-            from recallk.evaluation.revisited import format_revisited_table
-
-            print(format_revisited_table(summary["benchmarks"]))
-        print(f"run directory: {summary['run_dir']} (metrics.csv, checkpoints/, summary.json)")
+        print(final_report(summary))
     return EXIT_OK
+
+
+def _with_data_root(cfg: Config) -> Config:
+    """``cfg`` with ``data.data_dir`` set to the folder a run reads (``null`` stands for $RECALLK_DATA or the user
+    cache), as an absolute path: what ``--dry-run`` shows."""
+    import dataclasses
+
+    from recallk.data.paths import resolve_data_dir
+
+    root = str(resolve_data_dir(cfg.data.data_dir).absolute())
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=root))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

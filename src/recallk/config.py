@@ -94,7 +94,13 @@ class DataConfig:
     transform: TransformName = _key("imagenet", "preprocessing kind: imagenet (RGB, ImageNet mean/std), omniglot "
                                                 "(one channel in [0, 1]) or timm (mean/std/crop/interpolation of "
                                                 "model.backbone)")
-    batch_size: int = _key(4000, "images or sentences per training batch (the global batch with several processes)")
+    crop_scale: tuple[float, float] = _key((0.08, 1.0), "imagenet/timm transforms, training: each image is a random "
+                                                     "crop of this (min, max) share of its area (aspect 3/4 to 4/3), "
+                                                     "resized to image_size (torchvision's RandomResizedCrop)")
+    hflip: bool = _key(True, "imagenet/timm transforms, training: flip each image horizontally with probability 0.5")
+    batch_size: int = _key(512, "images or sentences per training batch (the global batch with several processes); "
+                                "it needs batch_size / samples_per_class training classes (the paper: 4000 on SOP "
+                                "and iNaturalist)")
     samples_per_class: int = _key(4, "items of each class in a batch")
     num_workers: int = _key(4, "image-loading worker processes (0: load in the main process)")
     decode: DecodeMode = _key("cpu", "where training images are decoded and augmented: cpu (Pillow in the workers), "
@@ -121,8 +127,10 @@ class ModelConfig:
     gem_p: float = _key(3.0, "initial GeM exponent")
     gem_learnable: bool = _key(True, "learn the GeM exponent with the network")
     layernorm: bool = _key(True, "LayerNorm on the pooled features before the linear layer")
-    freeze_batchnorm: bool = _key(False, "keep BatchNorm running statistics fixed during training (needed when "
-                                         "batches are split into chunks)")
+    freeze_batchnorm: bool | None = _key(None, "keep BatchNorm running statistics fixed during training (what the "
+                                               "multistage engine needs when batches are split into chunks, as in "
+                                               "the paper); null: frozen exactly when train.chunk_size < "
+                                               "data.batch_size (or with several processes), else batch statistics")
     in_chans: int | None = _key(None, "input channels; null: the backbone's default (3, or 1 for omniglot_cnn)")
     widths: tuple[int, ...] = _key((64, 128, 256, 256), "omniglot_cnn only: channels of each conv block")
     norm: Norm = _key("batch", "omniglot_cnn only: batch (BatchNorm) or group (GroupNorm: chunkable without "
@@ -195,7 +203,8 @@ class TrainConfig:
     log_every: int = _key(10, "log the mean training loss every N steps (INFO)")
     device: Device = _key("auto", "auto: cuda when available, else cpu")
     max_steps: int | None = _key(None, "stop after this many optimiser steps, validated and saved even mid-epoch; "
-                                       "null: no limit")
+                                       "at most train.epochs x the steps of an epoch (refused above); null: no "
+                                       "limit")
     nan_policy: NanPolicy = _key("stop", "non-finite loss: stop with an error, or skip the step")
     select_metric: SelectMetric = _key("recall@1", "validation metric that picks checkpoints/best.pt")
     tensorboard: bool = _key(False, "also write TensorBoard events to <run_dir>/tensorboard (pip install "
@@ -303,6 +312,9 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("data.val_classes", d.val_classes)
     positive("data.max_image_pixels", d.max_image_pixels)
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        fail(("data.crop_scale",), f"'data.crop_scale' must be [min, max] with 0 < min <= max <= 1, got "
+             f"{list(d.crop_scale)}", "write e.g. data.crop_scale=[0.08,1.0] (1.0: the whole image)")
     if "val_classes" in d.options or "seed" in d.options:
         fail(("data.options",), "'data.options' repeats 'val_classes' or 'seed', which have their own keys",
              "set data.val_classes and the top-level seed instead")
@@ -501,8 +513,12 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
+_TOP_TITLE = "Top level: the experiment's name and seed."
+
+
 def explain_config(section: str | None = None) -> str:
-    """Every config key (of ``section``, or all) with its type, default and meaning, read from the dataclasses.
+    """Every config key (of ``section``, or all; or the one dotted key ``section``, e.g. ``train.ema_decay``) with its
+    type, default and meaning, read from the dataclasses.
 
     One block per section (its docstring first), one line per key:
     ``  key  type (default: value)`` followed by the meaning on the next line.
@@ -510,10 +526,18 @@ def explain_config(section: str | None = None) -> str:
     hints = get_type_hints(Config)
     sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
     if section is not None and section not in sections and section != "top":
-        raise ConfigError(f"unknown config section {section!r}; choose one of top, {', '.join(sections)}")
+        owner, _, key = section.rpartition(".")
+        cls = Config if owner == "" else hints[owner] if owner in sections else None
+        keys = [] if cls is None else [f.name for f in dataclasses.fields(cls)
+                                       if not dataclasses.is_dataclass(get_type_hints(cls)[f.name])]
+        if key not in keys:
+            raise ConfigError(f"unknown config section or key {section!r}; choose a section (top, "
+                              f"{', '.join(sections)}) or a dotted key such as train.ema_decay")
+        title = " ".join((cls.__doc__ or "").split()) if owner else _TOP_TITLE
+        return explain_fields(cls, f"{owner}." if owner else "", title, only=key)
     blocks = []
     if section in (None, "top"):
-        blocks.append(explain_fields(Config, "", "Top level: the experiment's name and seed."))
+        blocks.append(explain_fields(Config, "", _TOP_TITLE))
     for name in sections if section is None else [s for s in sections if s == section]:
         cls = hints[name]
         blocks.append(explain_fields(cls, f"{name}.", " ".join((cls.__doc__ or "").split())))

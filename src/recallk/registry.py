@@ -68,9 +68,10 @@ BENCHMARKS = Registry("benchmark", "eval.benchmarks", {
     "rparis6k": "Revisited Paris 6k (<root>/rparis6k/: gnd_rparis6k.pkl + jpg/), Easy/Medium/Hard mAP and mP@k",
 })
 TRANSFORMS = Registry("transform", "data.transform", {
-    "imagenet": "RGB, ImageNet mean/std; train: RandomResizedCrop + flip, test: resize + center crop",
+    "imagenet": "RGB, ImageNet mean/std; train: random resized crop (data.crop_scale) + flip (data.hflip), test: "
+                "resize + center crop",
     "omniglot": "one channel in [0, 1]; train: a small random affine",
-    "timm": "mean/std/crop/interpolation of the timm model in model.backbone",
+    "timm": "mean/std/crop/interpolation of the timm model in model.backbone; train: as imagenet",
 })
 LOSSES = Registry("loss", "loss.name", {
     "rsk": "RS@k, the paper's Recall@k surrogate",

@@ -30,10 +30,9 @@ def image_error(file: IO[bytes] | str | Path) -> str | None:
     """Why Pillow cannot read ``file`` (from its header and ``verify()``, without decoding the pixels), or ``None``
     when it can: cheap enough to check every image of a data set before the work starts."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported when loaded
-            with Image.open(file) as image:
-                image.verify()
+        _leave_bomb_warnings_to_recallk()  # reported when loaded
+        with Image.open(file) as image:
+            image.verify()
     except _DECODE_ERRORS as err:
         return " ".join(str(err).split()) or type(err).__name__
     return None
@@ -69,20 +68,30 @@ def apply_pixel_limit(limit: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def _leave_bomb_warnings_to_recallk() -> None:
+    """Put a filter for Pillow's ``DecompressionBombWarning`` first in this process's warning filters (recallk
+    reports such images itself, see :func:`read_image`), unless it is first already. Not a
+    ``warnings.catch_warnings()`` around each image: entering and leaving one resets Python's once-per-location
+    registry, so every other warning meant to show once would repeat at each image (each training step with
+    ``data.num_workers=0``); the filters change here only when other code changed them."""
+    if not warnings.filters or warnings.filters[0] != _BOMB_FILTER:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_BOMB_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # as warnings.filterwarnings stores it
+
+
 def read_image(file: IO[bytes] | str | Path) -> tuple[Image.Image, int | None]:
     """The decoded image of ``file``, and its pixel count when it is over Pillow's decompression-bomb warning limit
-    (``None`` otherwise): Pillow's ``DecompressionBombWarning`` is caught here, for the caller to report once."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
-        image = Image.open(file)
-        image.load()
-    large = False
-    for warning in caught:
-        if issubclass(warning.category, Image.DecompressionBombWarning):
-            large = True
-        else:  # not ours to swallow
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return image, (image.width * image.height if large else None)
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (``None`` otherwise), for the caller to report once; Pillow's own
+    ``DecompressionBombWarning`` is filtered (:func:`_leave_bomb_warnings_to_recallk`), its error (over twice the
+    limit) raised as usual."""
+    _leave_bomb_warnings_to_recallk()
+    image = Image.open(file)
+    image.load()
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = max(1, image.width) * max(1, image.height)  # Pillow's own count (PIL.Image._decompression_bomb_check)
+    return image, (pixels if limit is not None and pixels > limit else None)
 
 
 def too_large_message(image: str, err: Exception, option: str) -> str:

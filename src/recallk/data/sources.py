@@ -440,7 +440,8 @@ def build_source(
     mean, std = cfg.options.get("mean"), cfg.options.get("std")  # transform options, not the reader's
     dataset = build_dataset(
         cfg.dataset, data_dir, split,
-        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std),
+        transform=build_transforms(cfg.transform, cfg.image_size, train, backbone, mean=mean, std=std,
+                                   crop_scale=cfg.crop_scale, hflip=cfg.hflip),
         skip_bad_images=cfg.skip_bad_images, max_image_pixels=cfg.max_image_pixels, **reader_kwargs(cfg, seed),
     )
     recipe = device_decode_recipe(cfg.decode, dataset, device) if train else None

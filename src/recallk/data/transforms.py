@@ -19,6 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The Omniglot training augmentation, for images read from files and for decoded arrays (data.in_memory) alike:
 # rotation +-degrees, shift up to translate * size, scale range, x-shear +-shear degrees.
 OMNIGLOT_AUGMENTATION = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "shear": 6.0}
+TRAIN_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default: the share of the image's area each crop keeps
 
 
 def build_transforms(
@@ -29,26 +30,31 @@ def build_transforms(
     *,
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
+    crop_scale: Sequence[float] = TRAIN_CROP_SCALE,
+    hflip: bool = True,
 ) -> T.Compose:
     """PIL image -> float tensor ``(C, image_size, image_size)``.
 
     ``mean``/``std`` (one value, or one per channel) normalise the tensor as ``(x - mean) / std``; they replace the
     ImageNet statistics of ``imagenet`` and add a normalisation to ``omniglot`` (which has none by default).
 
-    ``imagenet``: train = RandomResizedCrop + horizontal flip, test = Resize(image_size * 256 / 224) + CenterCrop;
-    both RGB, normalised with the ImageNet mean/std.
-    ``timm``: the same steps with the preprocessing of the timm model ``backbone`` (its pretrained weights' tag):
-    mean/std, interpolation and the test crop fraction from ``timm.data.resolve_model_data_config`` (augreg ViTs
-    expect mean = std = 0.5 and bicubic resizing with crop 0.9).
+    ``imagenet``: train = RandomResizedCrop (a crop of ``crop_scale`` = (min, max) of the image's area, aspect ratio
+    3/4 to 4/3, resized to ``image_size``) + a random horizontal flip (``hflip``), test = Resize(image_size * 256 /
+    224) + CenterCrop; both RGB, normalised with the ImageNet mean/std.
+    ``timm``: the same steps (``crop_scale``, ``hflip`` too) with the preprocessing of the timm model ``backbone``
+    (its pretrained weights' tag): mean/std, interpolation and the test crop fraction from
+    ``timm.data.resolve_model_data_config`` (augreg ViTs expect mean = std = 0.5 and bicubic resizing with crop 0.9).
     ``omniglot``: one channel in [0, 1], resized to ``image_size``; train adds the random affine of
     ``OMNIGLOT_AUGMENTATION`` (rotation +-10 degrees, shift up to 10 %, scale 0.9-1.1, shear +-6 degrees) whose
     fill 0 matches recallk's inverted (dark) background.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    scale = (float(crop_scale[0]), float(crop_scale[1]))
+    flip = [T.RandomHorizontalFlip(p=0.5 if hflip else 0.0)]  # always a step: the same pipeline shape either way
     if kind == "imagenet":
         if train:
-            steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+            steps = [T.RandomResizedCrop(image_size, scale=scale), *flip]
         else:
             steps = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
         normalize = T.Normalize(*_statistics(mean, std, IMAGENET_MEAN, IMAGENET_STD))
@@ -57,7 +63,7 @@ def build_transforms(
         config = timm_data_config(backbone)
         interpolation = str_to_interp_mode(config["interpolation"])
         if train:
-            steps = [T.RandomResizedCrop(image_size, interpolation=interpolation), T.RandomHorizontalFlip()]
+            steps = [T.RandomResizedCrop(image_size, scale=scale, interpolation=interpolation), *flip]
         else:
             resize = int(image_size / config["crop_pct"])  # timm's eval resize for crop_mode "center"
             size = (resize, resize) if config.get("crop_mode") == "squash" else resize

@@ -32,12 +32,23 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_training_curves(
-    path: Path, metrics_csv: Path, select_metric: str | None = None, best_epoch: int | None = None
+    path: Path, metrics_csv: Path, select_metric: str | None = None, best_epoch: int | None = None,
+    steps_csv: Path | None = None,
 ) -> Path | None:
-    """Training loss and validation recall@k per epoch from a run's ``metrics.csv`` (None if it is empty).
+    """:func:`training_curves_figure` saved as a PNG at ``path`` (None when ``metrics.csv`` is empty)."""
+    fig = training_curves_figure(metrics_csv, select_metric, best_epoch, steps_csv)
+    return None if fig is None else _save(fig, path)
 
-    The validation panel exists only when the run has validation columns; ``select_metric`` (the metric that
-    picks ``best.pt``, e.g. ``map@r``) is drawn bold, and ``best_epoch`` is marked on both panels.
+
+def training_curves_figure(
+    metrics_csv: Path, select_metric: str | None = None, best_epoch: int | None = None, steps_csv: Path | None = None,
+) -> plt.Figure | None:
+    """Training loss and validation recall@k from a run's ``metrics.csv`` (None if it is empty).
+
+    The loss panel shows the loss of every optimiser step from ``steps_csv`` (``step``, ``epoch``, ``loss`` rows;
+    a thin line against the fractional epoch) and each epoch's mean (dots). The validation panel exists only when
+    the run has validation columns; ``select_metric`` (the metric that picks ``best.pt``, e.g. ``map@r``) is drawn
+    bold, the legend sits beside the panel (never over a curve), and ``best_epoch`` is marked on both panels.
     """
     rows = read_metrics(metrics_csv)
     if not rows:
@@ -48,10 +59,16 @@ def plot_training_curves(
     if selected in rows[0] and selected not in shown:
         shown.append(selected)
     has_validation = any(r.get(k) for r in rows for k in shown)
-    fig, axes = plt.subplots(1, 2 if has_validation else 1, figsize=(10 if has_validation else 5, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_validation else 1, figsize=(11 if has_validation else 5, 3.8), squeeze=False,
+                             sharex=True)
     ax_loss = axes[0, 0]
-    ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", ms=3)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    steps = read_metrics(steps_csv) if steps_csv is not None else []
+    if steps:
+        ax_loss.plot([float(r["epoch"]) for r in steps], [float(r["loss"]) for r in steps], lw=0.8, alpha=0.6,
+                     color="#4c72b0", label="each step")
+    ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", ms=4, lw=1.5, color="#1f3a68",
+                 label="epoch mean")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss", xlim=(0, max(epochs) * 1.02))
     if has_validation:
         ax_val = axes[0, 1]
         for key in shown:
@@ -61,15 +78,15 @@ def plot_training_curves(
                 label = key.removeprefix("val_") + (" (selects best.pt)" if bold else "")
                 ax_val.plot(*zip(*points), marker="o", ms=4 if bold else 3, lw=2.5 if bold else 1.2, label=label)
         ax_val.set(xlabel="epoch", ylabel="metric", title="Validation", ylim=(0, 1))
-        ax_val.legend(loc="lower right", fontsize=8)
-    if best_epoch is not None and best_epoch > 0:
-        for ax in axes[0]:
-            ax.axvline(best_epoch, color="#555555", ls="--", lw=1)
-            ax.text(best_epoch, 0.98, f" best epoch {best_epoch}", transform=ax.get_xaxis_transform(),
-                    va="top", fontsize=8, color="#555555")
     for ax in axes[0]:
+        if best_epoch is not None and best_epoch > 0:
+            ax.axvline(best_epoch, color="#555555", ls="--", lw=1, label=f"best epoch {best_epoch}")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    if has_validation:  # beside the panel: a legend inside would cover the curves it names
+        axes[0, 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8)
+    if steps or (best_epoch is not None and best_epoch > 0):
+        ax_loss.legend(fontsize=8)
+    return fig
 
 
 def plot_recall_curves(path: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -98,8 +115,8 @@ def plot_retrievals(
     _, neighbours = exact_knn(embeddings[queries], embeddings, k, self_index=queries)
     is_text = hasattr(source, "display_text")
     cell = (2.4, 1.0) if is_text else (1.3, 1.3)
-    fig, axes = plt.subplots(
-        len(queries), k + 1, figsize=(cell[0] * (k + 1), cell[1] * len(queries)), squeeze=False
+    fig, axes = plt.subplots(  # constrained: the title sits right above the grid, without an empty band
+        len(queries), k + 1, figsize=(cell[0] * (k + 1), cell[1] * len(queries)), squeeze=False, layout="constrained"
     )
     for row, query in enumerate(queries.tolist()):
         items = [(query, None)] + [(int(j), bool(labels[j] == labels[query])) for j in neighbours[row]]
@@ -131,7 +148,8 @@ def plot_neighbours(
 
     Images are PIL images or arrays (H, W) / (H, W, 3).
     """
-    fig, axes = plt.subplots(1, len(neighbours) + 1, figsize=(1.8 * (len(neighbours) + 1), 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(neighbours) + 1, figsize=(1.8 * (len(neighbours) + 1), 2.2), squeeze=False,
+                             layout="constrained")
     cells = [(query, "query")] + [(image, f"#{i} sim {sim:.3f}") for i, (image, sim) in enumerate(neighbours, 1)]
     for ax, (image, caption) in zip(axes[0], cells):
         array = np.asarray(image)

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,14 +42,23 @@ def export_network(network: nn.Module, example: torch.Tensor, path: str | Path, 
         )
     network = copy.deepcopy(network).cpu().eval()
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+    with _torchscript_deprecation_quiet():
         if fmt == "torchscript":
             scripted = torch.jit.script(network)
             atomic_write(path, lambda handle: torch.jit.save(scripted, handle))
         else:  # the exporter writes to a file name: a scratch file, then atomically (clear errors, old file kept)
             atomic_write_from_file(path, lambda name: _export_onnx(network, example.cpu(), Path(name)))
     return path
+
+
+@contextlib.contextmanager
+def _torchscript_deprecation_quiet() -> Iterator[None]:
+    """Without torch's FutureWarnings that ``torch.jit.script``, ``save`` and ``load`` are deprecated: TorchScript is
+    the format the user asked for (``--format torchscript``), so the warning only adds noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(script|save|load)`? is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -70,7 +80,8 @@ def load_exported(path: str | Path, fmt: str) -> object:
     ONNX files run with onnxruntime (``pip install onnxruntime``).
     """
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        with _torchscript_deprecation_quiet():
+            module = torch.jit.load(str(path), map_location="cpu").eval()
         return lambda images: module(images).detach()
     try:
         import onnxruntime

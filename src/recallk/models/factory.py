@@ -155,14 +155,14 @@ def create_model(
     return EmbeddingModel(net, head, channels_last=channels_last, whitening=layer)
 
 
-def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncoder:
+def create_model_from_config(cfg: ModelConfig, progress: bool | None = None) -> EmbeddingModel | SentenceEncoder:
     """:func:`create_model` with the fields of a :class:`~recallk.config.ModelConfig` (``compile`` is the
     trainer's job); a backbone ``st:<name>`` is a sentence-transformers text encoder
-    (:func:`~recallk.models.text.create_sentence_encoder`)."""
+    (:func:`~recallk.models.text.create_sentence_encoder`, which draws its loading bars as ``progress`` says)."""
     if cfg.backbone.startswith(TEXT_PREFIX):
         if cfg.whitening != "none":
             raise RecallkUsageError("whitening applies to image models only; set model.whitening=none")
-        return create_sentence_encoder(cfg.backbone, cfg.embed_dim)
+        return create_sentence_encoder(cfg.backbone, cfg.embed_dim, progress=progress)
     return create_model(
         cfg.backbone,
         embed_dim=cfg.embed_dim,
@@ -172,7 +172,7 @@ def create_model_from_config(cfg: ModelConfig) -> EmbeddingModel | SentenceEncod
         gem_p=cfg.gem_p,
         gem_learnable=cfg.gem_learnable,
         layernorm=cfg.layernorm,
-        freeze_batchnorm=cfg.freeze_batchnorm,
+        freeze_batchnorm=bool(cfg.freeze_batchnorm),  # null: the trainer decides (training.assemble)
         in_chans=cfg.in_chans,
         widths=cfg.widths,
         channels_last=cfg.channels_last,

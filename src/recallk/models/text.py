@@ -8,9 +8,11 @@ L2-normalised sentence embeddings ``(B, D)``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +85,38 @@ class SentenceEncoder(nn.Module):
         return backbone_and_head_groups(modules[0].parameters(), head, lr, backbone_lr_mult, weight_decay)
 
 
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars ("Loading weights", downloads) only when ``show``: each
+    redraws its line with carriage returns, which a redirected log keeps. Their setting is restored afterwards."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def create_sentence_encoder(
-    backbone: str | os.PathLike[str], embed_dim: int | None = None, device: str | torch.device = "cpu"
+    backbone: str | os.PathLike[str], embed_dim: int | None = None, device: str | torch.device = "cpu",
+    progress: bool | None = None,
 ) -> SentenceEncoder:
     """Load ``st:<name>`` or a model directory (``str`` or ``Path``; see :func:`resolve_sentence_model`);
-    ``embed_dim`` must match the model's if given."""
+    ``embed_dim`` must match the model's if given. ``progress``: draw the loading bars (``None``: only when
+    stderr is a terminal)."""
     backbone = os.fspath(backbone)
     name = backbone[len(PREFIX):] if backbone.startswith(PREFIX) else backbone
     sentence_transformer = _import_sentence_transformer()
     source = resolve_sentence_model(name)
     try:
-        model = sentence_transformer(source, device=str(device))
+        with _loading_bars(sys.stderr.isatty() if progress is None else progress):
+            model = sentence_transformer(source, device=str(device))
     except OSError as err:
         raise RecallkUsageError(
             f"cannot load the sentence-transformers model {name!r} ({str(err).splitlines()[0]}); give a model "

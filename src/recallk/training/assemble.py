@@ -23,6 +23,8 @@ from recallk.data.image_dataset import convert_image
 from recallk.data.sampler import ClassBalancedBatchSampler
 from recallk.data.sources import BatchSource, build_source
 from recallk.data.transforms import build_transforms
+from recallk.engine.batchnorm import batchnorm_layers_in_training_mode, freeze_batchnorm
+from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import create_model_from_config
 
@@ -33,10 +35,12 @@ __all__ = [
     "build_network",
     "build_sampler",
     "build_split",
+    "check_step_limit",
     "config_parts",
     "decode_like_the_reader",
     "eval_transform",
     "network_parameter_groups",
+    "prepare_engine",
     "reader_decoding_of",
     "resolve_precision",
 ]
@@ -44,16 +48,16 @@ __all__ = [
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_network(config: Config, weights_follow: bool = False) -> nn.Module:
+def build_network(config: Config, weights_follow: bool = False, progress: bool | None = None) -> nn.Module:
     """The embedding network of ``config.model`` on the CPU.
 
     ``weights_follow``: the caller loads the weights (a checkpoint, a saved model), so pretrained backbone weights
-    are neither downloaded nor read.
+    are neither downloaded nor read. ``progress``: draw loading bars (text models; ``None``: on a terminal only).
     """
     model_cfg = config.model
     if weights_follow:
         model_cfg = dataclasses.replace(model_cfg, pretrained=False, pretrained_path=None)
-    return create_model_from_config(model_cfg)
+    return create_model_from_config(model_cfg, progress)
 
 
 def build_split(
@@ -106,12 +110,22 @@ class RunParts:
 
 
 def config_parts(
-    config: Config, data_dir: str | Path | None, with_test: bool = True, device: torch.device | None = None
+    config: Config,
+    data_dir: str | Path | None,
+    with_test: bool = True,
+    device: torch.device | None = None,
+    progress: bool | None = None,
+    keep_initial: bool = False,
 ) -> RunParts:
     """The network of ``config.model`` (initialised from ``config.seed``'s current random state) and the splits of
     ``config.data`` (the test splits only ``with_test``: built now so that a typo fails before training); the
-    training split is decoded for ``device`` (``data.decode``)."""
-    network = build_network(config)
+    training split is decoded for ``device`` (``data.decode``). ``progress``: loading bars of text models (``None``:
+    on a terminal only). ``keep_initial``: ``untrained()`` reuses the pretrained weights read now, kept in memory,
+    instead of reading them again."""
+    network = build_network(config, progress=progress)
+    pretrained = config.model.pretrained or config.model.pretrained_path is not None
+    kept = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()} if (
+        keep_initial and pretrained) else None
     val = config.data.split_val
     return RunParts(
         network=network,
@@ -119,14 +133,19 @@ def config_parts(
         val=build_split(config, val, network, data_dir=data_dir) if val else None,
         test={split: build_split(config, split, network, data_dir=data_dir) for split in config.data.split_test}
         if with_test else {},
-        untrained=lambda: _seeded_network(config),
+        untrained=lambda: _seeded_network(config, kept),
     )
 
 
-def _seeded_network(config: Config) -> nn.Module:
+def _seeded_network(config: Config, weights: dict[str, Tensor] | None = None) -> nn.Module:
+    """The network of ``config`` as a run first builds it: from ``config.seed``; with ``weights`` (its initial state,
+    kept in memory) instead of reading pretrained weights again."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return build_network(config)
+        network = build_network(config, weights_follow=weights is not None)
+    if weights is not None:
+        network.load_state_dict(weights)
+    return network
 
 
 def network_parameter_groups(
@@ -143,10 +162,50 @@ def network_parameter_groups(
 def build_sampler(config: Config, labels: Tensor, rank: int = 0, world_size: int = 1) -> ClassBalancedBatchSampler:
     """Class-balanced training batches of ``data.batch_size`` (``data.samples_per_class`` per class; classes with
     fewer images are padded or dropped as ``data.small_classes`` says)."""
-    return ClassBalancedBatchSampler(
-        labels.numpy(), config.data.batch_size, config.data.samples_per_class, seed=config.seed, rank=rank,
-        world_size=world_size, small_classes=config.data.small_classes,
-    )
+    data = config.data
+    try:
+        return ClassBalancedBatchSampler(
+            labels.numpy(), data.batch_size, data.samples_per_class, seed=config.seed, rank=rank,
+            world_size=world_size, small_classes=data.small_classes,
+        )
+    except ValueError as err:
+        raise RecallkUsageError(
+            f"data.batch_size={data.batch_size} with data.samples_per_class={data.samples_per_class} does not fit "
+            f"the training split {data.split_train!r}: {err}"
+        ) from None
+
+
+def check_step_limit(config: Config, steps_per_epoch: int) -> None:
+    """``train.max_steps`` stops a run early; one the epochs cannot reach (more than ``train.epochs x
+    steps_per_epoch``) would be ignored, so it is refused in one line naming the epochs it needs. (The schedule,
+    warm-up, validation and checkpoints count epochs: extending the run silently would change all of them.)"""
+    limit, epochs = config.train.max_steps, config.train.epochs
+    if limit is not None and limit > epochs * steps_per_epoch:
+        needed = -(-limit // steps_per_epoch)
+        raise RecallkUsageError(
+            f"train.max_steps={limit} is more than the {epochs * steps_per_epoch} steps of train.epochs={epochs} "
+            f"({steps_per_epoch} steps per epoch of the training split), so it would never stop the run; set "
+            f"train.epochs={needed}, or train.max_steps<={epochs * steps_per_epoch} (or null)"
+        )
+
+
+def prepare_engine(config: Config, network: nn.Module, world_size: int = 1, own: bool = False) -> bool:
+    """Whether training splits each batch into chunks of ``train.chunk_size`` (the multistage engine: a batch larger
+    than the chunk, or several processes). Such a run needs ``network`` without BatchNorm layers that use batch
+    statistics: with ``model.freeze_batchnorm`` null they are frozen here (in place); with ``false``, or for ``own``
+    a model of :func:`recallk.fit` (which does not read ``model.freeze_batchnorm``), a one-line
+    :class:`~recallk.errors.RecallkUsageError` names the two ways out."""
+    per_rank_batch = config.data.batch_size // world_size
+    chunked = config.train.chunk_size < per_rank_batch or world_size > 1
+    if chunked and config.model.freeze_batchnorm is None and not own:
+        freeze_batchnorm(network)
+    if chunked and batchnorm_layers_in_training_mode(network):
+        freeze = "freeze them with recallk.engine.freeze_batchnorm(model)" if own else "set model.freeze_batchnorm=true"
+        raise RecallkUsageError(
+            f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
+            f"{config.train.chunk_size}, which needs frozen BatchNorm; {freeze} or train.chunk_size>={per_rank_batch}"
+        )
+    return chunked
 
 
 def build_loss_from_config(config: Config, num_classes: int | None) -> nn.Module:

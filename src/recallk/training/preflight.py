@@ -12,10 +12,18 @@ from recallk.data.paths import resolve_data_dir
 from recallk.data.revisited import RevisitedBenchmark, read_revisited
 from recallk.data.sources import check_data_config
 from recallk.data.split_checks import check_landmark_splits, check_user_splits
+from recallk.engine.distributed import resolve_device
 from recallk.errors import RecallkUsageError
 from recallk.losses.factory import build_loss
 from recallk.models.factory import SMALL_CNN
 from recallk.models.text import PREFIX as TEXT_PREFIX
+from recallk.training.assemble import (
+    build_network,
+    build_sampler,
+    build_split,
+    check_step_limit,
+    prepare_engine,
+)
 
 TRANSFORM_CHANNELS = {"imagenet": 3, "omniglot": 1}  # channels of the tensors each data.transform produces
 
@@ -42,6 +50,22 @@ def preflight(
         check_landmark_splits(data, root, splits)
     return {name: read_revisited(resolve_data_dir(root), name, skip_bad_images=data.skip_bad_images)
             for name in config.eval.benchmarks}
+
+
+def check_training_batches(config: Config, data_dir: str | Path | None = None, world_size: int = 1) -> None:
+    """What the trainer builds before its first step, built the same way (``recallk train --dry-run``; training
+    builds these parts itself): the network without pretrained weights, the training split (its listing; no image
+    is decoded), the class-balanced sampler on its labels (enough classes for ``data.batch_size /
+    data.samples_per_class``), ``train.max_steps`` against the steps of ``train.epochs``, and the multistage
+    engine's condition (chunked batches need frozen BatchNorm)."""
+    network = build_network(config, weights_follow=True)
+    root = data_dir if data_dir is not None else config.data.data_dir
+    # dataset= reads the file listing even with data.in_memory: the same labels, without decoding the arrays;
+    # device: the training device, where data.decode=gpu must apply
+    source = build_split(config, config.data.split_train, network, train=True, data_dir=root,
+                         dataset=config.data.dataset, device=resolve_device(config.train.device))
+    check_step_limit(config, len(build_sampler(config, source.labels, 0, world_size)))
+    prepare_engine(config, network, world_size)
 
 
 def check_device(config: Config) -> None:

@@ -4,6 +4,7 @@ Layout::
 
     config.yaml          the resolved config
     metrics.csv          one row per epoch (appended and flushed as the run goes)
+    steps.csv            one row per optimiser step (loss, learning rate), written with each last.pt
     checkpoints/last.pt  the latest resumable state;  checkpoints/best.pt  the best on validation
     plots/*.png          curves and retrieval examples
     summary.json         final metrics (written last, atomically: its presence means the run finished)
@@ -33,6 +34,7 @@ from recallk.files import TEMPORARY_SUFFIX, OutputWriteError, atomic_write_text,
 # Files whose presence means the directory holds (part of) a run's results. A config.yaml alone does not count: it
 # is all a run leaves when it fails before its first epoch ends (e.g. on an undecodable image), and the same command
 # must work again once the problem is fixed.
+STEPS_CSV = "steps.csv"
 RUN_MARKERS = ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt", "summary.json")
 OWNER_MARKER = ".recallk-run"  # created with the directory: everything in it is the run's to write
 LOCK_FILE = ".lock"
@@ -152,12 +154,24 @@ class RunDirectory:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows past optimiser step ``after_step`` (written after the checkpoint a resumed run starts from)."""
-        path = self.path / "metrics.csv"
-        rows = [r for r in read_metrics(path) if int(r["step"]) <= after_step]
-        if rows:
-            atomic_write_text(path, _csv_text(list(rows[0].keys()), rows))
-        elif path.exists():
-            path.unlink()
+        _truncate_csv(self.path / "metrics.csv", after_step)
+
+    def append_steps(self, rows: list[dict[str, Any]]) -> None:
+        """Append optimiser steps' rows (``step``, ``epoch`` position after it, ``loss``, ``lr``) to ``steps.csv``
+        (the header first): the per-step loss curve of the plots."""
+        if not rows:
+            return
+        path = self.path / STEPS_CSV
+        new = not path.is_file() or path.stat().st_size == 0
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def truncate_steps(self, after_step: int) -> None:
+        """Drop ``steps.csv`` rows past optimiser step ``after_step`` (a resumed run redoes those steps)."""
+        _truncate_csv(self.path / STEPS_CSV, after_step)
 
 
     def append_census(self, row: dict[str, Any]) -> None:
@@ -207,3 +221,12 @@ def _csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in fields})
     return buffer.getvalue()
+
+
+def _truncate_csv(path: Path, after_step: int) -> None:
+    """Keep the rows of the CSV file ``path`` whose ``step`` is at most ``after_step`` (no rows: no file)."""
+    rows = [r for r in read_metrics(path) if int(r["step"]) <= after_step]
+    if rows:
+        atomic_write_text(path, _csv_text(list(rows[0].keys()), rows))
+    elif path.exists():
+        path.unlink()

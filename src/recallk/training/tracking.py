@@ -1,12 +1,15 @@
 """Experiment trackers: TensorBoard, MLflow and Weights & Biases behind one small interface.
 
-The trainer reports four things, whatever the trackers (:class:`Trackers` forwards each to every tracker that is on):
+The trainer reports five things, whatever the trackers (:class:`Trackers` forwards each to every tracker that is on):
 
-- ``start(params)``: the run's config, flattened to ``{"section.key": value}`` (on a fresh run only: a resumed one
-  keeps the parameters it started with, and its accepted changes are in ``config_changes.jsonl``);
+- ``start(params)``: the run's config, flattened to ``{"section.key": value}`` (on a fresh run only);
+- ``update_params(changes, step)``: the keys a resume changed, in a continuing run (W&B: its config; MLflow, whose
+  params cannot change: a tag of the same name with the current value; TensorBoard: a config text at ``step``);
+  they are in ``config_changes.jsonl`` too;
 - ``log(values, step)``: scalars at an optimiser step (``train/loss`` every step; ``epoch/...`` per epoch: the
   training loss, learning rate and validation metrics of the ``metrics.csv`` row);
-- ``finish(splits)``: the final test table, ``{split: {metric: value}}``, as ``test/<split>/<metric>``;
+- ``finish(splits, step)``: the final test table, ``{split: {metric: value}}``, as ``test/<split>/<metric>`` at the
+  last optimiser step;
 - ``close()``.
 
 Each tracker resumes its own run: :meth:`Trackers.ids` goes into the checkpoint and comes back on ``--resume``.
@@ -41,9 +44,11 @@ class Tracker(Protocol):
 
     def start(self, params: Mapping[str, Any]) -> None: ...
 
+    def update_params(self, changes: Mapping[str, Any], step: int) -> None: ...
+
     def log(self, values: Mapping[str, float], step: int) -> None: ...
 
-    def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None: ...
+    def finish(self, splits: Mapping[str, Mapping[str, float]], step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -71,15 +76,18 @@ class TensorBoardTracker:
     def start(self, params: Mapping[str, Any]) -> None:
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
 
+    def update_params(self, changes: Mapping[str, Any], step: int) -> None:
+        self.writer.add_text("config", "\n".join(f"    {k}: {v} (from step {step})" for k, v in changes.items()), step)
+
     def log(self, values: Mapping[str, float], step: int) -> None:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()  # on disk at once: a killed run keeps its curves up to the last step
 
-    def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
+    def finish(self, splits: Mapping[str, Mapping[str, float]], step: int) -> None:
         for split, metrics in splits.items():
             for key, value in metrics.items():
-                self.writer.add_scalar(f"test/{split}/{key}", value, 0)
+                self.writer.add_scalar(f"test/{split}/{key}", value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -138,6 +146,13 @@ class MLflowTracker:
 
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
+    def update_params(self, changes: Mapping[str, Any], step: int) -> None:
+        """MLflow params cannot change: each changed key becomes a tag of the same name holding its current value
+        (the param keeps the value the run started with)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, f"{v} (from step {step})") for k, v in changes.items()])
+
     def log(self, values: Mapping[str, float], step: int) -> None:
         self._log({k: v for k, v in values.items() if step > self.logged.get(_mlflow_name(k), -1)}, step)
 
@@ -149,9 +164,9 @@ class MLflowTracker:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
-        # each finish logs its table (a finished run resumed for more epochs is tested again)
-        self._log({f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}, 0)
+    def finish(self, splits: Mapping[str, Mapping[str, float]], step: int) -> None:
+        # at the last step; each finish logs its table (a finished run resumed for more epochs is tested again)
+        self._log({f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}, step)
         self.client.set_terminated(self.run_id)
         self.finished = True
 
@@ -230,10 +245,13 @@ class WandbTracker:
     def start(self, params: Mapping[str, Any]) -> None:
         self.run.config.update(dict(params), allow_val_change=True)
 
+    def update_params(self, changes: Mapping[str, Any], step: int) -> None:
+        self.run.config.update(dict(changes), allow_val_change=True)
+
     def log(self, values: Mapping[str, float], step: int) -> None:
         self.run.log(dict(values), step=step)
 
-    def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
+    def finish(self, splits: Mapping[str, Mapping[str, float]], step: int) -> None:
         self.run.summary.update(
             {f"test/{split}/{k}": v for split, metrics in splits.items() for k, v in metrics.items()}
         )
@@ -280,13 +298,21 @@ class Trackers:
         for name in self.fresh:
             self.trackers[name].start(params)
 
+    def update_params(self, changes: Mapping[str, Any], step: int) -> None:
+        """Record the keys a resume changed (``{key: new value}``) in the runs that continue, from ``step`` on (new
+        runs got the current values from :meth:`start`)."""
+        for name, tracker in self.trackers.items():
+            if name not in self.fresh and changes:
+                tracker.update_params(changes, step)
+
     def log(self, values: Mapping[str, float], step: int) -> None:
         for tracker in self.trackers.values():
             tracker.log(values, step)
 
-    def finish(self, splits: Mapping[str, Mapping[str, float]]) -> None:
+    def finish(self, splits: Mapping[str, Mapping[str, float]], step: int) -> None:
+        """The test metrics of each split, at the run's last optimiser ``step`` (on the same axis as training)."""
         for tracker in self.trackers.values():
-            tracker.finish(splits)
+            tracker.finish(splits, step)
 
     def close(self) -> None:
         for tracker in self.trackers.values():

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -35,14 +36,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from recallk import __version__
 from recallk.config import Config, config_to_dict, config_to_yaml
 from recallk.data.inputs import Inputs, to_device
 from recallk.data.sources import BatchSource
-from recallk.engine.batchnorm import batchnorm_layers_in_training_mode
 from recallk.engine.distributed import (
     DistributedContext,
     init_distributed,
@@ -61,18 +61,20 @@ from recallk.training.assemble import (
     RunParts,
     build_loss_from_config,
     build_sampler,
+    check_step_limit,
     config_parts,
     network_parameter_groups,
+    prepare_engine,
     resolve_precision,
 )
 from recallk.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recallk.training.console import RunLog, show_progress
+from recallk.training.console import RunLog, ending_line, final_report, show_progress
 from recallk.training.evaluate_run import benchmark_metrics
 from recallk.training.health import StuckTrainingCheck, gradient_norm, plateau_warning
 from recallk.training.phases import PhaseClock
 from recallk.training.preflight import preflight
 from recallk.training.resume_config import OWN_RUN_MARK, check_resume_config, record_resume_changes
-from recallk.training.run_dir import RunDirectory, check_run_dir, new_run_name
+from recallk.training.run_dir import STEPS_CSV, RunDirectory, check_run_dir, new_run_name
 from recallk.training.run_paths import with_absolute_paths
 from recallk.training.schedule import lr_multiplier, step_warmup
 from recallk.training.tracking import Trackers, flat_params
@@ -125,12 +127,34 @@ class Trainer:
         dist_context: DistributedContext | None = None,
         parts: RunParts | None = None,
     ) -> None:
+        self.run: RunDirectory | None = None
+        self.trackers: Trackers | None = None
+        self.run_log: RunLog | None = RunLog()  # console lines, also in train.log (held until the folder exists)
+        try:  # on failure, release the run directory's lock and the log (e.g. last.pt is not a recallk checkpoint)
+            self._build(config, run_dir, resume, data_dir, progress, dist_context, parts)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(
+        self,
+        config: Config,
+        run_dir: Path,
+        resume: bool,
+        data_dir: str | Path | None,
+        progress: bool | None,
+        dist_context: DistributedContext | None,
+        parts: RunParts | None,
+    ) -> None:
         config = with_absolute_paths(config, run_dir, data_dir)  # as written into config.yaml
         run_dir = Path(config.output.run_dir)
         self.cfg = config
         self.progress = show_progress(progress)
         self.dist = dist_context or init_distributed()
         self.is_main = self.dist.is_main
+        if not self.is_main and self.run_log is not None:  # rank 0 writes the log
+            self.run_log.close()
+            self.run_log = None
         self.device = self.dist.device if self.dist.world_size > 1 else resolve_device(config.train.device)
         data_root = config.data.data_dir
         if self.is_main:
@@ -142,7 +166,11 @@ class Trainer:
         self.run_path = run_dir
         _seed_everything(config.seed)
 
-        parts = parts or config_parts(config, data_root, with_test=self.is_main, device=self.device)
+        # pretrained weights kept as read now for the untrained baseline of the recall@k plot (not read twice)
+        parts = parts or config_parts(
+            config, data_root, with_test=self.is_main, device=self.device, progress=self.progress and self.is_main,
+            keep_initial=config.output.plots and not resume and self.is_main,
+        )
         self.own, self._untrained = parts.own, parts.untrained
         model = parts.network.to(self.device)
         self.model: nn.Module = model
@@ -163,6 +191,7 @@ class Trainer:
         optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self._parameter_groups(), lr=config.optim.lr)
         self.steps_per_epoch = len(self.sampler)
+        check_step_limit(config, self.steps_per_epoch)
         mult = lr_multiplier(
             config.optim.schedule, config.train.epochs, config.optim.warmup_epochs, config.optim.step_epochs,
             config.optim.gamma,
@@ -173,25 +202,17 @@ class Trainer:
         )
         self.amp_dtype = resolve_precision(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        per_rank_batch = config.data.batch_size // self.dist.world_size
-        self.chunked = config.train.chunk_size < per_rank_batch or self.dist.world_size > 1
-        if self.chunked and batchnorm_layers_in_training_mode(model):
-            freeze = ("set model.freeze_batchnorm=true" if self.own is None else
-                      "freeze them with recallk.engine.freeze_batchnorm(model)")
-            raise RecallkUsageError(
-                f"data.batch_size {config.data.batch_size} is split into chunks of train.chunk_size "
-                f"{config.train.chunk_size}, which needs frozen BatchNorm; {freeze} or "
-                f"train.chunk_size>={per_rank_batch}"
-            )
+        self.chunked = prepare_engine(config, model, self.dist.world_size, own=self.own is not None)
         self.train_model = wrap_ddp(model, self.dist) if self.dist.world_size > 1 else model
         if config.model.compile:
             self.train_model = torch.compile(self.train_model)
         # train.ema_decay: the moving average of the weights (parameters and buffers) is what is evaluated and saved
         self.ema: AveragedModel | None = None
         if config.train.ema_decay is not None:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=_ema_update(config.train.ema_decay), use_buffers=True)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_losses: list[float] = []  # losses of the current epoch's steps so far
+        self.pending_steps: list[dict[str, Any]] = []  # steps.csv rows, written with the next last.pt
         # best checkpoint: highest validation train.select_metric, ties broken by MAP@R
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf, "map@r": -math.inf}
         self.evals_since_best = 0  # validations without improvement, for train.early_stopping_patience
@@ -202,23 +223,19 @@ class Trainer:
         self.phases = PhaseClock(self.device)  # seconds per phase of this process, in summary.json
         self._tracker_ids: dict[str, str] = {}  # the tracker runs to continue on resume
         self._log_bytes: int | None = None  # on resume: the length of train.log when last.pt was saved
-        self.trackers: Trackers | None = None
         self.run = RunDirectory(run_dir, resume=resume) if self.is_main else None
-        # console lines, also in train.log; a resume holds them back until it can no longer fail
-        self.run_log = RunLog(self.run.path, held=resume) if self.run is not None else None
-        try:  # on failure, release the run directory's lock (e.g. last.pt is not a recallk checkpoint)
+        if self.run is not None and self.run_log is not None:  # a resume holds the lines until it cannot fail
+            self.run_log.open(self.run.path, held=resume)
+        if resume:
+            self._load(self.run_path / "checkpoints" / "last.pt")
+        elif self.run is not None:
+            self.run.write_text("config.yaml", _own_note(self.own) + config_to_yaml(config))
+        if self.run is not None:
+            self.trackers = Trackers(config, self.run.path, self._tracker_ids, self.step if resume else None)
             if resume:
-                self._load(self.run_path / "checkpoints" / "last.pt")
-            elif self.run is not None:
-                self.run.write_text("config.yaml", _own_note(self.own) + config_to_yaml(config))
-            if self.run is not None:
-                self.trackers = Trackers(config, self.run.path, self._tracker_ids, self.step if resume else None)
-                if resume:
-                    self._commit_resume()
-                self.trackers.start(flat_params(config_to_dict(config)))
-        except BaseException:
-            self.close()
-            raise
+                self._commit_resume()
+            self.trackers.start(flat_params(config_to_dict(config)))
+            self.trackers.update_params({k: new for k, (_, new) in self.resume_changes.items()}, self.step)
 
     # ------------------------------------------------------------------ state
 
@@ -257,6 +274,9 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.run is not None:
+            if name == "last.pt":  # steps.csv gets the steps this checkpoint holds (a crash before it: none)
+                self.run.append_steps(self.pending_steps)
+                self.pending_steps = []
             save_checkpoint(self.run.checkpoints / name, self._state())
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
@@ -327,23 +347,33 @@ class Trainer:
         self._tracker_ids = dict(state.get("trackers", {}))
         self._log_bytes = state.get("log_bytes")
         _set_rng_state(state["rng"])
+        _check_unfinished(self.cfg, self.run_path, self.epoch, self.step)
         logger.info(  # epochs counted from 1, as the progress bar and the epoch log lines do
             "resumed from %s in epoch %d/%d after batch %d of %d (step %d)", path, self.epoch + 1,
             self.cfg.train.epochs, self.batch_in_epoch, self.steps_per_epoch, self.step,
         )
 
     def _commit_resume(self) -> None:
-        """A resume's writes, once it can no longer fail: ``train.log``, ``metrics.csv`` and ``census.jsonl`` cut back
-        to the checkpoint (a killed run logged steps after it, which are redone), the held log lines, and the
-        accepted config changes."""
+        """A resume's writes, once it can no longer fail: ``train.log``, ``metrics.csv``, ``census.jsonl`` and
+        ``steps.csv`` cut back to the checkpoint (a killed run logged steps after it, which are redone), the held log
+        lines, and the accepted config changes."""
         assert self.run is not None and self.run_log is not None
-        self.run_log.commit(self._log_bytes)
+        # a run that finished at this checkpoint logged its test after it, which nothing redoes: its log is kept whole
+        self.run_log.commit(None if self._finished_here() else self._log_bytes)
         self.run.truncate_metrics(self.step)
         self.run.truncate_census(self.step - 1)  # the census of step s is taken before step s's update
+        self.run.truncate_steps(self.step)
         if self.resume_changes:
             record_resume_changes(self.run.path, self.cfg, self.resume_changes, self.epoch, self.step)
             logger.info("resumed with changed %s", ", ".join(
                 f"{k} ({old!r} -> {new!r})" for k, (old, new) in self.resume_changes.items()))
+
+    def _finished_here(self) -> bool:
+        """Whether the run being resumed finished at the checkpoint's step (its ``summary.json``, written last,
+        says so): a run extended with more epochs or steps, not one killed after its checkpoint."""
+        assert self.run is not None
+        summary = self.run.path / "summary.json"
+        return summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("steps") == self.step
 
     # ------------------------------------------------------------------ steps
 
@@ -486,6 +516,8 @@ class Trainer:
                         recent = self.epoch_losses[-cfg.train.log_every:]
                         logger.info("epoch %d step %d: loss %.4f (mean of the last %d steps of this epoch)",
                                     self.epoch + 1, self.step, float(np.nanmean(recent)), len(recent))
+                    self.pending_steps.append({"step": self.step, "epoch": self._epochs_done(), "loss": value,
+                                               "lr": self.optimizer.param_groups[-1]["lr"]})
                     if self.trackers is not None:
                         self.trackers.log({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]},
                                           self.step)
@@ -542,12 +574,7 @@ class Trainer:
             else:
                 self.evals_since_best += 1
             if patience is not None and self.evals_since_best >= patience and not last:
-                self.stop_reason = "early_stopping"
-                logger.info(
-                    "early stopping after epoch %s: validation %s has not improved for %d evaluations (best %.4f at "
-                    "epoch %s; train.early_stopping_patience=%d)", position, cfg.train.select_metric,
-                    self.evals_since_best, self.best["value"], self.best["epoch"], patience,
-                )
+                self.stop_reason = "early_stopping"  # said after this epoch's line, below
         if patience is not None and self.dist.world_size > 1:  # every rank stops with rank 0
             flag = torch.tensor([self.stop_reason == "early_stopping"], dtype=torch.int32, device=self.device)
             torch.distributed.broadcast(flag, 0)
@@ -560,6 +587,12 @@ class Trainer:
                 self.trackers.log({f"epoch/{k}": v for k, v in row.items() if k != "step"}, self.step)
             shown = " ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", "val_recall@1") if k in row)
             logger.info("epoch %s/%d step %d %s (%.0fs)", position, cfg.train.epochs, self.step, shown, self.seconds)
+            if self.stop_reason == "early_stopping":
+                logger.info(
+                    "early stopping after epoch %s: validation %s has not improved for %d evaluations (best %.4f at "
+                    "epoch %s; train.early_stopping_patience=%d)", position, cfg.train.select_metric,
+                    self.evals_since_best, self.best["value"], self.best["epoch"], patience,
+                )
             stopping = last or self.stop_reason == "early_stopping"
             if stopping or (cfg.train.checkpoint_every > 0 and self.epoch % cfg.train.checkpoint_every == 0):
                 self._save("last.pt")  # last: train.log's length it records includes this epoch's lines
@@ -619,6 +652,7 @@ class Trainer:
             plot_training_curves(
                 self.run.plots / "training_curves.png", self.run.path / "metrics.csv",
                 cfg.train.select_metric if validated else None, self.best["epoch"] if validated else None,
+                steps_csv=self.run.path / STEPS_CSV,
             )
             if splits:
                 summary["untrained"] = self._untrained_metrics(self.test_sources[cfg.data.split_test[0]])
@@ -626,13 +660,15 @@ class Trainer:
                     self.run.plots / "recall_at_k.png", {"untrained": summary["untrained"], "trained": primary}
                 )
         if self.trackers is not None:
-            self.trackers.finish(splits)
+            self.trackers.finish(splits, self.step)
         self.run.write_json("summary.json", summary)
+        if self.run_log is not None:
+            self.run_log.note(final_report(summary))  # the command line prints it; the log keeps it too
         return summary
 
     def _untrained_metrics(self, source: BatchSource) -> dict[str, float | int]:
         """Metrics on ``source`` of the network as it was before training (same seed, same initial or pretrained
-        weights): the baseline of the recall@k plot."""
+        weights, pretrained ones as read at the start): the baseline of the recall@k plot."""
         model = self._untrained().to(self.device)
         embeddings = embed_source(
             model, source, self.cfg.eval.batch_size, self.device, progress=False,
@@ -668,6 +704,11 @@ def train(
     trainer = Trainer(config, path, resume=resume, data_dir=data_dir, progress=progress, parts=parts)
     try:
         summary = trainer.fit()
+    except BaseException as err:
+        if trainer.run_log is not None:
+            level, line = ending_line(err)
+            trainer.run_log.note(line, level)
+        raise
     finally:
         trainer.close()
     if owns_process_group:
@@ -698,6 +739,38 @@ def _own_note(own: dict[str, str] | None) -> str:
     return (f"{OWN_RUN_MARK} on your own model ({own['model']}) and datasets: of the data and model "
             f"sections it used {', '.join(OWN_RUN_KEYS)} (the split names and model.embed_dim are the datasets' and "
             "the model's)\n")
+
+
+def _ema_update(decay: float) -> Any:
+    """``AveragedModel``'s ``multi_avg_fn`` for ``train.ema_decay``: floating-point parameters and buffers move to
+    ``decay * average + (1 - decay) * current``; integer buffers (BatchNorm's ``num_batches_tracked``) are counts,
+    not averaged: they take the trained network's value (torch's EMA function averaged and truncated them)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _: torch.Tensor) -> None:
+        if averaged[0].is_floating_point() or averaged[0].is_complex():  # one dtype per call (grouped by torch)
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:
+            for count, trained in zip(averaged, current):
+                count.copy_(trained)
+
+    return update
+
+
+def _check_unfinished(config: Config, run: Path, epochs_done: int, step: int) -> None:
+    """A resumed run must have steps left under ``train.epochs`` and ``train.max_steps``; else one line says how to
+    extend it (there is nothing to continue: the run would only evaluate again)."""
+    epochs, limit = config.train.epochs, config.train.max_steps
+    if epochs_done >= epochs:
+        raise RecallkUsageError(
+            f"run {run} has finished: it trained all train.epochs={epochs} epochs; to continue it, resume with more "
+            f"epochs (e.g. train.epochs={epochs + 1}); to measure it, use 'recallk evaluate {run}'"
+        )
+    if limit is not None and step >= limit:
+        raise RecallkUsageError(
+            f"run {run} has finished: it stopped at train.max_steps={limit}; to continue it, resume with "
+            f"train.max_steps=null or a larger value; to measure it, use 'recallk evaluate {run}'"
+        )
 
 
 def _check_has_positives(labels: torch.Tensor, split: str | None) -> None:
