@@ -216,13 +216,24 @@ def budget_overrides(epochs: int, max_steps: int | None, extra: Sequence[str]) -
     return (*out, *extra)
 
 
-# recallk's defaults when the stored results were made, where they have changed since (issue 30 moved SiMix to 6
-# pairs per class): every run of these benchmarks starts from them (they are prepended to its overrides) and the
+# recallk's defaults when the stored results were made, where they have changed since (issues 29 and 30): every run
+# of these benchmarks starts from them where its recipe leaves a key to the defaults (recorded_overrides), and the
 # config digest compares with them, so a stored run keeps its key, and a changed default can never make an old
-# result stand for a new setting (an arm that takes the new default gets a new digest, and runs).
-RECORDED_DEFAULTS = {"loss": {"tau_k": 1.0, "simix_pairs_per_class": None}}
-RECORDED_OVERRIDES = tuple(f"{section}.{key}={json.dumps(value)}" for section, values in RECORDED_DEFAULTS.items()
-                           for key, value in values.items())
+# result stand for a new setting (an arm that takes a new default gets a new digest, and runs).
+RECORDED_DEFAULTS = {
+    "data": {"batch_size": 4000},
+    "model": {"freeze_batchnorm": False},
+    "loss": {"tau_k": 1.0, "simix_pairs_per_class": None},
+}
+
+
+def recorded_overrides(config_path: Path) -> tuple[str, ...]:
+    """``section.key=value`` for each of ``RECORDED_DEFAULTS`` that the recipe at ``config_path`` does not set."""
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    return tuple(f"{section}.{key}={json.dumps(value)}" for section, values in RECORDED_DEFAULTS.items()
+                 for key, value in values.items() if key not in (raw.get(section) or {}))
 
 
 def config_digest(config_path: Path, overrides: Sequence[str]) -> str:
@@ -253,7 +264,7 @@ def plan_runs(experiment: Experiment, args: argparse.Namespace) -> list[PlannedR
     runs = []
     for seed in args.seeds:
         for variant in variants:
-            overrides = (*RECORDED_OVERRIDES, *variant.overrides, f"seed={seed}", *shared)
+            overrides = (*recorded_overrides(args.config), *variant.overrides, f"seed={seed}", *shared)
             runs.append(PlannedRun(experiment.name, variant, seed, overrides, config_digest(args.config, overrides)))
     return runs
 

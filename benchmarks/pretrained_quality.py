@@ -162,7 +162,7 @@ def plan_runs(experiment: str, args: argparse.Namespace) -> list[tuple[Arm, oq.P
     runs = []
     for seed in args.seeds:
         for arm in arms:
-            overrides = (*oq.RECORDED_OVERRIDES, *arm.overrides, f"seed={seed}", *budget(experiment, args))
+            overrides = (*oq.recorded_overrides(arm.config), *arm.overrides, f"seed={seed}", *budget(experiment, args))
             variant = oq.Variant(arm.name, arm.label, arm.overrides, arm.batch_size)
             runs.append((arm, oq.PlannedRun(experiment, variant, seed, overrides,
                                             oq.config_digest(arm.config, overrides))))

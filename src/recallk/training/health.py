@@ -88,7 +88,7 @@ def plateau_warning(
         f"RS@k starts on its gradient plateau: {100 * share:.1f} % of the (query, positive) pairs of the first "
         f"batch have a gradient, since the positives rank {census['mean_rank']:,.0f} of {batch_size - 1:,} on "
         f"average, far beyond k={k[-1]} at tau_k={tau_k[-1]:g}; "
-        + PLATEAU_EVIDENCE.format(fixed="26.9 %", tau_k="{TAUK}", annealed="{ANNEAL}")
+        + PLATEAU_EVIDENCE.format(fixed="26.9 %", tau_k="56.6 %", annealed="60.0 %")
         + f": set loss.tau_k=k (the default) or loss.tau_k_start={batch_size} (tau_k annealed from the batch size), "
         "or start from pretrained weights"
     )
