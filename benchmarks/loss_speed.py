@@ -59,7 +59,8 @@ def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -
     from recallk import RecallAtKLoss, SimilarityMixup  # from --baseline-src when that is first on sys.path
 
     mixup = SimilarityMixup(pairs_per_class=None) if simix else None  # every same-class pair
-    return RecallAtKLoss(k=K, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS)(emb, labels)
+    # tau_k=1 (the authors' code since 2024-11), so that the value equals the loop's
+    return RecallAtKLoss(k=K, tau_k=1.0, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS)(emb, labels)
 
 
 def ap_loss(emb: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor:
