@@ -118,11 +118,11 @@ def test_separate_reference_set_without_query_index() -> None:
 def test_k_is_clipped_to_database_size() -> None:
     labels = torch.tensor([0, 0, 1, 1, 1])
     emb = unit(5, seed=8)
-    assert RecallAtKLoss(k=(1, 16))(emb, labels).item() == pytest.approx(
-        RecallAtKLoss(k=(1, 4))(emb, labels).item(), abs=1e-12
+    assert RecallAtKLoss(k=(1, 16), tau_k=1.0)(emb, labels).item() == pytest.approx(
+        RecallAtKLoss(k=(1, 4), tau_k=1.0)(emb, labels).item(), abs=1e-12
     )
-    assert RecallAtKLoss(k=(16,), rank_includes_query=True)(emb, labels).item() == pytest.approx(
-        RecallAtKLoss(k=(5,), rank_includes_query=True)(emb, labels).item(), abs=1e-12
+    assert RecallAtKLoss(k=(16,), tau_k=1.0, rank_includes_query=True)(emb, labels).item() == pytest.approx(
+        RecallAtKLoss(k=(5,), tau_k=1.0, rank_includes_query=True)(emb, labels).item(), abs=1e-12
     )
 
 
@@ -278,7 +278,7 @@ def test_loss_with_simix_equals_loss_on_mixed_embeddings() -> None:
     """Virtual items are queries and database items of their class; gradients flow back to the originals."""
     emb = unit(len(LABELS), seed=15)
     torch.manual_seed(123)
-    ours, grad = value_and_grad(lambda e: RecallAtKLoss(mixup=SimilarityMixup())(e, LABELS), emb)
+    ours, grad = value_and_grad(lambda e: RecallAtKLoss(mixup=SimilarityMixup(pairs_per_class=None))(e, LABELS), emb)
     torch.manual_seed(123)
     pairs = same_class_pairs(LABELS)
     alphas = torch.rand(len(pairs)).double()
