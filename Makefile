@@ -66,6 +66,7 @@ bench-quality: setup
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment losses
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment batch
 	$(BIN)/python benchmarks/omniglot_quality.py --experiment large_batch --threads 1
+	$(BIN)/python benchmarks/rank_plateau.py --threads 1
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_quality.py
 
 # Issue 21's pretrained regime (not part of `make bench`): EfficientNet-Lite0 frozen features, losses and batch
@@ -75,6 +76,8 @@ bench-pretrained: setup
 	$(BIN)/python benchmarks/pretrained_quality.py --experiment losses --threads 1
 	$(BIN)/python benchmarks/pretrained_quality.py --experiment batch --threads 1
 	$(BIN)/python benchmarks/pretrained_quality.py --experiment batch_bn --threads 1
+	$(BIN)/python benchmarks/pretrained_quality.py --experiment tau_k --threads 1
+	$(BIN)/python benchmarks/pretrained_quality.py --experiment simix_pairs --threads 1
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_batch.py --threads 1
 
 clean:
