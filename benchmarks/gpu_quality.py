@@ -355,8 +355,7 @@ def write_report(runs: list[Planned], args: argparse.Namespace, command: str) ->
         "- Metrics: test retrieval on unseen classes with the checkpoint of the best validation MAP@R; mean ± sample "
         "std over seeds, in %; train min is the training loop's wall time, evaluation excluded.",
         "",
-        "| variant | " + " | ".join(label for _, label in oq.TABLE_METRICS) + " | seeds | steps | train min |",
-        "|---|" + "---|" * (len(oq.TABLE_METRICS) + 3),
+        *oq.TABLE_HEADER,
     ]
     diverged: list[str] = []
     for arm in dict.fromkeys(p.arm for p in runs):

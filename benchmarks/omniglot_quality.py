@@ -62,6 +62,9 @@ DEFAULT_CONFIG = REPO / "configs" / "omniglot.yaml"
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision")
 TABLE_METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
                  ("map@r", "MAP@R"))
+# The head of every results table (this script's, pretrained_quality.py's, gpu_quality.py's).
+TABLE_HEADER = ("| variant | " + " | ".join(label for _, label in TABLE_METRICS) + " | seeds | steps | train min |",
+                "|---|" + "---|" * (len(TABLE_METRICS) + 3))
 # Output settings of every run: the summary is all the benchmark reads.
 RUN_SETTINGS = ("output.plots=false", "output.export_embeddings=false")
 
@@ -470,8 +473,7 @@ def markdown_report(experiment: Experiment, rows: list[Row], planned: int, other
                      "(other variants, seeds or settings).")
     lines += [
         "",
-        "| variant | " + " | ".join(label for _, label in TABLE_METRICS) + " | seeds | steps | train min |",
-        "|---|" + "---|" * (len(TABLE_METRICS) + 3),
+        *TABLE_HEADER,
     ]
     for row in rows:
         cells = [format_cell(row.values(metric)) for metric, _ in TABLE_METRICS]

@@ -236,8 +236,7 @@ def report(experiment: str, args: argparse.Namespace, command: str) -> bool:
         "- Metrics: test retrieval (659 unseen classes) with the checkpoint of the best validation MAP@R; "
         "mean ± sample std over seeds, in %; train min is wall time of the training loop, evaluation excluded.",
         "",
-        "| variant | " + " | ".join(label for _, label in oq.TABLE_METRICS) + " | seeds | steps | train min |",
-        "|---|" + "---|" * (len(oq.TABLE_METRICS) + 3),
+        *oq.TABLE_HEADER,
     ]
     for row in rows:
         cells = [oq.format_cell(row.values(metric)) for metric, _ in oq.TABLE_METRICS]

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from recallk.config import Config, config_from_dict
+
+
+def load_benchmark(script: Path) -> ModuleType:
+    """Import a script of benchmarks/ as a module named after its file (it may import its sibling scripts)."""
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(script.stem, script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(script.parent))
+    return module
 
 
 def tiny_config(run_root: Path, **overrides: object) -> Config:

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 
 from data_fixtures import make_omniglot_zip, write_banking_fixture, write_clinc_fixture
+from run_fixtures import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_quality.py"
@@ -22,15 +23,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_quality.py"
 
 @pytest.fixture(scope="module")
 def driver() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling benchmarks
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_quality", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark(SCRIPT)  # it imports its sibling benchmarks
 
 
 @pytest.fixture(scope="module")

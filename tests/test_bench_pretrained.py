@@ -4,7 +4,6 @@ run fine-tunes EfficientNet-Lite0 for minutes; tests/test_packaged_weights.py co
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,21 +12,15 @@ from types import ModuleType
 
 import pytest
 
+from run_fixtures import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "pretrained_quality.py"
 
 
 @pytest.fixture(scope="module")
 def driver() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports omniglot_quality from its own folder
-    try:
-        spec = importlib.util.spec_from_file_location("pretrained_quality", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark(SCRIPT)  # it imports its sibling benchmarks
 
 
 def test_every_planned_run_validates_with_distinct_configs(driver: ModuleType) -> None:
