@@ -264,10 +264,11 @@ def plan_runs(experiment: Experiment, args: argparse.Namespace) -> list[PlannedR
     epochs = getattr(args, experiment.epochs_option)
     shared = budget_overrides(epochs, args.max_steps, args.override or ())
     variants = [v for v in experiment.variants if not args.only or v.name in args.only]
+    recorded = recorded_overrides(args.config)
     runs = []
     for seed in args.seeds:
         for variant in variants:
-            overrides = (*recorded_overrides(args.config), *variant.overrides, f"seed={seed}", *shared)
+            overrides = (*recorded, *variant.overrides, f"seed={seed}", *shared)
             runs.append(PlannedRun(experiment.name, variant, seed, overrides, config_digest(args.config, overrides)))
     return runs
 

@@ -343,12 +343,13 @@ def _validate(cfg: Config, sources: Provenance) -> None:  # noqa: C901 - a flat 
     loss = cfg.loss
     _check_increasing_positive(loss.k, "loss.k", sources)
     positive("loss.tau_rank", loss.tau_rank)
-    taus = loss.tau_k if isinstance(loss.tau_k, tuple) else (loss.tau_k,) if loss.tau_k != "k" else ()
-    for tau in taus:
-        positive("loss.tau_k", tau)
-    if taus and len(taus) not in (1, len(loss.k)):
-        fail(("loss.tau_k", "loss.k"), f"'loss.tau_k' has {len(taus)} values for the {len(loss.k)} values of "
-             f"loss.k {list(loss.k)}", "give one number, or one per k (e.g. loss.tau_k=[1,2,4,8,16])")
+    if loss.tau_k != "k":  # "k" needs no check: one temperature per k, each k positive
+        taus = loss.tau_k if isinstance(loss.tau_k, tuple) else (loss.tau_k,)
+        for tau in taus:
+            positive("loss.tau_k", tau)
+        if len(taus) not in (1, len(loss.k)):
+            fail(("loss.tau_k", "loss.k"), f"'loss.tau_k' has {len(taus)} values for the {len(loss.k)} values of "
+                 f"loss.k {list(loss.k)}", "give one number, one per k (e.g. loss.tau_k=[1,2,4,8,16]), or k")
     positive("loss.tau_k_start", loss.tau_k_start)
     positive("loss.tau_k_anneal_epochs", loss.tau_k_anneal_epochs)
     if loss.tau_k_start is not None and loss.name != "rsk":

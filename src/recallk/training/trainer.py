@@ -386,11 +386,11 @@ class Trainer:
         plateau_due = self.step == 0 and self.is_main and self.cfg.loss.name == "rsk" and self.tau_schedule is None
         if census_due or plateau_due:
             census = positive_pair_census(self.loss_fn, embeddings.detach(), labels)
+            ranking = getattr(self.loss_fn, "loss", self.loss_fn)  # CrossBatchRecallAtK holds its RS@k as .loss
             if census_due:
-                self.run.append_census({"step": self.step, "epoch": self.epoch, "tau_k": list(getattr(
-                    getattr(self.loss_fn, "loss", self.loss_fn), "tau_k", ())), **census})
-            rsk = getattr(self.loss_fn, "loss", self.loss_fn)
-            warning = plateau_warning(census, len(labels), rsk.k, rsk.tau_k) if plateau_due else None
+                self.run.append_census({"step": self.step, "epoch": self.epoch,
+                                        "tau_k": list(getattr(ranking, "tau_k", ())), **census})
+            warning = plateau_warning(census, len(labels), ranking.k, ranking.tau_k) if plateau_due else None
             if warning:
                 logger.warning(warning)
         return self.loss_fn(embeddings, labels, **kwargs)
