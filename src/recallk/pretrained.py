@@ -359,6 +359,8 @@ def _run_metrics(run_dir: Path) -> dict[str, Any]:
 def _load_pretrained_folder(directory: Path, model: nn.Module | None) -> RecallkModel:
     from safetensors.torch import load_model as load_weights
 
+    from recallk.training.evaluate_run import weights_misfit
+
     config_file = directory / CONFIG_FILE
     try:
         document = json.loads(config_file.read_text(encoding="utf-8"))
@@ -385,11 +387,7 @@ def _load_pretrained_folder(directory: Path, model: nn.Module | None) -> Recallk
     try:
         load_weights(network, str(weights), strict=True)
     except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise RecallkUsageError(
-            f"the weights in {weights} do not fit {type(network).__name__} ({first.rstrip('.')}); pass the model "
-            "that was saved, built with the same arguments"
-        ) from None
+        raise weights_misfit(network, weights, err, "the model that was saved") from None
     return RecallkModel(network.cpu(), config, document.get("metrics"), own=own)
 
 

@@ -122,11 +122,17 @@ def load_network_weights(model: nn.Module, weights: dict[str, torch.Tensor], sou
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise RecallkUsageError(
-            f"the weights in {source} do not fit {type(model).__name__} ({first.rstrip('.')}); pass the model the "
-            "run trained, built with the same arguments"
-        ) from None
+        raise weights_misfit(model, source, err, "the model the run trained") from None
+
+
+def weights_misfit(model: nn.Module, source: str | Path, err: RuntimeError, expected: str) -> RecallkUsageError:
+    """The one-line error for weights in ``source`` that strict loading into ``model`` refused with ``err``: its
+    first reason, and that ``expected`` (e.g. "the model the run trained") is what to pass."""
+    first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+    return RecallkUsageError(
+        f"the weights in {source} do not fit {type(model).__name__} ({first.rstrip('.')}); pass {expected}, built "
+        "with the same arguments"
+    )
 
 
 def evaluate_run(
