@@ -1,5 +1,6 @@
-"""The GPU benchmark suite in one command (``make bench-gpu``): the sections from ``multistage`` on took about 7
-minutes on one H200; the two training loops are new (issue 32) and not yet timed on a GPU.
+"""The GPU benchmark suite in one command (``make bench-gpu``): the loss and later sections took about 7 minutes
+on one H200 before issue 32; the two training loops, the sync check and the sync-free and CUDA-graph walks of
+the loss sections are new (issue 32) and not yet timed on a GPU.
 
 Sections, most wanted first, each a fresh subprocess of an existing benchmark script (so each measures its own
 peak memory):
@@ -12,17 +13,21 @@ peak memory):
 - ``train_jpeg``: the same for ResNet-50 at 224 px, batch 4,000, bf16, channels_last on a folder of 20,000 JPEGs
   (500 x 375, 1,000 classes) written on the machine first (``benchmarks/make_jpeg_folder.py``), compiled and
   eager, each with ``data.decode`` gpu and cpu (Pillow in one loader worker per core);
+- ``loss_sync``: each loss's walk over a batch of 4,096, forward and backward, under
+  ``torch.cuda.set_sync_debug_mode("error")``: the sync-free walk (the GPU's default) must not synchronise, the
+  compact one shows the check catches a synchronisation (``benchmarks/loss_sync.py``; seconds);
+- ``loss_trained``: RS@k forward + backward at N = 4k, 16k, 64k (SiMix over all same-class pairs to 16k) on
+  trained-like embeddings (nearly every pair has a gradient), the sync-free walk (``recallk``) beside the
+  compact one and the sync-free walk replayed from a CUDA graph (``graph_``), the two-matrix-product floor and,
+  at 4k, the authors' per-query loop (``benchmarks/loss_speed.py``: time, ``torch.cuda.max_memory_allocated``);
+- ``ap_losses``: recallk's Smooth-AP and FastAP on the same kernel at the same sizes, the three walks, and PML's
+  FastAP (N x N x bins) up to 16k, the large-batch AP baselines of the paper's comparison;
+- ``loss_chunk_256``, ``loss_chunk_4096``: RS@k at 4k (with SiMix) and 64k on trained-like embeddings with
+  ``query_chunk`` 256 (the CPU's default) and 4096 beside the GPU's default of 1024 (bigger blocks, fewer
+  kernel launches; memory grows with the chunk);
 - ``multistage``: timm ResNet-50 (random weights, 224 px, bf16, channels_last), a multistage step at batch 4000,
   chunk 200, against the largest plain batch that fits, eager and with ``torch.compile`` (about 2 minutes;
   ``benchmarks/multistage_memory.py``: images/s, peak);
-- ``loss_trained``: RS@k forward + backward at N = 4k, 16k, 64k (SiMix over all same-class pairs to 16k) on
-  trained-like embeddings (nearly every pair has a gradient), beside the two-matrix-product floor and, at 4k, the
-  authors' per-query loop (``benchmarks/loss_speed.py``: time, ``torch.cuda.max_memory_allocated``);
-- ``ap_losses``: recallk's Smooth-AP and FastAP on the same kernel at the same sizes, and PML's FastAP
-  (N x N x bins) up to 16k, the large-batch AP baselines of the paper's comparison;
-- ``loss_chunk_256``, ``loss_chunk_4096``: RS@k at 64k on trained-like embeddings with ``query_chunk`` 256 (the
-  CPU's default) and 4096 beside the GPU's default of 1024 (bigger products, fewer Python steps; memory grows with
-  the chunk);
 - ``loss``: RS@k with and without SiMix (to 64k) on random embeddings (most gradients exactly zero, skipped);
 - ``knn``: exact kNN evaluation of 60k x 60k x 512 (``benchmarks/eval_speed.py``).
 
@@ -65,6 +70,7 @@ def sections(quick: bool) -> dict[str, list[str]]:
     small, simix_trained = ("256", "256") if quick else ("4096", "16384")
     chunks = (16, 64) if quick else (256, 4096)  # beside the default (1024 on a GPU) in the loss sections
     loss = ["loss_speed.py", "--device", device, "--repeats", "1"]
+    graph = lambda *impls: [] if quick else [f"graph_{impl}" for impl in impls]  # noqa: E731  CUDA graphs: CUDA only
     # the real recallk train beside its bare step (benchmarks/train_loop.py); --quick: two steps on the CPU
     loop = ["train_loop.py", "--device", device, *(["--bare-steps", "1", "--bare-warmup", "0"] if quick else [])]
     runs = "/tmp/recallk_train_loop"  # the training runs' directories
@@ -89,18 +95,23 @@ def sections(quick: bool) -> dict[str, list[str]]:
                            "--set", *omniglot, "--arm", "eager"],
         "train_jpeg": [*loop, "--config", "benchmarks/configs/jpeg_resnet50.yaml", "--out", f"{runs}/jpeg",
                        *jpeg_folder, "--set", *jpeg, *(token for arm in jpeg_arms for token in ["--arm", *arm])],
+        "loss_sync": ["loss_sync.py", "--device", device, *(["--n", "256", "--dim", "32", "--query-chunk", "32"]
+                                                            if quick else [])],
+        "loss_trained": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--small-max-n", small,
+                         "--simix-max-n", simix_trained, "--impls", "floor", "recallk", "compact_recallk",
+                         *graph("recallk"), "floor_simix", "recallk_simix", "compact_recallk_simix",
+                         *graph("recallk_simix"), "loop"],
+        "ap_losses": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--pml-max-n", "0", sizes[-2],
+                      "--impls", "floor", "smooth_ap", "compact_smooth_ap", *graph("smooth_ap"), "fast_ap",
+                      "compact_fast_ap", *graph("fast_ap"), "pml_fast_ap"],
+        **{f"loss_chunk_{chunk}": [*loss, "--sizes", sizes[0], sizes[-1], "--embeddings", "trained",
+                                   "--simix-max-n", sizes[0], "--impls", "floor", "recallk", "floor_simix",
+                                   "recallk_simix", "--query-chunk", str(chunk)]
+           for chunk in chunks},
         "multistage": (["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
                         "--compile", "off"] if quick else
                        ["multistage_memory.py", "--device", "cuda", "--sizes", "4000", "--chunk", "200",
                         "--compile", "both"]),
-        "loss_trained": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--small-max-n", small,
-                         "--simix-max-n", simix_trained,
-                         "--impls", "floor", "recallk", "floor_simix", "recallk_simix", "loop"],
-        "ap_losses": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--pml-max-n", "0", sizes[-2],
-                      "--impls", "smooth_ap", "fast_ap", "pml_fast_ap"],
-        **{f"loss_chunk_{chunk}": [*loss, "--sizes", sizes[-1], "--embeddings", "trained", "--impls", "recallk",
-                                   "--query-chunk", str(chunk)]
-           for chunk in chunks},
         "loss": [*loss, "--sizes", *sizes, "--simix-max-n", sizes[-1],
                  "--impls", "floor", "recallk", "floor_simix", "recallk_simix"],
         "knn": ["eval_speed.py", "--device", device, "--n", "2000" if quick else "60000",

@@ -39,18 +39,17 @@ def gradient_activity(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: A
     n = len(labels)
     side = chunked_recall.query_side(labels, labels, torch.arange(n), settings, embeddings.dtype)
     num_valid = int((side.num_pos > 0).sum())
-    tau_k = torch.tensor(settings.tau_k, dtype=embeddings.dtype)
     for start in range(0, n, settings.query_chunk):
         stop = min(start + settings.query_chunk, n)
         chunk_side = side.rows(start, stop)
         scaled = embeddings[start:stop] @ embeddings.T / settings.tau_rank
-        soft, grad = chunked_recall._chunk_soft_and_grad(scaled, chunk_side, labels, settings, num_valid, True)
+        soft, grad = chunked_recall._chunk_soft_and_grad(scaled, chunk_side, settings, num_valid, True)
         assert grad is not None
         active_rows += int((grad.values != 0).any(1).sum())
-        row, col = chunked_walk.positive_pairs(chunk_side, labels)
-        block = chunked_recall._pair_block(scaled, chunk_side, row, col, tau_k, scaled.new_empty(len(row), n))
+        row, col, _ = chunked_walk.chunk_pairs(chunk_side, padded=False)
+        block = chunked_recall._pair_block(scaled, chunk_side, row, col, None, scaled.new_empty(len(row), n))
         dsoft = chunked_recall._dsoft(soft, chunk_side, num_valid, torch.ones(()))
-        active_pairs += int(chunked_recall.pair_weights(block, dsoft, tau_k, settings.tau_rank)[1].sum())
+        active_pairs += int(chunked_recall.pair_weights(block, dsoft, side.tau_k, settings.tau_rank)[1].sum())
         num_pos += len(row)
     return {
         "loss": float(loss_fn(embeddings, labels)),

@@ -17,13 +17,16 @@ implementations compute the authors' values, which are printed side by side. ``-
 Implementations:
 
 - ``recallk`` / ``recallk_simix``: RecallAtKLoss (query-chunked), without / with SiMix over all same-class pairs
-  (N + 1.5 N items);
+  (N + 1.5 N items), with the device's default walk (``sync_free``: compact on the CPU, sync-free elsewhere);
+- ``compact_`` / ``sync_free_`` / ``graph_`` before ``recallk``, ``recallk_simix``, ``smooth_ap`` or ``fast_ap``:
+  the same loss with that walk forced (``sync_free=False`` / ``True`` / ``True`` and ``cuda_graph=True``, CUDA
+  only: the walk replayed from a CUDA graph captured in the untimed first call), to compare them in one run;
 - ``floor`` / ``floor_simix``: the two matrix products every implementation needs, E R^T and G R with G of the
   same size (N x N x d each; (2.5 N)^2 x d with SiMix), done in row chunks of 256 so that they fit at any N;
 - ``naive``: the whole N x P x N tensor of (query, positive, item) triples under autograd;
 - ``loop``: one query at a time, as in the authors' code;
-- ``baseline`` / ``baseline_simix``: RecallAtKLoss from another source tree (``--baseline-src DIR/src``), e.g. an
-  older recallk, for before/after tables;
+- ``baseline`` / ``baseline_simix`` / ``baseline_smooth_ap`` / ``baseline_fast_ap``: the same losses from another
+  source tree (``--baseline-src DIR/src``), e.g. an older recallk, for before/after tables;
 - ``smooth_ap`` / ``fast_ap``: recallk's SmoothAPLoss (temperature 0.01) and FastAPLoss (10 bins) on the same
   chunked kernel; ``pml_smooth_ap`` / ``pml_fast_ap``: pytorch-metric-learning's (N x N x N and N x N x bins
   tensors, so only up to ``--pml-max-n``; PML 2.9's SmoothAPLoss also groups the batch wrongly, see BENCHMARKS.md,
@@ -55,25 +58,40 @@ FLOOR_CHUNK = 256
 LOSS_OPTIONS: dict[str, int] = {}  # extra RecallAtKLoss arguments (``--query-chunk``)
 
 
-def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
+# implementation prefix -> the walk's options (recallk.losses.chunked_walk, recallk.losses.walk_graph)
+WALKS = {"compact_": {"sync_free": False}, "sync_free_": {"sync_free": True},
+         "graph_": {"sync_free": True, "cuda_graph": True}}
+_MADE: dict[tuple, torch.nn.Module] = {}  # one loss object per process and settings: a CUDA graph is kept
+
+
+def made(key: tuple, make) -> torch.nn.Module:
+    """The loss ``make()`` built once for ``key``."""
+    if key not in _MADE:
+        _MADE[key] = make()
+    return _MADE[key]
+
+
+def recallk_loss(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False, **walk: bool) -> torch.Tensor:
     from recallk import RecallAtKLoss, SimilarityMixup  # from --baseline-src when that is first on sys.path
 
     mixup = SimilarityMixup(pairs_per_class=None) if simix else None  # every same-class pair
     # tau_k=1 (the authors' code since 2024-11), so that the value equals the loop's
-    return RecallAtKLoss(k=K, tau_k=1.0, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS)(emb, labels)
+    loss = made(("recallk", simix, *sorted(walk.items())), lambda: RecallAtKLoss(
+        k=K, tau_k=1.0, rank_includes_query=True, mixup=mixup, **LOSS_OPTIONS, **walk))
+    return loss(emb, labels)
 
 
-def ap_loss(emb: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor:
+def ap_loss(emb: torch.Tensor, labels: torch.Tensor, name: str, **walk: bool) -> torch.Tensor:
     """recallk's (``smooth_ap``, ``fast_ap``) or pytorch-metric-learning's (``pml_`` prefix) AP surrogate."""
     from pytorch_metric_learning import losses as pml_losses
 
     from recallk import FastAPLoss, SmoothAPLoss
 
-    make = {"smooth_ap": lambda: SmoothAPLoss(temperature=0.01, **LOSS_OPTIONS),
-            "fast_ap": lambda: FastAPLoss(num_bins=10, **LOSS_OPTIONS),
+    make = {"smooth_ap": lambda: SmoothAPLoss(temperature=0.01, **LOSS_OPTIONS, **walk),
+            "fast_ap": lambda: FastAPLoss(num_bins=10, **LOSS_OPTIONS, **walk),
             "pml_smooth_ap": lambda: pml_losses.SmoothAPLoss(temperature=0.01),
             "pml_fast_ap": lambda: pml_losses.FastAPLoss(num_bins=10)}[name]
-    return make()(emb, labels)
+    return made((name, *sorted(walk.items())), make)(emb, labels)
 
 
 def two_products(emb: torch.Tensor, labels: torch.Tensor, simix: bool = False) -> torch.Tensor:
@@ -139,6 +157,12 @@ IMPLEMENTATIONS = {
     "loop": per_query_loop,
     **{name: (lambda e, y, name=name: ap_loss(e, y, name))
        for name in ("smooth_ap", "fast_ap", "pml_smooth_ap", "pml_fast_ap")},
+    **{f"baseline_{name}": (lambda e, y, name=name: ap_loss(e, y, name)) for name in ("smooth_ap", "fast_ap")},
+    **{f"{prefix}{name}": make for prefix, walk in WALKS.items() for name, make in (
+        ("recallk", lambda e, y, w=walk: recallk_loss(e, y, **w)),
+        ("recallk_simix", lambda e, y, w=walk: recallk_loss(e, y, simix=True, **w)),
+        ("smooth_ap", lambda e, y, w=walk: ap_loss(e, y, "smooth_ap", **w)),
+        ("fast_ap", lambda e, y, w=walk: ap_loss(e, y, "fast_ap", **w)))},
 }
 PML_MAX_N = {"pml_smooth_ap": 512, "pml_fast_ap": 4096}  # defaults of --pml-max-n (memory N^3 and N^2 x bins)
 
@@ -166,6 +190,10 @@ def measure(impl: str, n: int, dim: int, device: str, repeats: int, kind: str = 
     fn = IMPLEMENTATIONS[impl]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times, value = [], float("nan")
+    import pytorch_metric_learning.losses  # noqa: F401  imported before the memory is read, for every impl
+
+    import recallk  # noqa: F401  (from --baseline-src for the baseline rows)
+
     rss_before = rss_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -21,8 +21,8 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     # most wanted first, for a GPU lease that ends early
-    assert list(report["sections"]) == ["train_omniglot", "train_jpeg", "multistage", "loss_trained", "ap_losses",
-                                        "loss_chunk_16", "loss_chunk_64", "loss", "knn"]
+    assert list(report["sections"]) == ["train_omniglot", "train_jpeg", "loss_sync", "loss_trained", "ap_losses",
+                                        "loss_chunk_16", "loss_chunk_64", "multistage", "loss", "knn"]
     for name, section in report["sections"].items():
         assert section["returncode"] == 0, (name, section["error"])
         assert section["rows"], f"section {name} produced no table rows"
@@ -42,16 +42,26 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     assert ("512", "recallk_simix") not in implementations  # SiMix stops at --simix-max-n on trained embeddings
     trained = {row["implementation"]: row["loss"] for row in trained_rows if row["N"] == "256"}
     assert float(trained["recallk"]) == pytest.approx(float(trained["loop"]), abs=2e-6), "recallk and the loop differ"
+    for name in ("recallk", "recallk_simix"):  # both walks, same values
+        assert float(trained[f"compact_{name}"]) == pytest.approx(float(trained[name]), abs=2e-6)
+    sync_rows = report["sections"]["loss_sync"]["rows"]
+    sync = {(row["loss"], row["walk"]): row["host reads inside the walk"] for row in sync_rows}
+    losses = ("rs@k", "rs@k_simix", "smooth_ap", "fast_ap")
+    assert len(sync) == 8 and all(sync[(loss, "sync_free")] == "none" for loss in losses)
+    assert all(sync[(loss, "compact")] != "none" for loss in ("rs@k", "smooth_ap", "fast_ap"))  # the watch works
     random = {row["implementation"]: row["loss"] for row in report["sections"]["loss"]["rows"] if row["N"] == "256"}
     assert float(trained["recallk"]) < 0.8 < float(random["recallk"])  # trained-like clusters: a lower loss
     ap = {(row["N"], row["implementation"]) for row in report["sections"]["ap_losses"]["rows"]}
-    assert ap == {("256", "smooth_ap"), ("256", "fast_ap"), ("256", "pml_fast_ap"), ("512", "smooth_ap"),
-                  ("512", "fast_ap")}  # PML's FastAP (N x N x bins) only up to the middle size
+    assert ap == {(n, impl) for n in ("256", "512") for impl in ("floor", "smooth_ap", "compact_smooth_ap", "fast_ap",
+                                                                 "compact_fast_ap")} | {("256", "pml_fast_ap")}
+    # PML's FastAP (N x N x bins) only up to the middle size
     largest = next(row["loss"] for row in trained_rows if row["N"] == "512" and row["implementation"] == "recallk")
     for chunk in (16, 64):  # the chunk changes the work's shape, not the value
-        (row,) = report["sections"][f"loss_chunk_{chunk}"]["rows"]
+        rows = {(row["N"], row["implementation"]): row for row in report["sections"][f"loss_chunk_{chunk}"]["rows"]}
+        assert set(rows) == {("256", "floor"), ("256", "recallk"), ("256", "floor_simix"), ("256", "recallk_simix"),
+                             ("512", "floor"), ("512", "recallk")}
         assert f"--query-chunk {chunk}" in report["sections"][f"loss_chunk_{chunk}"]["output"]
-        assert float(row["loss"]) == pytest.approx(float(largest), abs=2e-6)
+        assert float(rows[("512", "recallk")]["loss"]) == pytest.approx(float(largest), abs=2e-6)
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## loss" in markdown and "## multistage" in markdown and "## knn" in markdown
 

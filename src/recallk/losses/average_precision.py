@@ -29,8 +29,8 @@ class SmoothAPLoss(ChunkedRankingLoss):
 
     Args:
         temperature: of the sigmoid that smooths the rank (the paper's 0.01).
-        mixup, query_chunk, distance, reducer, embedding_regularizer, embedding_reg_weight, collect_stats: as
-            in :class:`~recallk.losses.recall_at_k.RecallAtKLoss`, and so is the call
+        mixup, query_chunk, sync_free, cuda_graph: as in :class:`~recallk.losses.recall_at_k.RecallAtKLoss`,
+            and so are distance, reducer, embedding_regularizer, embedding_reg_weight, collect_stats and the call
             ``loss(embeddings, labels, ref_emb=None, ref_labels=None, query_index=None)``. Extra memory is about
             ``3 * query_chunk * M`` floats.
     """
@@ -39,16 +39,17 @@ class SmoothAPLoss(ChunkedRankingLoss):
 
     def __init__(
         self, temperature: float = 0.01, mixup: SimilarityMixup | None = None,
-        query_chunk: int | None = None, **pml_kwargs: Any,
+        query_chunk: int | None = None, sync_free: bool | None = None, cuda_graph: bool = False,
+        **pml_kwargs: Any,
     ) -> None:
         self.temperature = check_temperature(temperature, "temperature")
-        super().__init__(mixup, query_chunk, **pml_kwargs)
+        super().__init__(mixup, query_chunk, sync_free, cuda_graph, **pml_kwargs)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, mixup={self.mixup}, query_chunk={self.query_chunk}"
 
     def _settings(self, device: torch.device) -> SmoothAPSettings:
-        return SmoothAPSettings(self.temperature, self.chunk_for(device))
+        return SmoothAPSettings(self.temperature, self.chunk_for(device), self.sync_free_for(device))
 
 
 class FastAPLoss(ChunkedRankingLoss):
@@ -61,23 +62,24 @@ class FastAPLoss(ChunkedRankingLoss):
 
     Args:
         num_bins: L, the number of histogram bins (the paper's 10).
-        mixup, query_chunk, distance, ...: as in :class:`~recallk.losses.recall_at_k.RecallAtKLoss`. Extra
-            memory is about ``5 * query_chunk * M`` floats (the bin indices are int64).
+        mixup, query_chunk, sync_free, cuda_graph, distance, ...: as in
+            :class:`~recallk.losses.recall_at_k.RecallAtKLoss`. Extra memory is about ``5 * query_chunk * M``
+            floats (the bin indices are int64).
     """
 
     short_name = "FastAP"
 
     def __init__(
         self, num_bins: int = 10, mixup: SimilarityMixup | None = None, query_chunk: int | None = None,
-        **pml_kwargs: Any,
+        sync_free: bool | None = None, cuda_graph: bool = False, **pml_kwargs: Any,
     ) -> None:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
         self.num_bins = num_bins
-        super().__init__(mixup, query_chunk, **pml_kwargs)
+        super().__init__(mixup, query_chunk, sync_free, cuda_graph, **pml_kwargs)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, mixup={self.mixup}, query_chunk={self.query_chunk}"
 
     def _settings(self, device: torch.device) -> FastAPSettings:
-        return FastAPSettings(self.num_bins, self.chunk_for(device))
+        return FastAPSettings(self.num_bins, self.chunk_for(device), self.sync_free_for(device))

@@ -14,7 +14,7 @@ Smooth-AP (Brown et al., ECCV 2020), t = s / tau, for each (query, positive) pai
 Its gradient per pair, with a_i = -1 / (|P(i)| num_valid): dterms/dR(x, D) = -a_i R(x, P) / R(x, D)^2 and
 dterms/dR(x, P) = a_i / R(x, D), so ``G_iz += (w_D + w_P [z in P(i)]) sigmoid'(t_iz - t_ix) / tau`` for z != x
 and G_ix takes minus the sum of those. The pairs go in blocks of ``query_chunk`` pairs (B x M sigmoids, their
-row sums give R(x, D); the columns of P(i) are gathered, sum_i |P(i)|^2 values, for R(x, P)).
+row sums give R(x, D); for R(x, P) they are gathered at the columns of the positive table, B x P values).
 
 FastAP (Cakir et al., CVPR 2019) on d = 2 - 2 s (clamped to [0, 4]: the squared distance of unit vectors),
 L = ``num_bins`` triangular bins of width Delta = 4 / L centred at c_l = l Delta (l = 0 ... L):
@@ -39,9 +39,10 @@ from torch import Tensor
 from recallk.losses.chunked_walk import (
     ChunkGradient,
     QuerySide,
+    chunk_pairs,
     pair_sigmoids,
-    positive_counts,
-    positive_pairs,
+    positive_index,
+    positive_table,
     scatter_pair_terms,
 )
 
@@ -52,25 +53,16 @@ class APKernel:
 
     def query_side(self, labels: Tensor, ref_labels: Tensor, self_col: Tensor, dtype: torch.dtype) -> QuerySide:
         none = torch.empty(len(labels), 0, dtype=dtype, device=labels.device)
-        return QuerySide(labels, self_col, self_col, positive_counts(labels, ref_labels, self_col), none, none)
+        positives = positive_index(labels, ref_labels, self_col)
+        return QuerySide(labels, self_col, self_col, positives.num_pos, none, none, positives.class_start,
+                         positives.own_slot, positives.index, none[0])
 
     def stats_width(self) -> int:
         return 1
 
     def terms(self, stats: Tensor, side: QuerySide, num_valid: int) -> Tensor:
         valid = side.num_pos > 0
-        return (valid.sum() - stats[valid, 0].sum()) / num_valid
-
-
-def _positive_columns(side: QuerySide, pair_row: Tensor, pair_col: Tensor, block_row: Tensor) -> tuple[Tensor, Tensor]:
-    """For the pairs of a block (their chunk rows ``block_row``, B): every (pair, positive column of its query)
-    as (pair index in the block, column), sum_b |P(i_b)| entries."""
-    num_pos = side.num_pos
-    first = torch.cumsum(num_pos, 0) - num_pos  # the chunk's pairs are row-major: query i's start at first[i]
-    count = num_pos[block_row]
-    pair = torch.repeat_interleave(torch.arange(len(block_row), device=block_row.device), count)
-    offset = torch.arange(len(pair), device=pair.device) - (torch.cumsum(count, 0) - count)[pair]
-    return pair, pair_col[first[block_row][pair] + offset]
+        return (valid.sum() - (stats[:, 0] * valid).sum()) / num_valid
 
 
 @dataclass(frozen=True)
@@ -79,6 +71,7 @@ class SmoothAPSettings(APKernel):
 
     temperature: float
     query_chunk: int
+    sync_free: bool = False
 
     @property
     def scale(self) -> float:
@@ -87,39 +80,46 @@ class SmoothAPSettings(APKernel):
     def chunk(
         self, scaled: Tensor, side: QuerySide, ref_labels: Tensor, num_valid: int, need_grad: bool
     ) -> tuple[Tensor, ChunkGradient | None]:
-        """AP_i of one chunk ``scaled`` = S_Q / tau (n x M) and, when ``need_grad``, G_Q = dterms/dS_Q."""
+        """AP_i of one chunk ``scaled`` = S_Q / tau (n x M) and, when ``need_grad``, G_Q = dterms/dS_Q.
+
+        R(x, P) of a block's pairs reads the sigmoids at the columns of their query's row of the positive
+        table (B x P), padded slots masked out; a padded pair (sync-free walk) has weight 0."""
         n, num_db = scaled.shape
         valid = side.num_pos > 0
-        pair_row, pair_col = positive_pairs(side, ref_labels)
+        padded = self.sync_free
+        pair_row, pair_col, pair_real = chunk_pairs(side, padded)
+        table, table_real = positive_table(side)
         ap = scaled.new_zeros(n)
-        grad = torch.zeros_like(scaled) if need_grad and bool(valid.any()) else None
+        grad = torch.zeros_like(scaled) if need_grad and (padded or bool(valid.any())) else None
         size = self.query_chunk
         buffer = scaled.new_empty(min(size, len(pair_row)), num_db)
         tiny = torch.finfo(scaled.dtype).tiny
+        num_pos_all = side.num_pos.to(scaled.dtype).clamp(min=1.0)
         for start in range(0, len(pair_row), size):
             row, col = pair_row[start : start + size], pair_col[start : start + size]
             sig, excluded_sig, rank_all = pair_sigmoids(scaled, side, row, col, buffer[: len(row)])
-            pos_pair, pos_col = _positive_columns(side, pair_row, pair_col, row)
-            pos_flat = pos_pair * num_db + pos_col
-            rank_pos = 0.5 + torch.zeros_like(rank_all).index_add_(0, pos_pair, sig.view(-1)[pos_flat])
-            num_pos = side.num_pos[row].to(scaled.dtype)
-            ap.index_add_(0, row, rank_pos / rank_all / num_pos)
+            positives, positive_real = table[row], table_real[row]  # B x P
+            rank_pos = 0.5 + (sig.gather(1, positives) * positive_real).sum(1)
+            share = 1.0 / num_pos_all[row]  # 1 / |P(i)|, times 0 for a padded pair
+            if pair_real is not None:
+                share = share * pair_real[start : start + size]
+            ap.index_add_(0, row, rank_pos / rank_all * share)
             if grad is None:
                 continue
-            a = -1.0 / (num_pos * num_valid)
+            a = -share / num_valid
             w_all = -a * rank_pos / rank_all**2 / self.temperature  # dterms/dR(x, D) / tau
             w_pos = a / rank_all / self.temperature  # dterms/dR(x, P) / tau
             if sig.device.type == "cpu":  # no subnormal operands (slow on CPUs): terms below 1e-19 |w| go
                 sig = torch.nn.functional.threshold_(sig, tiny**0.5, 0.0)
             slope = sig.addcmul_(sig, sig, value=-1.0)  # sigmoid' = s (1 - s), in place
-            pos_terms = slope.view(-1)[pos_flat] * w_pos[pos_pair]
+            pos_terms = slope.gather(1, positives) * (w_pos[:, None] * positive_real)
             terms = slope.mul_(w_all[:, None])
-            terms.view(-1).index_add_(0, pos_flat, pos_terms)
+            terms.scatter_add_(1, positives, pos_terms)
             excluded_terms = excluded_sig * (1.0 - excluded_sig) * w_all  # e_i is never a positive
             # G_ix = -sum_{z in D(i), z != x} T_iz: the row sum less T_ie, and the T_ix added with the row undone
             scatter_pair_terms(grad, row, col, side.excluded[row].clamp(min=0), terms,
                                excluded_terms - terms.sum(1), -excluded_terms)
-        return ap[:, None], None if grad is None else ChunkGradient(grad, valid)
+        return ap[:, None], None if grad is None else ChunkGradient(grad, None if padded else valid)
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,7 @@ class FastAPSettings(APKernel):
 
     num_bins: int
     query_chunk: int
+    sync_free: bool = False
     scale: float = 1.0
 
     def chunk(
@@ -162,7 +163,7 @@ class FastAPSettings(APKernel):
         num_pos = side.num_pos.to(scaled.dtype).clamp(min=1.0)
         ap = (ratio * total_pos).sum(1) / num_pos
         valid = side.num_pos > 0
-        if not need_grad or not bool(valid.any()):
+        if not need_grad or not (self.sync_free or bool(valid.any())):
             return ap[:, None], None
         tail = lambda x: x.flip(1).cumsum(1).flip(1)  # noqa: E731  sum_{l >= m}
         d_pos = torch.where(filled, total_pos / safe, 0.0) + tail(ratio - weighted)
@@ -172,4 +173,4 @@ class FastAPSettings(APKernel):
         slope = (2.0 / width) * (g[:, :-1] - g[:, 1:])  # G for a column in bin l: (2 / Delta)(g_l - g_{l+1})
         grad = torch.gather(slope, 1, bin_index)  # the + table's row L (between h-_L and h+_0) is never used
         grad[rows, excluded] *= ~has_excluded
-        return ap[:, None], ChunkGradient(grad, valid)
+        return ap[:, None], ChunkGradient(grad, None if self.sync_free else valid)

@@ -24,7 +24,14 @@ from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
 from recallk.losses.chunked_recall import RankSettings
-from recallk.losses.chunked_walk import ChunkKernel, default_query_chunk, embedding_terms, similarity_terms
+from recallk.losses.chunked_walk import (
+    ChunkKernel,
+    Walker,
+    default_query_chunk,
+    embedding_terms,
+    similarity_terms,
+    walk,
+)
 from recallk.losses.input_checks import (
     check_distance,
     check_embeddings,
@@ -37,6 +44,7 @@ from recallk.losses.input_checks import (
 )
 from recallk.losses.simix import SimilarityMixup
 from recallk.losses.unit_norm import warn_if_not_unit_norm
+from recallk.losses.walk_graph import WalkGraphs
 
 
 class ChunkedRankingLoss(BaseMetricLossFunction):
@@ -48,7 +56,8 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
     short_name = "the loss"  # in messages
 
     def __init__(
-        self, mixup: SimilarityMixup | None = None, query_chunk: int | None = None, **pml_kwargs: Any
+        self, mixup: SimilarityMixup | None = None, query_chunk: int | None = None,
+        sync_free: bool | None = None, cuda_graph: bool = False, **pml_kwargs: Any,
     ) -> None:
         super().__init__(**pml_kwargs)
         check_distance(self.distance, type(self).__name__)
@@ -60,11 +69,23 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
         ):
             raise ValueError(f"query_chunk must be a positive integer or None (per device), got {query_chunk!r}")
         self.query_chunk = query_chunk
+        if sync_free is not None and not isinstance(sync_free, bool):
+            raise ValueError(f"sync_free must be True, False or None (per device), got {sync_free!r}")
+        self.sync_free = sync_free
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self._walker: Walker = WalkGraphs() if cuda_graph else walk
 
     def chunk_for(self, device: torch.device) -> int:
         """The queries processed at a time on ``device``: ``query_chunk``, or when None the device's default
         (:func:`~recallk.losses.chunked_walk.default_query_chunk`: 256 on the CPU, 1024 on a GPU)."""
         return self.query_chunk or default_query_chunk(device)
+
+    def sync_free_for(self, device: torch.device) -> bool:
+        """Whether the walk on ``device`` is the padded one that never waits for the device
+        (:mod:`recallk.losses.chunked_walk`): ``sync_free``, or when None everywhere but on the CPU."""
+        return device.type != "cpu" if self.sync_free is None else self.sync_free
 
     def get_default_distance(self) -> DotProductSimilarity:
         """Plain dot products: recallk's embeddings are already L2-normalised."""
@@ -160,7 +181,7 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
             side_all = settings.query_side(db_labels, db_labels, db_self, database.dtype)
             num_valid = self._num_valid(side_all.num_pos)
             side = settings.query_side(db_labels[mine], db_labels, db_self[mine], database.dtype)
-            terms = embedding_terms(database[mine], database, db_labels, side, settings, num_valid)
+            terms = embedding_terms(database[mine], database, db_labels, side, settings, num_valid, self._walker)
         return terms.to(embeddings.dtype)
 
     def from_similarity(self, sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -240,7 +261,8 @@ class ChunkedRankingLoss(BaseMetricLossFunction):
         query_labels = torch.cat([labels, db_labels[len(ref):]])
         settings = self._settings(database.device)
         side = settings.query_side(query_labels, db_labels, self_col, database.dtype)
-        return embedding_terms(queries, database, db_labels, side, settings, self._num_valid(side.num_pos))
+        num_valid = self._num_valid(side.num_pos)
+        return embedding_terms(queries, database, db_labels, side, settings, num_valid, self._walker)
 
 
 class RecallAtKLoss(ChunkedRankingLoss):
@@ -259,6 +281,14 @@ class RecallAtKLoss(ChunkedRankingLoss):
         query_chunk: queries (and query-positive pairs) processed at a time: the memory knob, results do not
             depend on it; extra memory is about ``3.5 * query_chunk * M`` floats. None (the default): 256 on
             the CPU, 1024 on a GPU, where bigger products are faster (2.7x at N = 65,536 on an H200).
+        sync_free: how the walk takes the (query, positive) pairs, same values either way: True pads every
+            query to the batch's largest positive count and never reads a value on the host inside the walk
+            (fixed shapes, no waiting for a GPU), False takes only real pairs and skips work whose result is
+            exactly zero (which needs to read values). None (the default): True everywhere but on the CPU.
+        cuda_graph: replay the sync-free walk of a batch from a CUDA graph captured the first time a batch of
+            its shape comes (:mod:`recallk.losses.walk_graph`): one launch instead of thousands of small
+            kernels; needs a CUDA device and the sync-free walk, keeps the walk's working memory reserved.
+            ``from_similarity`` runs eagerly.
         distance: a pytorch-metric-learning ``DotProductSimilarity`` (the default, without normalisation: give
             L2-normalised embeddings, as recallk's models output) or ``CosineSimilarity`` (L2-normalises the
             embeddings and ``ref_emb`` first). RS@k ranks by similarity, so other distances are refused.
@@ -286,22 +316,26 @@ class RecallAtKLoss(ChunkedRankingLoss):
         rank_includes_query: bool = False,
         mixup: SimilarityMixup | None = None,
         query_chunk: int | None = None,
+        sync_free: bool | None = None,
+        cuda_graph: bool = False,
         **pml_kwargs: Any,
     ) -> None:
         self.k = check_k(k)
         self.tau_rank = check_temperature(tau_rank, "tau_rank")
         self.tau_k = check_tau_k(tau_k, self.k)
         self.rank_includes_query = bool(rank_includes_query)
-        super().__init__(mixup, query_chunk, **pml_kwargs)
+        super().__init__(mixup, query_chunk, sync_free, cuda_graph, **pml_kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, tau_rank={self.tau_rank}, tau_k={self.tau_k}, "
-            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}"
+            f"rank_includes_query={self.rank_includes_query}, mixup={self.mixup}, query_chunk={self.query_chunk}, "
+            f"sync_free={self.sync_free}, cuda_graph={self.cuda_graph}"
         )
 
     def _settings(self, device: torch.device) -> RankSettings:
-        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.chunk_for(device))
+        return RankSettings(self.k, self.tau_rank, self.tau_k, self.rank_includes_query, self.chunk_for(device),
+                            self.sync_free_for(device))
 
     def _check_database_size(self, num_ranked: int) -> None:
         """Warns once when the largest k is not smaller than what each query is ranked against."""
