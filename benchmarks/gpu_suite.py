@@ -71,6 +71,7 @@ def sections(quick: bool) -> dict[str, list[str]]:
     chunks = (16, 64) if quick else (256, 4096)  # beside the default (1024 on a GPU) in the loss sections
     loss = ["loss_speed.py", "--device", device, "--repeats", "1"]
     graph = lambda *impls: [] if quick else [f"graph_{impl}" for impl in impls]  # noqa: E731  CUDA graphs: CUDA only
+    floors = lambda *impls: [] if quick else list(impls)  # noqa: E731  --quick: floors in loss_trained and loss only
     # the real recallk train beside its bare step (benchmarks/train_loop.py); --quick: two steps on the CPU
     loop = ["train_loop.py", "--device", device, *(["--bare-steps", "1", "--bare-warmup", "0"] if quick else [])]
     runs = "/tmp/recallk_train_loop"  # the training runs' directories
@@ -102,11 +103,11 @@ def sections(quick: bool) -> dict[str, list[str]]:
                          *graph("recallk"), "floor_simix", "recallk_simix", "compact_recallk_simix",
                          *graph("recallk_simix"), "loop"],
         "ap_losses": [*loss, "--sizes", *sizes, "--embeddings", "trained", "--pml-max-n", "0", sizes[-2],
-                      "--impls", "floor", "smooth_ap", "compact_smooth_ap", *graph("smooth_ap"), "fast_ap",
+                      "--impls", *floors("floor"), "smooth_ap", "compact_smooth_ap", *graph("smooth_ap"), "fast_ap",
                       "compact_fast_ap", *graph("fast_ap"), "pml_fast_ap"],
         **{f"loss_chunk_{chunk}": [*loss, "--sizes", sizes[0], sizes[-1], "--embeddings", "trained",
-                                   "--simix-max-n", sizes[0], "--impls", "floor", "recallk", "floor_simix",
-                                   "recallk_simix", "--query-chunk", str(chunk)]
+                                   "--simix-max-n", sizes[0], "--impls", *floors("floor"), "recallk",
+                                   *floors("floor_simix"), "recallk_simix", "--query-chunk", str(chunk)]
            for chunk in chunks},
         "multistage": (["multistage_memory.py", "--device", "cpu", "--sizes", "16", "--chunk", "8", "--steps", "1",
                         "--compile", "off"] if quick else

@@ -52,14 +52,13 @@ def test_quick_suite_runs_every_section_and_writes_json_and_markdown(tmp_path: P
     random = {row["implementation"]: row["loss"] for row in report["sections"]["loss"]["rows"] if row["N"] == "256"}
     assert float(trained["recallk"]) < 0.8 < float(random["recallk"])  # trained-like clusters: a lower loss
     ap = {(row["N"], row["implementation"]) for row in report["sections"]["ap_losses"]["rows"]}
-    assert ap == {(n, impl) for n in ("256", "512") for impl in ("floor", "smooth_ap", "compact_smooth_ap", "fast_ap",
+    assert ap == {(n, impl) for n in ("256", "512") for impl in ("smooth_ap", "compact_smooth_ap", "fast_ap",
                                                                  "compact_fast_ap")} | {("256", "pml_fast_ap")}
     # PML's FastAP (N x N x bins) only up to the middle size
     largest = next(row["loss"] for row in trained_rows if row["N"] == "512" and row["implementation"] == "recallk")
     for chunk in (16, 64):  # the chunk changes the work's shape, not the value
         rows = {(row["N"], row["implementation"]): row for row in report["sections"][f"loss_chunk_{chunk}"]["rows"]}
-        assert set(rows) == {("256", "floor"), ("256", "recallk"), ("256", "floor_simix"), ("256", "recallk_simix"),
-                             ("512", "floor"), ("512", "recallk")}
+        assert set(rows) == {("256", "recallk"), ("256", "recallk_simix"), ("512", "recallk")}
         assert f"--query-chunk {chunk}" in report["sections"][f"loss_chunk_{chunk}"]["output"]
         assert float(rows[("512", "recallk")]["loss"]) == pytest.approx(float(largest), abs=2e-6)
     markdown = (tmp_path / "gpu_suite.md").read_text()
