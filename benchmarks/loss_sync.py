@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from loss_speed import embeddings
 from recallk import FastAPLoss, RecallAtKLoss, SimilarityMixup, SmoothAPLoss
 from recallk.losses.chunked_walk import embedding_terms
 from recallk.losses.recall_at_k import ChunkedRankingLoss
@@ -82,13 +82,11 @@ def watched(device: torch.device) -> Iterator[None]:
             yield
 
 
-def batch(n: int, dim: int, per_class: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """N trained-like unit embeddings (class centre plus noise), ``per_class`` per class, labels shuffled."""
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(n // per_class).repeat_interleave(per_class)[torch.randperm(n, generator=gen)]
-    centres = F.normalize(torch.randn(n // per_class, dim, generator=gen), dim=1)[labels]
-    emb = F.normalize(centres + 2.0 * torch.randn(n, dim, generator=gen) / dim**0.5, dim=1)
-    return emb.to(device), labels.to(device)
+def batch(n: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_speed.py's N trained-like unit embeddings (4 per class) and their labels, in a shuffled order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n // 4).repeat_interleave(4)
+    return embeddings("trained", n, dim)[order].to(device), labels[order].to(device)
 
 
 def check_walk(loss: ChunkedRankingLoss, emb: torch.Tensor, labels: torch.Tensor, device: torch.device) -> str:
@@ -115,13 +113,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda, or cpu (the walk then runs on meta tensors)")
     parser.add_argument("--n", type=int, default=4096, help="batch size")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--per-class", type=int, default=4)
     parser.add_argument("--query-chunk", type=int, help="the losses' query_chunk (default: the device's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     walk_device = device if device.type == "cuda" else torch.device("meta")
-    emb, labels = batch(args.n, args.dim, args.per_class, device)
-    print(f"Host reads inside the loss walk, N = {args.n}, {args.per_class} per class, on {walk_device}, "
+    emb, labels = batch(args.n, args.dim, device)
+    print(f"Host reads inside the loss walk, N = {args.n}, 4 per class, on {walk_device}, "
           f"torch {torch.__version__}\n")
     print("| loss | walk | host reads inside the walk |")
     print("|---|---|---|")

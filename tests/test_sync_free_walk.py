@@ -128,7 +128,7 @@ def test_sync_free_walk_reads_no_value_on_the_host_and_the_check_can_fail(query_
     (``benchmarks/loss_sync.py``, which the GPU suite runs under CUDA's sync debug mode); the compact walk,
     which reads values, is caught."""
     loss_sync = load_benchmark(REPO / "benchmarks" / "loss_sync.py")
-    emb, labels = loss_sync.batch(96, 16, 4, torch.device("cpu"))
+    emb, labels = loss_sync.batch(96, 16, torch.device("cpu"))
     for name, make in loss_sync.LOSSES.items():  # with SiMix (all pairs) a query has 9 positives
         torch.manual_seed(0)
         assert loss_sync.check_walk(make(sync_free=True, query_chunk=query_chunk), emb, labels,
