@@ -201,6 +201,13 @@ def _add_progress_switches(parser: argparse.ArgumentParser) -> None:
                           help="no progress bars, and only warnings and errors on the console")
 
 
+def _add_scales_switch(parser: argparse.ArgumentParser, scope: str = "") -> None:
+    """``--scales``, read by :func:`_scales`; ``scope`` opens its help (e.g. which option it goes with)."""
+    parser.add_argument("--scales", metavar="S", nargs="+",
+                        help=f"{scope}descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's '[1, 1/2**(1/2), 1/2]' "
+                             "(default: eval.scales)")
+
+
 def _progress(args: argparse.Namespace) -> bool:
     from recallk.training.console import show_progress
 
@@ -248,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a landmark benchmark under the data root instead of the run's splits")
     evaluate.add_argument("--distractors", metavar="LIST",
                           help="with --benchmark: a file of extra database images (R1M), one path a line")
-    evaluate.add_argument("--scales", metavar="S", nargs="+",
-                          help="with --benchmark: descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's "
-                               "'[1, 1/2**(1/2), 1/2]' (default: eval.scales)")
+    _add_scales_switch(evaluate, "with --benchmark: ")
     evaluate.add_argument("--skip-bad-images", action="store_true",
                           help="with --benchmark: leave out images that cannot be read (checked before any "
                                "descriptor, reported in one warning)")
@@ -322,9 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("--force", action="store_true", help="replace an existing whitened checkpoint")
     whiten.add_argument("--data-dir", metavar="DIR", help="data root (default: the run's data.data_dir)")
     whiten.add_argument("--device", choices=DEVICES, default="auto", help="where to compute (default: auto)")
-    whiten.add_argument("--scales", metavar="S", nargs="+",
-                        help="descriptor scales, e.g. 1 0.7071 0.5 or cirtorch's '[1, 1/2**(1/2), 1/2]' (default: "
-                             "eval.scales, as the benchmarks)")
+    _add_scales_switch(whiten)
     whiten.add_argument("--skip-bad-images", action="store_true",
                         help="leave out images that cannot be read (and the pairs using them), checked before any "
                              "descriptor")
